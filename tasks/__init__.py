@@ -1,0 +1,1 @@
+"""trainflow's Prefect tasks and the plain functions they wrap."""

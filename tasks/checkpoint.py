@@ -1,0 +1,274 @@
+"""Checkpoint I/O: atomic writes, verified reads, RNG capture. Deliberately free of Prefect.
+
+A checkpoint is two files in ``checkpoints/``:
+
+- ``checkpoint-<k>.pt``: the tutorial's dict (``model``, ``epoch``, ``model_state_dict``,
+  ``optimizer_state_dict``, ``cost``, ``description``) plus what exact resume needs. It loads
+  with plain ``torch.load(path)`` (``weights_only=True``), so the tutorial's resume code works.
+- ``checkpoint-<k>.json``: the manifest, written *after* the ``.pt`` is safely in place:
+  sha256 and size of the ``.pt``, epoch, config fingerprint. A ``.pt`` without a matching
+  manifest is treated as absent (the write did not finish), like torchtitan's metadata rule.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+log = logging.getLogger("trainflow.checkpoint")
+
+#: Keys every checkpoint must carry (the tutorial's, then ours).
+REQUIRED_KEYS = frozenset(
+    {
+        "model", "epoch", "model_state_dict", "optimizer_state_dict", "cost", "description",
+        "chunk", "fingerprint", "rng", "history", "format",
+    }
+)
+FORMAT = 1
+_NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
+# mkstemp creates 0600 files; give ours the mode a plain open() would (shared storage, other users).
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+
+
+class CheckpointError(Exception):
+    """A checkpoint file is missing, damaged, or belongs to another run."""
+
+
+def fsync_dir(folder: Path) -> None:
+    """Flush a directory entry so a rename inside it survives a power cut."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes, before_replace: Callable[[], None] | None = None) -> None:
+    """Write ``data`` to ``path`` so that ``path`` is either the old file or the whole new one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), _FILE_MODE)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Atomically write a UTF-8 text file (JSON, CSV, markdown)."""
+    atomic_write_bytes(Path(path), text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Atomically write ``obj`` as pretty JSON."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def torch_bytes(obj: Any) -> bytes:
+    """Serialise ``obj`` with ``torch.save`` into memory."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def atomic_torch_save(path: Path, obj: Any) -> str:
+    """``torch.save`` atomically; returns the sha256 of the written bytes."""
+    data = torch_bytes(obj)
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --- RNG state -----------------------------------------------------------------------------
+
+
+def capture_rng() -> dict[str, Any]:
+    """Torch CPU (and CUDA) generator states as tensors, which ``weights_only`` loads accept."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Restore what :func:`capture_rng` captured (CUDA only when both sides have it)."""
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- Checkpoints ---------------------------------------------------------------------------
+
+
+def checkpoint_path(folder: Path, chunk: int) -> Path:
+    """Path of chunk ``chunk``'s checkpoint (1-based, as in the tutorial)."""
+    return Path(folder) / f"checkpoint-{chunk}.pt"
+
+
+def manifest_path(ckpt: Path) -> Path:
+    """The manifest that vouches for ``ckpt``."""
+    return ckpt.with_suffix(".json")
+
+
+def save_checkpoint(
+    folder: Path,
+    payload: dict[str, Any],
+    before_replace: Callable[[], None] | None = None,
+) -> Path:
+    """Atomically write ``payload`` as ``checkpoint-<payload['chunk']>.pt`` plus its manifest.
+
+    Order matters: the ``.pt`` is fsynced and renamed into place first, then the manifest;
+    a kill in between leaves a ``.pt`` without manifest, which readers ignore.
+    """
+    missing = REQUIRED_KEYS - payload.keys()
+    if missing:
+        raise ValueError(f"checkpoint payload lacks {sorted(missing)}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = checkpoint_path(folder, int(payload["chunk"]))
+    data = torch_bytes(payload)
+    atomic_write_bytes(path, data, before_replace=before_replace)
+    atomic_write_json(
+        manifest_path(path),
+        {
+            "file": path.name,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "bytes": len(data),
+            "chunk": int(payload["chunk"]),
+            "epoch": int(payload["epoch"]),
+            "fingerprint": payload["fingerprint"],
+            "cost": float(payload["cost"]),
+            "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+    )
+    return path
+
+
+def load_checkpoint(
+    path: Path, fingerprint: str | None = None, map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
+    """Read and verify one checkpoint: manifest present, sha256 and size match, keys complete,
+    made by the same config (``fingerprint``). Raises :class:`CheckpointError` otherwise."""
+    path = Path(path)
+    mpath = manifest_path(path)
+    try:
+        manifest = json.loads(mpath.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.name}: no manifest {mpath.name} (write did not finish)") from None
+    except (ValueError, OSError) as exc:
+        raise CheckpointError(f"{path.name}: unreadable manifest ({exc})") from None
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{path.name}: unreadable ({exc})") from None
+    if len(data) != manifest.get("bytes"):
+        raise CheckpointError(f"{path.name}: {len(data)} bytes, manifest says {manifest.get('bytes')} (truncated?)")
+    if hashlib.sha256(data).hexdigest() != manifest.get("sha256"):
+        raise CheckpointError(f"{path.name}: sha256 mismatch (file damaged)")
+    try:
+        # weights_only=True: a checkpoint is data, never code (a malicious pickle is refused).
+        payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a valid checkpoint"
+        raise CheckpointError(f"{path.name}: not loadable with weights_only=True ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path.name}: payload is {type(payload).__name__}, not a dict")
+    missing = REQUIRED_KEYS - payload.keys()
+    if missing:
+        raise CheckpointError(f"{path.name}: missing keys {sorted(missing)}")
+    if fingerprint is not None and payload["fingerprint"] != fingerprint:
+        raise CheckpointError(
+            f"{path.name}: made by another config/data (fingerprint {payload['fingerprint'][:12]}, "
+            f"this run {fingerprint[:12]})"
+        )
+    return payload
+
+
+def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """All ``checkpoint-<k>.pt`` files in ``folder`` as ``(k, path)``, newest (highest k) first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        m = _NAME.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found, reverse=True)
+
+
+@dataclass(frozen=True)
+class Resume:
+    """The newest valid checkpoint and what was skipped to find it."""
+
+    path: Path | None
+    payload: dict[str, Any] | None
+    rejected: tuple[str, ...]
+
+
+def quarantine(path: Path, reason: str) -> Path:
+    """Move a damaged checkpoint (and its manifest) aside into ``quarantine/``; never delete."""
+    qdir = path.parent / "quarantine"
+    qdir.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    moved = qdir / f"{path.stem}.{stamp}{path.suffix}"
+    shutil.move(str(path), moved)
+    m = manifest_path(path)
+    if m.exists():
+        shutil.move(str(m), qdir / f"{m.stem}.{stamp}.json")
+    (qdir / f"{path.stem}.{stamp}.reason.txt").write_text(reason + "\n")
+    return moved
+
+
+def latest_valid(
+    folder: Path,
+    fingerprint: str,
+    map_location: str | torch.device = "cpu",
+    move_aside: bool = True,
+) -> Resume:
+    """Newest checkpoint in ``folder`` that verifies; damaged newer ones are logged once and
+    moved to ``quarantine/``. A ``.pt`` whose manifest never got written is left in place
+    (the next save of that chunk overwrites it atomically)."""
+    rejected: list[str] = []
+    for _, path in list_checkpoints(folder):
+        try:
+            return Resume(path, load_checkpoint(path, fingerprint, map_location), tuple(rejected))
+        except CheckpointError as exc:
+            reason = str(exc)
+            rejected.append(reason)
+            finished = manifest_path(path).exists()
+            if move_aside and finished:
+                moved = quarantine(path, reason)
+                log.warning("skipping damaged checkpoint: %s; moved to %s", reason, moved)
+            else:
+                log.warning("skipping checkpoint: %s", reason)
+    return Resume(None, None, tuple(rejected))

@@ -1,0 +1,110 @@
+"""Loading a job's data and splitting it; the split is persisted in the run folder."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from prefect import task
+
+from tasks.checkpoint import atomic_write_json
+from tasks.jobs import get_job
+from tasks.jobs.spec import JobData, TrainConfig, UserError
+from tasks.policy import NO_RETRY_ON_USER_ERROR
+
+SPLIT_FILE = "split.json"
+PARTS = ("train", "val", "test")
+
+
+def load_job_data(cfg: TrainConfig) -> JobData:
+    """The job's data for ``cfg`` (parsed and checked once per process per file version)."""
+    path = Path(cfg.data)
+    try:
+        stamp = path.stat().st_mtime_ns
+    except OSError:
+        stamp = None
+    return _load_cached(cfg.job, str(path.resolve()), stamp)
+
+
+@lru_cache(maxsize=4)
+def _load_cached(job: str, path: str, stamp: int | None) -> JobData:
+    return get_job(job).load(Path(path))
+
+
+def make_split(data: JobData, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """Seeded split of the pool into train/val/test index tensors (``random_split``'s
+    algorithm); a job with its own test set keeps that set whole as ``test``."""
+    n = len(data.pool)
+    train, val, test = get_job(cfg.job).split_sizes(n)
+    if train < cfg.batch_size:
+        raise UserError(
+            f"too few rows to split in {cfg.data}: {n} rows give {train} training rows, fewer than one batch of "
+            f"{cfg.batch_size}; add rows or lower --batch-size"
+        )
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
+    split = {"train": perm[:train], "val": perm[train : train + val], "test": perm[train + val : train + val + test]}
+    if data.test is not None:
+        split["test"] = torch.arange(len(data.test))
+    return split
+
+
+def split_tensors(data: JobData, split: dict[str, torch.Tensor], part: str):
+    """Rows of ``part`` as a Tensors pair (the fixed test set when the job has one)."""
+    from tasks.jobs.spec import Tensors
+
+    if part == "test" and data.test is not None:
+        return data.test
+    idx = split[part]
+    return Tensors(data.pool.x[idx], data.pool.y[idx])
+
+
+def save_split(run_dir: Path, split: dict[str, torch.Tensor], data: JobData, cfg: TrainConfig) -> Path:
+    """Persist the split as readable JSON (row indices into the pool / the test set)."""
+    path = Path(run_dir) / SPLIT_FILE
+    atomic_write_json(
+        path,
+        {
+            "seed": cfg.seed,
+            "pool_rows": len(data.pool),
+            "data_fingerprint": data.fingerprint,
+            "test_source": "test_set" if data.test is not None else "pool",
+            "sizes": {p: len(split[p]) for p in PARTS},
+            **{p: split[p].tolist() for p in PARTS},
+        },
+    )
+    return path
+
+
+def read_split(run_dir: Path, data: JobData) -> dict[str, torch.Tensor]:
+    """Load the persisted split and check it still fits the data."""
+    path = Path(run_dir) / SPLIT_FILE
+    blob = json.loads(path.read_text())
+    if blob["data_fingerprint"] != data.fingerprint or blob["pool_rows"] != len(data.pool):
+        raise UserError(f"{path} was made from other data; rerun with --fresh or another --run-name")
+    return {p: torch.tensor(blob[p], dtype=torch.long) for p in PARTS}
+
+
+@task(name="load_data", retries=1, retry_delay_seconds=1, retry_condition_fn=NO_RETRY_ON_USER_ERROR)
+def load_data(cfg: TrainConfig) -> dict[str, Any]:
+    """Parse and check the job's data; returns its fingerprint and row counts."""
+    data = load_job_data(cfg)
+    return {
+        "fingerprint": data.fingerprint,
+        "pool_rows": len(data.pool),
+        "test_rows": len(data.test) if data.test is not None else None,
+    }
+
+
+@task(name="split_data", retry_condition_fn=NO_RETRY_ON_USER_ERROR)
+def split_data(cfg: TrainConfig, run_dir: Path) -> dict[str, int]:
+    """Create the split once per run folder; later calls reuse the persisted one."""
+    data = load_job_data(cfg)
+    if (Path(run_dir) / SPLIT_FILE).exists():
+        split = read_split(run_dir, data)
+    else:
+        split = make_split(data, cfg)
+        save_split(run_dir, split, data, cfg)
+    return {p: len(split[p]) for p in PARTS}

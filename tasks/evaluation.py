@@ -1,0 +1,48 @@
+"""Final evaluation on validation and test rows; writes ``metrics.json``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.checkpoint import atomic_write_json
+from tasks.data import load_job_data, read_split, split_tensors
+from tasks.jobs.spec import TrainConfig, UserError
+from tasks.policy import NO_RETRY_ON_USER_ERROR
+from tasks.training import Trainer, _to, evaluate_model
+
+METRICS_FILE = "metrics.json"
+
+
+def final_trainer(cfg: TrainConfig, run_dir: Path, fingerprint: str) -> Trainer:
+    """The trained model from the last checkpoint; refuses if training is not finished."""
+    trainer = Trainer(cfg, run_dir, fingerprint)
+    if trainer.next_epoch < cfg.epochs:
+        raise UserError(f"{run_dir}: training stopped at epoch {trainer.next_epoch} of {cfg.epochs}; rerun to resume")
+    return trainer
+
+
+def evaluate_run(cfg: TrainConfig, run_dir: Path, fingerprint: str) -> dict[str, Any]:
+    """Validation and test metrics of the final model plus the job's report; writes metrics.json."""
+    trainer = final_trainer(cfg, run_dir, fingerprint)
+    data = load_job_data(cfg)
+    split = read_split(run_dir, data)
+    metrics: dict[str, Any] = {"job": cfg.job, "epochs": cfg.epochs, "checkpoint": trainer.resumed_from.name}
+    for part in ("val", "test"):
+        rows = _to(split_tensors(data, split, part), trainer.device)
+        metrics[part] = {"rows": len(rows), **evaluate_model(trainer.model, trainer.loss_fn, rows, cfg.eval_batch_size, trainer.spec)}
+    metrics["final_train_loss"] = trainer.history["train_loss"][-1]
+    if trainer.spec.report is not None:
+        metrics.update(trainer.spec.report(Path(run_dir), trainer.model, data, split, metrics))
+    atomic_write_json(Path(run_dir) / METRICS_FILE, metrics)
+    return metrics
+
+
+@task(name="evaluate", retries=1, retry_delay_seconds=1, cache_policy=NO_CACHE, retry_condition_fn=NO_RETRY_ON_USER_ERROR)
+def evaluate(cfg: TrainConfig, run_dir: Path, fingerprint: str) -> dict[str, Any]:
+    """Prefect task: evaluate the final model and write metrics.json."""
+    return evaluate_run(cfg, run_dir, fingerprint)

@@ -1,0 +1,158 @@
+"""The tutorial's nonlinear regression: y = 3.1x^2 - 1.7x + U(0.01, 0.99), features [x^2, x]."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from tasks.jobs.spec import DATA_DIR, JobData, JobSpec, Tensors, TrainConfig, UserError
+
+CSV_PATH = DATA_DIR / "non_linear.csv"
+GENERATOR_SEED = 20241210  # the tutorial post's date; any fixed value would do
+
+
+def generate_csv_text(seed: int = GENERATOR_SEED) -> str:
+    """The committed ``data/non_linear.csv``: x = -10.0, -9.9, ..., 9.9 (200 rows)."""
+    rng = np.random.default_rng(seed)
+    xs = np.round(np.arange(-100, 100) / 10.0, 1)
+    ys = 3.1 * xs**2 - 1.7 * xs + rng.uniform(0.01, 0.99, size=xs.shape)
+    return "x,y\n" + "".join(f"{x:.1f},{y:.2f}\n" for x, y in zip(xs, ys))
+
+
+def read_xy_csv(path: Path, columns: int = 2) -> np.ndarray:
+    """Read a numeric CSV with a header row into a float64 array [rows, columns], or raise
+    UserError naming the problem and the fix."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"data file {path} does not exist; pass --data PATH to a CSV with header 'x,y'")
+    if path.is_dir():
+        raise UserError(f"data path {path} is a folder; pass --data PATH to a CSV file")
+    if path.stat().st_size == 0:
+        raise UserError(f"data file {path} is empty; it needs a header 'x,y' and numeric rows")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=True)
+    except pd.errors.ParserError as exc:
+        raise UserError(f"data file {path} is not a valid CSV ({str(exc).strip().splitlines()[-1]}); "
+                        f"every row needs exactly {columns} comma-separated values") from None
+    except (UnicodeDecodeError, pd.errors.EmptyDataError):
+        raise UserError(f"data file {path} is not a text CSV; expected header 'x,y' and numeric rows") from None
+    if df.shape[1] != columns:
+        raise UserError(f"data file {path} has {df.shape[1]} columns ({', '.join(map(str, df.columns))}); "
+                        f"expected {columns} (header 'x,y')")
+    if all(_is_number(c) for c in df.columns):
+        raise UserError(f"data file {path} has no header (first line {','.join(df.columns)}); add the line 'x,y' at the top")
+    if len(df) == 0:
+        raise UserError(f"data file {path} has a header but no rows; add numeric rows")
+    values = np.empty(df.shape, dtype=np.float64)
+    for j, col in enumerate(df.columns):
+        for i, cell in enumerate(df[col]):
+            try:
+                v = float(cell)
+            except ValueError:
+                raise UserError(f"data file {path} line {i + 2}, column {col!r}: {cell!r} is not a number; fix or remove that row") from None
+            if not math.isfinite(v):
+                raise UserError(f"data file {path} line {i + 2}, column {col!r}: {cell!r} is not finite; fix or remove that row")
+            values[i, j] = v
+    return values
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+class CustomDataset(Dataset):
+    """The tutorial's dataset: row i -> (FloatTensor[x^2, x], FloatTensor[y]). Used by the
+    benchmark's tutorial loop; our pipeline builds the same tensors once in :func:`load`."""
+
+    def __init__(self, file_path: Path):
+        df = pd.read_csv(file_path)
+        self.x = df.iloc[:, 0].values
+        self.y = df.iloc[:, 1].values
+        self.length = len(df)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.FloatTensor([self.x[index] ** 2, self.x[index]])
+        y = torch.FloatTensor([self.y[index]])
+        return x, y
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class CustomModel(nn.Module):
+    """The tutorial's model; the attribute name ``layer`` keeps its state_dict keys."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)  # [B, 2] -> [B, 1]
+
+
+def features(xs: np.ndarray) -> torch.Tensor:
+    """[N] x values -> float32 [N, 2] features [x^2, x] (squared in float64, as the tutorial)."""
+    return torch.from_numpy(np.stack([xs**2, xs], axis=1)).float()
+
+
+def load(path: Path) -> JobData:
+    """Parse and check the CSV once; features [N, 2], targets [N, 1]."""
+    values = read_xy_csv(path)
+    return JobData(
+        pool=Tensors(features(values[:, 0]), torch.from_numpy(values[:, 1:2]).float()),
+        fingerprint=hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+    )
+
+
+def least_squares(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Closed-form fit of y on [x^2, x, 1] in float64: returns [w1, w2, b]."""
+    a = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64)], dim=1)  # [N, 3]
+    return torch.linalg.lstsq(a, y.double()).solution.flatten()
+
+
+def report(run_dir: Path, model: nn.Module, data: JobData, split: dict[str, torch.Tensor], metrics: dict[str, Any]) -> dict[str, Any]:
+    """Compare the trained line with the least-squares optimum on the same split."""
+    pool = data.pool
+    opt = least_squares(pool.x[split["train"]], pool.y[split["train"]])
+    test_x, test_y = pool.x[split["test"]].double(), pool.y[split["test"]].double()
+    opt_mse = float(((test_x @ opt[:2] + opt[2] - test_y.flatten()) ** 2).mean())
+    w = model.layer.weight.detach().cpu().double().flatten()
+    b = float(model.layer.bias.detach().cpu().double())
+    with torch.no_grad():
+        probe = model(features(np.array([1.0, 5.0, 11.0])).to(model.layer.weight.device)).flatten().tolist()
+    return {
+        "weights": [float(w[0]), float(w[1])],
+        "bias": b,
+        "weights_error": [abs(float(w[0]) - 3.1), abs(float(w[1]) + 1.7)],
+        "least_squares": {"weights": [float(opt[0]), float(opt[1])], "bias": float(opt[2]), "test_mse": opt_mse},
+        "test_mse_over_optimum": metrics["test"]["loss"] / opt_mse,
+        "predictions": {"x": [1.0, 5.0, 11.0], "y": probe},
+    }
+
+
+JOB = JobSpec(
+    name="nonlinear",
+    description="y = 3.1x^2 - 1.7x + noise from a CSV, nn.Linear(2, 1) on [x^2, x], MSE, SGD",
+    defaults=dict(
+        data=CSV_PATH, epochs=10_000, chunk_epochs=1_000, lr=1e-4, batch_size=16,
+        eval_batch_size=4, optimizer="sgd",
+    ),
+    load=load,
+    build_model=lambda cfg: CustomModel(),
+    loss=lambda cfg: nn.MSELoss(),
+    report=report,
+    model_label=lambda cfg: "CustomModel",
+    data_help="CSV with header 'x,y'",
+)

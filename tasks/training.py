@@ -1,0 +1,256 @@
+"""The generic, resumable training loop. Knows nothing about any particular job."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from torch import nn
+
+from tasks.checkpoint import atomic_write_text, capture_rng, latest_valid, restore_rng, save_checkpoint
+from tasks.data import load_job_data, read_split, split_tensors
+from tasks.jobs import get_job
+from tasks.jobs.spec import JobSpec, Tensors, TrainConfig, UserError
+from tasks.policy import NO_RETRY_ON_USER_ERROR
+
+log = logging.getLogger("trainflow.training")
+
+
+class DivergedError(UserError):
+    """The loss became NaN/inf: deterministic, so retrying would only fail again."""
+
+
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    """CUDA when available (the tutorial's rule) unless the config pins a device."""
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def setup_torch(cfg: TrainConfig) -> torch.device:
+    """Apply thread count (CPU) and return the device."""
+    torch.set_num_threads(cfg.threads)
+    return resolve_device(cfg)
+
+
+def chunk_ends(cfg: TrainConfig) -> list[int]:
+    """Exclusive end epoch of each chunk: chunk k covers epochs [ends[k-2], ends[k-1])."""
+    return [min(k * cfg.chunk_epochs, cfg.epochs) for k in range(1, math.ceil(cfg.epochs / cfg.chunk_epochs) + 1)]
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer named by the config."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                               nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """Per-batch LR schedule (None for a constant LR)."""
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    return None
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The shuffled row order of one epoch, a pure function of (seed, epoch): a resumed run
+    replays exactly the order an uninterrupted run would have used."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    loss_fn: nn.Module,
+    data: Tensors,
+    order: torch.Tensor,
+    batch_size: int,
+    prepare: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+) -> float:
+    """One epoch over ``data`` in ``order``, full batches only (drop_last). Returns the mean
+    batch loss (the tutorial's ``cost``)."""
+    model.train()
+    batches = len(order) // batch_size
+    order = order.to(data.x.device)
+    total = torch.zeros((), dtype=torch.float64, device=data.x.device)
+    for b in range(batches):
+        idx = order[b * batch_size : (b + 1) * batch_size]
+        x, y = prepare(data.x[idx]), data.y[idx]  # x: [B, ...] model input, y: [B, ...] targets
+        loss = loss_fn(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        total += loss.detach()  # stays on device: no sync per batch
+    return float(total) / batches
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Tensors,
+    batch_size: int,
+    spec: JobSpec,
+) -> dict[str, float]:
+    """Loss (sample-weighted mean over all rows) and the job's metrics on ``data``."""
+    if len(data) == 0:
+        return {}
+    model.eval()
+    outputs, loss_sum = [], 0.0
+    for start in range(0, len(data), batch_size):
+        x, y = spec.prepare(data.x[start : start + batch_size]), data.y[start : start + batch_size]
+        out = model(x)
+        loss_sum += float(loss_fn(out, y)) * len(y)
+        outputs.append(out)
+    out = torch.cat(outputs)
+    return {"loss": loss_sum / len(data), **spec.metrics(out, data.y)}
+
+
+def _to(t: Tensors, device: torch.device) -> Tensors:
+    return Tensors(t.x.to(device), t.y.to(device))
+
+
+class Trainer:
+    """Model, optimizer and data of one run, positioned at the latest valid checkpoint."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, fingerprint: str, logger: Any = log):
+        self.cfg, self.run_dir, self.fingerprint, self.log = cfg, Path(run_dir), fingerprint, logger
+        self.spec = get_job(cfg.job)
+        self.device = setup_torch(cfg)
+        data = load_job_data(cfg)
+        split = read_split(self.run_dir, data)
+        self.train = _to(split_tensors(data, split, "train"), self.device)
+        self.val = _to(split_tensors(data, split, "val"), self.device)
+        self.loss_fn = self.spec.loss(cfg).to(self.device)
+        torch.manual_seed(cfg.seed)  # model init is part of the seeded, reproducible run
+        self.model = self.spec.build_model(cfg).to(self.device)
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.steps_per_epoch = len(self.train) // cfg.batch_size
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.steps_per_epoch)
+        self.history: dict[str, list[float]] = {}
+        self.next_epoch = 0
+        self.chunk = 0
+        found = latest_valid(self.run_dir / "checkpoints", fingerprint, map_location=self.device)
+        self.rejected = found.rejected
+        self.resumed_from = found.path
+        if found.payload is not None:
+            self._restore(found.payload)
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        self.model.load_state_dict(ckpt["model_state_dict"])
+        self.optimizer.load_state_dict(ckpt["optimizer_state_dict"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(ckpt["scheduler_state_dict"])
+        restore_rng(ckpt["rng"])
+        self.history = {k: v.tolist() for k, v in ckpt["history"].items()}
+        self.next_epoch = int(ckpt["epoch"]) + 1
+        self.chunk = int(ckpt["chunk"])
+
+    def run_epoch(self, epoch: int) -> dict[str, float]:
+        """Train one epoch, validate, append to history; raise DivergedError on NaN/inf."""
+        cfg = self.cfg
+        order = epoch_order(cfg.seed, epoch, len(self.train))
+        lr = self.optimizer.param_groups[0]["lr"]
+        cost = train_epoch(self.model, self.optimizer, self.scheduler, self.loss_fn, self.train, order,
+                           cfg.batch_size, self.spec.prepare)
+        if not math.isfinite(cost):
+            raise DivergedError(
+                f"training diverged at epoch {epoch + 1} (train loss {cost}); the last good checkpoint is kept; "
+                f"lower --lr (now {cfg.lr})"
+            )
+        val = evaluate_model(self.model, self.loss_fn, self.val, cfg.eval_batch_size, self.spec)
+        row = {"epoch": float(epoch + 1), "train_loss": cost, "lr": lr, **{f"val_{k}": v for k, v in val.items()}}
+        for k, v in row.items():
+            self.history.setdefault(k, []).append(v)
+        return row
+
+    def save(self, chunk: int, cost: float) -> Path:
+        """Checkpoint after the last completed epoch (``self.next_epoch - 1``)."""
+        epoch = self.next_epoch - 1
+        label = self.spec.model_label(self.cfg)
+        payload = {
+            # The tutorial's keys, with the tutorial's meaning.
+            "model": label,
+            "epoch": epoch,
+            "model_state_dict": self.model.state_dict(),
+            "optimizer_state_dict": self.optimizer.state_dict(),
+            "cost": cost,
+            "description": f"{label} 체크포인트-{chunk} (epoch {epoch + 1}/{self.cfg.epochs})",
+            # What exact resume needs on top.
+            "chunk": chunk,
+            "format": 1,
+            "job": self.cfg.job,
+            "fingerprint": self.fingerprint,
+            "config": self.cfg.identity(),
+            "rng": capture_rng(),
+            "history": {k: torch.tensor(v, dtype=torch.float64) for k, v in self.history.items()},
+        }
+        if self.scheduler is not None:
+            payload["scheduler_state_dict"] = self.scheduler.state_dict()
+        path = save_checkpoint(self.run_dir / "checkpoints", payload)
+        self.chunk = chunk
+        return path
+
+
+def write_history_csv(path: Path, history: dict[str, list[float]]) -> None:
+    """Per-epoch history as CSV (``epoch`` as an integer, the rest as floats)."""
+    cols = list(history)
+    lines = [",".join(cols)]
+    for i in range(len(history["epoch"])):
+        lines.append(",".join(str(int(history[c][i])) if c == "epoch" else repr(history[c][i]) for c in cols))
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def run_chunk(cfg: TrainConfig, run_dir: Path, fingerprint: str, chunk: int, logger: Any = log) -> dict[str, Any]:
+    """Train chunk ``chunk`` (1-based) from the latest valid checkpoint and end by writing
+    ``checkpoint-<chunk>.pt``. Idempotent: a chunk already covered returns at once."""
+    end = chunk_ends(cfg)[chunk - 1]
+    trainer = Trainer(cfg, run_dir, fingerprint, logger)
+    for reason in trainer.rejected:
+        logger.warning("skipped checkpoint: %s", reason)
+    if trainer.next_epoch >= end:
+        return {"chunk": chunk, "skipped": True, "epoch": trainer.next_epoch}
+    start = trainer.next_epoch
+    if trainer.resumed_from is not None:
+        logger.info("chunk %d: resuming from %s at epoch %d", chunk, trainer.resumed_from.name, start + 1)
+    t0 = time.perf_counter()
+    row: dict[str, float] = {}
+    for epoch in range(start, end):
+        row = trainer.run_epoch(epoch)
+        trainer.next_epoch = epoch + 1
+    seconds = time.perf_counter() - t0
+    path = trainer.save(chunk, row["train_loss"])
+    write_history_csv(Path(run_dir) / "history.csv", trainer.history)
+    samples = (end - start) * trainer.steps_per_epoch * cfg.batch_size
+    logger.info(
+        "chunk %d: epochs %d-%d/%d, train loss %.4g, val loss %.4g, %.0f samples/s, wrote %s",
+        chunk, start + 1, end, cfg.epochs, row["train_loss"], row.get("val_loss", float("nan")),
+        samples / max(seconds, 1e-9), path.name,
+    )
+    return {"chunk": chunk, "skipped": False, "start_epoch": start, "end_epoch": end, "seconds": seconds,
+            "resumed_from": trainer.resumed_from.name if trainer.resumed_from else None,
+            **{k: v for k, v in row.items()}, "checkpoint": path.name}
+
+
+@task(name="train_chunk", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE,
+      retry_condition_fn=NO_RETRY_ON_USER_ERROR, task_run_name="train_chunk-{chunk}")
+def train_chunk(cfg: TrainConfig, run_dir: Path, fingerprint: str, chunk: int) -> dict[str, Any]:
+    """Prefect task: one checkpointed chunk; a retry resumes from the latest valid checkpoint."""
+    from prefect import get_run_logger
+
+    return run_chunk(cfg, run_dir, fingerprint, chunk, get_run_logger())

@@ -1,0 +1,60 @@
+"""Shared fixtures: one temporary Prefect server per session, isolated PREFECT_HOME."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# Before anything imports prefect: isolate its home, results and settings for the session.
+_HOME = tempfile.mkdtemp(prefix="trainflow-prefect-home-")
+os.environ["PREFECT_HOME"] = _HOME
+os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(Path(_HOME) / "storage")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "flows" / "train_flow.py"
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> str:
+    """Start one temporary Prefect server for the session; returns its API URL so
+    subprocesses (real `python flows/train_flow.py` runs) can share it."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        url = PREFECT_API_URL.value()
+        os.environ["PREFECT_API_URL"] = url  # for subprocesses started by tests
+        yield url
+        os.environ.pop("PREFECT_API_URL", None)
+
+
+def cli_env(prefect_api: str) -> dict[str, str]:
+    """Environment for a CLI subprocess that talks to the session's server."""
+    env = dict(os.environ, PREFECT_API_URL=prefect_api, PYTHONUNBUFFERED="1")
+    return env
+
+
+def run_cli(args: list[str], prefect_api: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python flows/train_flow.py ARGS` to completion."""
+    return subprocess.run([sys.executable, str(TRAIN), *args], cwd=ROOT, env=cli_env(prefect_api),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A saved state_dict, loaded the safe way."""
+    return torch.load(path, weights_only=True)
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Bit-for-bit equality of two state_dicts (not allclose)."""
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), f"{k} differs: {a[k]} vs {b[k]}"

@@ -1,0 +1,121 @@
+"""Bad input: one line naming the problem and the fix, non-zero exit, nothing lost."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.train_flow import main
+from tests.conftest import ROOT, TRAIN
+
+GOOD = (ROOT / "data" / "non_linear.csv").read_text()
+
+CSV_CASES = {
+    "empty file": ("", "is empty"),
+    "header only": ("x,y\n", "no rows"),
+    "non-numeric cell": ("x,y\n1,2\n3,abc\n", "'abc' is not a number"),
+    "nan": ("x,y\n1,2\n3,nan\n", "is not finite"),
+    "inf": ("x,y\n1,inf\n3,4\n", "is not finite"),
+    "three columns": ("x,y,z\n1,2,3\n", "3 columns"),
+    "ragged row": ("x,y\n1,2\n3,4,5\n", "not a valid CSV"),
+    "no header": ("1,2\n3,4\n", "no header"),
+    "too few rows to split": ("x,y\n" + "".join(f"{i},{i * i}\n" for i in range(12)), "too few rows to split"),
+    "binary": (b"\x89PNG\r\n\x1a\n\x00\xff\xfe".decode("latin-1"), "not"),
+}
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder``."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def existing_artifacts(tmp_path: Path) -> Path:
+    """An artifacts folder that already holds a (fake) earlier run's files."""
+    root = tmp_path / "artifacts"
+    (root / "nonlinear" / "old-run" / "checkpoints").mkdir(parents=True)
+    (root / "nonlinear" / "old-run" / "metrics.json").write_text('{"keep": true}')
+    (root / "nonlinear" / "old-run" / "checkpoints" / "checkpoint-1.pt").write_bytes(b"precious")
+    return root
+
+
+def run_main(capsys, args: list[str]) -> tuple[int, str]:
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def assert_one_line_error(code: int, err: str, expected: str) -> None:
+    assert code != 0
+    assert err.count("\n") == 0, f"not one line: {err!r}"
+    assert err.startswith("error: ") and expected in err, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("case", list(CSV_CASES))
+def test_bad_csv(case: str, tmp_path: Path, existing_artifacts: Path, capsys) -> None:
+    content, expected = CSV_CASES[case]
+    csv = tmp_path / "bad.csv"
+    csv.write_bytes(content.encode("latin-1"))
+    before = snapshot(existing_artifacts)
+    code, err = run_main(capsys, ["--job", "nonlinear", "--data", str(csv), "--artifacts-dir", str(existing_artifacts),
+                                  "--run-name", "old-run"])
+    assert_one_line_error(code, err, expected)
+    assert str(csv) in err  # names the file
+    assert snapshot(existing_artifacts) == before
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--data", "/nonexistent/nope.csv"], "does not exist"),
+        (["--job", "nope"], "unknown job 'nope'; choose one of: nonlinear"),
+        (["--epochs", "0"], "invalid --epochs: Input should be greater than 0"),
+        (["--epochs", "-3"], "invalid --epochs"),
+        (["--chunk-epochs", "0"], "invalid --chunk-epochs"),
+        (["--lr", "-1"], "invalid --lr"),
+        (["--epochs", "ten"], "invalid int value: 'ten'"),
+        (["--run-name", "../escape"], "invalid --run-name"),
+    ],
+)
+def test_bad_options(args: list[str], expected: str, existing_artifacts: Path, capsys) -> None:
+    before = snapshot(existing_artifacts)
+    with pytest.raises(SystemExit) if "ten" in args else _nullcontext() as raised:
+        code, err = run_main(capsys, [*args, "--artifacts-dir", str(existing_artifacts)])
+    if raised is not None:  # argparse's own errors, also one line
+        code, err = raised.value.code, capsys.readouterr().err.strip()
+    assert_one_line_error(code, err, expected)
+    assert snapshot(existing_artifacts) == before
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def test_unwritable_artifacts_dir(tmp_path: Path, capsys) -> None:
+    # A path under a regular file cannot be created, even by root.
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, err = run_main(capsys, ["--job", "nonlinear", "--artifacts-dir", str(blocker / "artifacts")])
+    assert_one_line_error(code, err, "is not writable (Not a directory); pass --artifacts-dir")
+    assert blocker.read_text() == "not a folder"
+
+
+def test_bad_input_from_a_real_process(tmp_path: Path) -> None:
+    """The real command: exit status 2, exactly one line on stderr, nothing on stdout."""
+    csv = tmp_path / "bad.csv"
+    csv.write_text("x,y\n1,oops\n")
+    proc = subprocess.run([sys.executable, str(TRAIN), "--data", str(csv), "--artifacts-dir", str(tmp_path / "a")],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "'oops' is not a number" in proc.stderr
+    assert not (tmp_path / "a" / "nonlinear").exists() or not any((tmp_path / "a" / "nonlinear").iterdir())

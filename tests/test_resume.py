@@ -1,0 +1,145 @@
+"""The resume rules, proven by equality with an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from flows.train_flow import train_flow
+from tasks.checkpoint import list_checkpoints
+from tasks.training import Trainer
+from tests.conftest import ROOT, TRAIN, assert_same_tensors, cli_env, run_cli, state_dict
+
+# Small but real: 200 rows, 3 chunks; each chunk is long enough (~1 s) to be killed inside.
+SMALL = ["--job", "nonlinear", "--epochs", "1500", "--chunk-epochs", "500", "--seed", "7"]
+
+
+@pytest.fixture(scope="module")
+def reference(prefect_api: str, tmp_path_factory) -> Path:
+    """An uninterrupted run of SMALL (a real process, like every interrupted run below)."""
+    root = tmp_path_factory.mktemp("reference")
+    proc = run_cli([*SMALL, "--artifacts-dir", str(root), "--run-name", "ref"], prefect_api)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "nonlinear" / "ref"
+
+
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+    """Same final tensors, same metrics, same per-epoch history as the uninterrupted run."""
+    assert_same_tensors(state_dict(run_dir / "model_state_dict.pt"), state_dict(reference / "model_state_dict.pt"))
+    metrics, ref_metrics = (json.loads((d / "metrics.json").read_text()) for d in (run_dir, reference))
+    assert metrics == ref_metrics
+    assert (run_dir / "history.csv").read_text() == (reference / "history.csv").read_text()
+    assert (run_dir / "split.json").read_text() == (reference / "split.json").read_text()
+
+
+def start(args: list[str], prefect_api: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=ROOT, env=cli_env(prefect_api),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(predicate, timeout: float = 120, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process ended early ({proc.returncode}): {proc.stderr.read()[-2000:]}")
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("where", ["after-chunk-1", "inside-chunk-2", "after-chunk-2"])
+def test_sigkill_then_same_command_resumes_bit_exact(where: str, reference: Path, prefect_api: str, tmp_path: Path) -> None:
+    args = [*SMALL, "--artifacts-dir", str(tmp_path), "--run-name", "r"]
+    ckpts = tmp_path / "nonlinear" / "r" / "checkpoints"
+    proc = start(args, prefect_api)
+    chunk = 2 if where == "after-chunk-2" else 1
+    wait_for(lambda: (ckpts / f"checkpoint-{chunk}.json").exists(), proc=proc)
+    if where == "inside-chunk-2":
+        time.sleep(0.4)  # well inside the ~1 s chunk 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done = {k for k, _ in list_checkpoints(ckpts)}
+    assert 3 not in done, "the kill came too late to interrupt anything"
+    # Rerun the very same command: no flag needed.
+    again = run_cli(args, prefect_api)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert_same_run(tmp_path / "nonlinear" / "r", reference)
+
+
+def test_exception_in_chunk_is_retried_by_prefect_and_resumes(reference: Path, prefect_api: str, tmp_path: Path, monkeypatch) -> None:
+    """An exception inside chunk 2 (epoch 700 of 1500): Prefect retries the task, which resumes
+    from checkpoint-1 and ends bit-exact; at most one chunk of work is redone."""
+    real = Trainer.run_epoch
+    calls: list[int] = []
+
+    def flaky(self, epoch: int):
+        calls.append(epoch)
+        if epoch == 699 and calls.count(699) == 1:
+            raise RuntimeError("injected fault inside chunk 2")
+        return real(self, epoch)
+
+    monkeypatch.setattr(Trainer, "run_epoch", flaky)
+    result = train_flow(job="nonlinear", epochs=1500, chunk_epochs=500, seed=7,
+                        artifacts_dir=str(tmp_path), run_name="r")
+    run_dir = Path(result["nonlinear"]["run_dir"])
+    assert calls.count(699) == 2 and calls.count(500) == 2 and calls.count(499) == 1  # retried from epoch 501 only
+    assert_same_run(run_dir, reference)
+
+
+def test_completed_run_is_not_retrained(reference: Path, prefect_api: str, tmp_path: Path) -> None:
+    args = [*SMALL, "--artifacts-dir", str(tmp_path), "--run-name", "r"]
+    first = run_cli(args, prefect_api)
+    assert first.returncode == 0, first.stderr[-2000:]
+    run_dir = tmp_path / "nonlinear" / "r"
+    stamps = {p.name: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir()}
+    second = run_cli(args, prefect_api)
+    assert second.returncode == 0
+    assert "already complete" in second.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir()} == stamps
+
+    # --fresh starts over but keeps the old run's files, moved aside.
+    third = run_cli([*args, "--fresh"], prefect_api)
+    assert third.returncode == 0, third.stderr[-2000:]
+    archived = [p for p in (tmp_path / "nonlinear").iterdir() if p.name.startswith("r.archived-")]
+    assert len(archived) == 1 and (archived[0] / "checkpoints" / "checkpoint-3.pt").exists()
+    assert_same_run(run_dir, reference)
+
+
+def test_same_run_name_with_other_config_is_refused(reference: Path, prefect_api: str, tmp_path: Path) -> None:
+    base = ["--job", "nonlinear", "--epochs", "20", "--chunk-epochs", "10", "--artifacts-dir", str(tmp_path), "--run-name", "r"]
+    assert run_cli(base, prefect_api).returncode == 0
+    other = run_cli([*base, "--lr", "0.001"], prefect_api)
+    assert other.returncode == 2
+    assert "different config (lr 0.0001 -> 0.001)" in other.stderr and other.stderr.strip().count("\n") == 0
+
+
+def test_other_data_without_run_name_starts_a_separate_run(prefect_api: str, tmp_path: Path) -> None:
+    csv = tmp_path / "other.csv"
+    csv.write_text((ROOT / "data" / "non_linear.csv").read_text().replace("327.83", "327.84"))
+    base = ["--job", "nonlinear", "--epochs", "20", "--chunk-epochs", "10", "--artifacts-dir", str(tmp_path / "a")]
+    assert run_cli(base, prefect_api).returncode == 0
+    assert run_cli([*base, "--data", str(csv)], prefect_api).returncode == 0
+    runs = sorted(p.name for p in (tmp_path / "a" / "nonlinear").iterdir())
+    assert len(runs) == 2, runs
+
+
+def test_checkpoints_keep_the_tutorial_format(reference: Path) -> None:
+    """The tutorial's own resume code works on our checkpoints unchanged."""
+    from tasks.jobs.nonlinear import CustomModel
+
+    checkpoint = torch.load(reference / "checkpoints" / "checkpoint-2.pt")  # torch's default: weights_only
+    model = CustomModel()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0001)
+    model.load_state_dict(checkpoint["model_state_dict"])
+    optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
+    assert checkpoint["epoch"] == 999  # last completed 0-based epoch: chunk 2 of 500 epochs
+    assert checkpoint["model"] == "CustomModel" and "체크포인트-2" in checkpoint["description"]
+    assert isinstance(checkpoint["cost"], float)
