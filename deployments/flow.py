@@ -1,0 +1,87 @@
+"""The flow that deployments run: ``train`` for one job, in a run folder named after the
+flow run's *scheduled* start time.
+
+Why a separate flow: a nightly schedule must get a new run folder every night (the CLI's
+default name, derived from config + data, would find last night's completed run and stop),
+while a retry of the same flow run must find the same folder again. The scheduled start time
+(``prefect.runtime.flow_run.scheduled_start_time``, the flow run's ``expected_start_time``)
+is set once when the run is created and survives flow-level retries, ``prefect flow-run
+retry`` and reruns on another worker; the flow run id would too, but is meaningless to humans.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from flows.train_flow import train_flow
+from tasks.jobs.spec import UserError
+
+#: Default ``run_name`` of a deployment run: ``artifacts/<job>/scheduled-20250101T020000Z``.
+RUN_NAME_TEMPLATE = "scheduled-{scheduled:%Y%m%dT%H%M%SZ}"
+#: Where run folders go when the ``artifacts_dir`` parameter is not set (shared storage on a cluster).
+ARTIFACTS_ENV = "TRAINFLOW_ARTIFACTS_DIR"
+#: Flow-level retries: an exception anywhere re-runs the flow under the same flow run, which
+#: resumes from the run folder's latest valid checkpoint.
+FLOW_RETRIES = 2
+FLOW_RETRY_DELAY_S = 10
+#: Hard cap on attempts of one flow run (flow retries + crash requeues), so an automation that
+#: requeues crashed runs can never loop forever on a run that crashes every time.
+MAX_RUNS = 6
+
+
+def resolve_run_name(template: str, job: str, scheduled: datetime) -> str:
+    """``template`` with ``{job}`` and ``{scheduled[:strftime]}`` (UTC) filled in."""
+    scheduled = scheduled.astimezone(timezone.utc)
+    try:
+        name = template.format(job=job, scheduled=scheduled)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise UserError(f"run_name template {template!r} is invalid ({exc}); use {{job}} and {{scheduled:%Y%m%d}}") from None
+    return re.sub(r"[^A-Za-z0-9._-]", "-", name)
+
+
+@flow(name="scheduled-train", retries=FLOW_RETRIES, retry_delay_seconds=FLOW_RETRY_DELAY_S, persist_result=False)
+def scheduled_train(
+    job: str,
+    run_name: str = RUN_NAME_TEMPLATE,
+    data: str | None = None,
+    epochs: int | None = None,
+    chunk_epochs: int | None = None,
+    lr: float | None = None,
+    batch_size: int | None = None,
+    eval_batch_size: int | None = None,
+    seed: int | None = None,
+    artifacts_dir: str | None = None,
+    model: str | None = None,
+    optimizer: Literal["sgd", "adam", "adamw"] | None = None,
+    momentum: float | None = None,
+    weight_decay: float | None = None,
+    schedule: Literal["constant", "onecycle", "cosine"] | None = None,
+    label_smoothing: float | None = None,
+    threads: int | None = None,
+    device: Literal["auto", "cpu", "cuda"] | None = None,
+    options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train ``job`` into ``<artifacts_dir>/<job>/<run_name>``, where ``run_name`` may use
+    ``{job}`` and ``{scheduled:%Y%m%d...}``; a retry of this flow run resumes the same folder.
+    The other parameters are ``train``'s; ``options`` passes any further ``train`` parameter."""
+    logger = get_run_logger()
+    if flow_run.run_count > MAX_RUNS:
+        raise UserError(f"flow run attempted {flow_run.run_count - 1} times; giving up (start a new run to try again)")
+    params = {k: v for k, v in locals().items() if k not in ("job", "run_name", "logger", "options")}
+    accepted = set(inspect.signature(train_flow.fn).parameters) - {"job", "run_name", "fresh"}
+    unknown = sorted(set(options or {}) - accepted)
+    if unknown:
+        raise UserError(f"unknown options {', '.join(unknown)}; choose from: {', '.join(sorted(accepted))}")
+    params.update(options or {})
+    params["artifacts_dir"] = params["artifacts_dir"] or os.environ.get(ARTIFACTS_ENV) or None
+    name = resolve_run_name(run_name, job, flow_run.scheduled_start_time)
+    logger.info("%s: run folder %s/%s/%s (attempt %d)", job, params["artifacts_dir"] or "artifacts", job, name,
+                flow_run.run_count)
+    return train_flow.fn(job=job, run_name=name, **params)

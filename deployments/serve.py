@@ -1,0 +1,74 @@
+"""Serve one scheduled deployment per registered job: ``python deployments/serve.py --help``.
+
+Needs a running Prefect server (``PREFECT_API_URL``); this process registers the deployments
+and runs their flow runs as subprocesses until it is stopped (Ctrl-C pauses the schedules).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python deployments/serve.py` from anywhere
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from deployments.registry import (CRON_ENV, PREFECT_YAML, TIMEZONE_ENV, default_cron, default_timezone,  # noqa: E402
+                                  deployments, prefect_yaml)
+from tasks.jobs import JOBS  # noqa: E402
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python deployments/serve.py",
+        description="Register and serve one deployment per registered job (scheduled-train/<job>) "
+        "on the Prefect server at PREFECT_API_URL.",
+    )
+    p.add_argument("--cron", default=None, help=f"cron schedule for every job (default ${CRON_ENV} or '{default_cron()}')")
+    p.add_argument("--timezone", default=None, help=f"schedule time zone (default ${TIMEZONE_ENV} or {default_timezone()})")
+    p.add_argument("--job", action="append", choices=list(JOBS), help="serve only this job (repeatable; default: all)")
+    p.add_argument("--artifacts-dir", help="root of run folders, passed as a parameter "
+                   "(default $TRAINFLOW_ARTIFACTS_DIR of the process running the flow, else artifacts/)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many flow runs at once (default: no limit)")
+    p.add_argument("--no-schedule", action="store_true", help="register without schedules (manual runs only)")
+    p.add_argument("--write-yaml", action="store_true",
+                   help=f"do not serve; regenerate {PREFECT_YAML.relative_to(PREFECT_YAML.parents[1])} from the registry and exit")
+    return p
+
+
+def to_deployments(args: argparse.Namespace) -> list:
+    """``RunnerDeployment`` objects, one per job, from the shared definitions."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig
+    from prefect.schedules import Cron
+
+    from deployments.flow import scheduled_train
+
+    out = []
+    for d in deployments(args.cron, args.timezone, args.job):
+        params = dict(d["parameters"])
+        if args.artifacts_dir:
+            params["artifacts_dir"] = str(Path(args.artifacts_dir).resolve())
+        schedules = [] if args.no_schedule else [Cron(s["cron"], timezone=s["timezone"]) for s in d["schedules"]]
+        out.append(scheduled_train.to_deployment(
+            name=d["name"], description=d["description"], parameters=params, schedules=schedules, tags=d["tags"],
+            concurrency_limit=ConcurrencyLimitConfig(**d["concurrency_limit"]),
+        ))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.write_yaml:
+        PREFECT_YAML.write_text(prefect_yaml())
+        print(f"wrote {PREFECT_YAML}")
+        return 0
+    from prefect import serve
+
+    deps = to_deployments(args)
+    print("serving: " + ", ".join(f"scheduled-train/{d.name}" for d in deps), flush=True)
+    serve(*deps, limit=args.limit)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

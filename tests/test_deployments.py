@@ -1,0 +1,373 @@
+"""Scheduled deployments on a real Prefect server (SQLite, then PostgreSQL): registered both
+ways (``deployments/serve.py`` and ``prefect deploy`` of ``deployments/prefect.yaml``), run by
+a real serve process and real workers; a worker killed mid-run is replaced by another worker
+that resumes the run from the shared artifacts folder once the flow run is retried."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from datetime import timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+import yaml
+
+from deployments.flow import RUN_NAME_TEMPLATE, resolve_run_name
+from deployments.registry import (DEFAULT_CRON, DEFAULT_TIMEZONE, FLOW_NAME, PREFECT_YAML, WORK_POOL,
+                                  job_parameters, prefect_yaml)
+from tasks.jobs import JOBS
+from tests.conftest import ROOT, assert_same_tensors, state_dict
+
+pytestmark = pytest.mark.slow
+
+#: Short but real runs: 6 chunks of ~0.5-1 s, so a kill lands mid-run.
+RUN = {"epochs": 3000, "chunk_epochs": 500, "seed": 7}
+
+
+# --- fast checks: the committed prefect.yaml cannot drift from the job registry ----------
+
+
+def test_prefect_yaml_is_generated_from_the_job_registry() -> None:
+    assert PREFECT_YAML.read_text() == prefect_yaml(), (
+        "deployments/prefect.yaml differs from the job registry; run `python deployments/serve.py --write-yaml`")
+    doc = yaml.safe_load(PREFECT_YAML.read_text())
+    assert {d["name"]: d["parameters"] for d in doc["deployments"]} == {j: job_parameters(j) for j in JOBS}
+    for d in doc["deployments"]:
+        assert d["schedules"] == [{"cron": DEFAULT_CRON, "timezone": DEFAULT_TIMEZONE, "active": True}]
+        assert d["concurrency_limit"]["limit"] == 1 and d["work_pool"]["name"] == WORK_POOL
+        assert (ROOT / d["entrypoint"].split(":")[0]).exists()
+
+
+def test_deployment_flow_takes_the_train_flow_parameters() -> None:
+    """A deployment's parameters are ``train``'s (plus ``options`` for the rarer ones), so they
+    pass straight through; the registry only puts such parameters on deployments."""
+    import inspect
+
+    from deployments.flow import scheduled_train
+    from deployments.registry import PARAMETERS
+    from flows.train_flow import train_flow
+
+    train = set(inspect.signature(train_flow.fn).parameters)
+    mine = set(inspect.signature(scheduled_train.fn).parameters) - {"options"}
+    assert mine <= train and set(PARAMETERS) <= mine
+
+
+def test_run_name_comes_from_the_scheduled_time() -> None:
+    from datetime import datetime
+
+    t = datetime(2025, 3, 4, 2, 0, tzinfo=timezone.utc)
+    assert resolve_run_name(RUN_NAME_TEMPLATE, "nonlinear", t) == "scheduled-20250304T020000Z"
+    assert resolve_run_name("{job}-{scheduled:%Y-%m-%d}", "nonlinear", t) == "nonlinear-2025-03-04"
+
+
+# --- processes ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def children(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (from /proc)."""
+    parent: dict[int, int] = {}
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+            parent[int(stat.split("/")[2])] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out += kids
+        todo += kids
+    return out
+
+
+def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
+    """Signal the process group of ``pid`` and of every descendant (a flow run may sit in
+    its own process group)."""
+    groups = set()
+    for p in [pid, *children(pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            groups.add(os.getpgid(p))
+    for g in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(g, sig)
+
+
+class Procs:
+    """Processes started by a test, each in its own process group; all stopped at the end."""
+
+    def __init__(self, logs: Path):
+        self.logs, self.procs = logs, []
+
+    def start(self, name: str, cmd: list[str], env: dict[str, str], **kw: Any) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+        p = subprocess.Popen(cmd, cwd=kw.pop("cwd", ROOT), env=env, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True, **kw)
+        p.log_path, p.log = self.logs / f"{name}.log", log
+        self.procs.append(p)
+        return p
+
+    def stop(self, p: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15) -> None:
+        if p.poll() is None:
+            kill_tree(p.pid, sig)
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        kill_tree(p.pid, signal.SIGKILL)  # stragglers in the group and descendants
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(5)
+        p.log.close()
+
+    def stop_all(self) -> None:
+        for p in reversed(self.procs):
+            self.stop(p)
+
+    def tail(self, p: subprocess.Popen, n: int = 3000) -> str:
+        p.log.flush()
+        return p.log_path.read_text()[-n:]
+
+
+def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 120, every: float = 0.2,
+             alive: list[subprocess.Popen] | None = None, procs: Procs | None = None) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        for p in alive or []:
+            if p.poll() is not None:
+                raise AssertionError(f"{what}: {p.args[:4]} exited {p.returncode}:\n{procs.tail(p) if procs else ''}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(every)
+
+
+# --- one Prefect server per backend ------------------------------------------------------
+
+
+def pg_bin(name: str) -> str:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    assert found, f"{name} not found: apt-get install -y postgresql (.ci/run does)"
+    return found[-1]
+
+
+@contextlib.contextmanager
+def postgres(procs: Procs) -> Iterator[str]:
+    """A throwaway PostgreSQL cluster on a loopback port; yields an asyncpg URL."""
+    root = Path(tempfile.mkdtemp(prefix="trainflow-pg-"))  # not under /tmp/pytest-of-*: postgres must reach it
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        as_user = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(root, "postgres")
+    port, data = free_port(), root / "data"
+    try:
+        subprocess.run([*as_user, pg_bin("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+                       check=True, capture_output=True, timeout=120)
+        subprocess.run([*as_user, pg_bin("pg_ctl"), "-D", str(data), "-l", str(root / "pg.log"), "-w", "-t", "60",
+                        "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
+                       check=True, capture_output=True, timeout=90)
+        subprocess.run([*as_user, pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "prefect"],
+                       check=True, capture_output=True, timeout=60)
+        yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/prefect"
+    finally:
+        subprocess.run([*as_user, pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
+                       capture_output=True, timeout=60)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+class Server:
+    def __init__(self, url: str, home: Path, procs: Procs, tmp: Path):
+        self.url, self.home, self.procs, self.tmp = url, home, procs, tmp
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """Environment of a client process (CLI, worker, serve) of this server."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env.update(PREFECT_API_URL=self.url, PREFECT_HOME=str(self.home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                   PREFECT_RUNNER_POLL_FREQUENCY="1", PREFECT_WORKER_QUERY_SECONDS="1",
+                   PREFECT_WORKER_HEARTBEAT_SECONDS="5", PREFECT_LOGGING_LEVEL="INFO", PYTHONUNBUFFERED="1", **extra)
+        return env
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        p = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", *args], cwd=ROOT, env=self.env(),
+                           capture_output=True, text=True, timeout=timeout)
+        assert p.returncode == 0, f"prefect {' '.join(args)}:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
+        return p
+
+    @contextlib.contextmanager
+    def client(self):
+        from prefect import get_client
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: self.url}), get_client(sync_client=True) as c:
+            yield c
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def server(request, tmp_path_factory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp(f"prefect-{request.param}")
+    procs = Procs(tmp)
+    try:
+        with contextlib.ExitStack() as stack:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+            env.update(PREFECT_HOME=str(tmp / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                       PREFECT_SERVER_UI_ENABLED="false",
+                       # no clock-driven runs during the test: schedules are checked, not waited for
+                       PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false",
+                       PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED="false")
+            if request.param == "postgresql":
+                env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = stack.enter_context(postgres(procs))
+            port = free_port()
+            proc = procs.start("server", [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                          "--port", str(port)], env, cwd=tmp)
+            url = f"http://127.0.0.1:{port}/api"
+
+            def healthy() -> bool:
+                try:
+                    return urllib.request.urlopen(f"{url}/health", timeout=2).read() == b"true"
+                except OSError:
+                    return False
+
+            wait_for("prefect server", healthy, timeout=180, every=0.5, alive=[proc], procs=procs)
+            yield Server(url, tmp / "home", procs, tmp)
+            procs.stop_all()
+    finally:
+        procs.stop_all()
+
+
+# --- helpers on flow runs ----------------------------------------------------------------
+
+
+def run_folder(root: Path, flow_run) -> Path:
+    return root / "nonlinear" / resolve_run_name(RUN_NAME_TEMPLATE, "nonlinear", flow_run.expected_start_time)
+
+
+def trigger(server: Server, parameters: dict[str, Any]):
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: server.url}):
+        return run_deployment(f"{FLOW_NAME}/nonlinear", parameters=parameters, timeout=0)
+
+
+def state_of(server: Server, flow_run_id):
+    with server.client() as c:
+        return c.read_flow_run(flow_run_id)
+
+
+def wait_final(server: Server, flow_run_id, alive: list[subprocess.Popen], timeout: float = 180):
+    fr = wait_for("flow run to finish", lambda: (r := state_of(server, flow_run_id)).state.is_final() and r,
+                  timeout=timeout, every=0.5, alive=alive, procs=server.procs)
+    assert fr.state.is_completed(), f"{fr.state}\n" + "\n".join(server.procs.tail(p) for p in alive)
+    return fr
+
+
+def fingerprints(folder: Path) -> dict[str, tuple[str, int]]:
+    """sha256 and mtime of every checkpoint file."""
+    return {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(folder.glob("checkpoint-*"))}
+
+
+def check_registered(server: Server, extra_parameters: dict[str, Any], work_pool: str | None) -> None:
+    with server.client() as c:
+        for job in JOBS:
+            d = c.read_deployment_by_name(f"{FLOW_NAME}/{job}")
+            assert d.parameters == {**job_parameters(job), **extra_parameters}
+            assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in d.schedules] == [
+                (DEFAULT_CRON, DEFAULT_TIMEZONE, True)]
+            assert d.global_concurrency_limit is not None and d.global_concurrency_limit.limit == 1
+            assert d.work_pool_name == work_pool
+            assert not d.paused
+
+
+# --- the end-to-end test, once per backend -----------------------------------------------
+
+
+def test_scheduled_deployments_end_to_end(server: Server, tmp_path: Path) -> None:
+    procs = server.procs
+    # 1. serve: deployments registered from the registry, a run executed by the serve process.
+    served = tmp_path / "served"
+    serve = procs.start("serve", [sys.executable, "deployments/serve.py", "--artifacts-dir", str(served)], server.env())
+
+    def registered() -> bool:
+        with server.client() as c:
+            try:
+                return all(c.read_deployment_by_name(f"{FLOW_NAME}/{j}").schedules for j in JOBS)
+            except Exception:  # noqa: BLE001 - not there yet
+                return False
+
+    wait_for("served deployments", registered, timeout=120, every=0.5, alive=[serve], procs=procs)
+    check_registered(server, {"artifacts_dir": str(served)}, work_pool=None)
+    fr = trigger(server, {"epochs": 1000, "chunk_epochs": 500})
+    fr = wait_final(server, fr.id, alive=[serve])
+    folder = run_folder(served, fr)
+    assert json.loads((folder / "run.json").read_text())["status"] == "completed", sorted(served.rglob("*"))
+    assert {"metrics.json", "model_state_dict.pt", "model.pt", "history.csv"} <= {p.name for p in folder.iterdir()}
+    procs.stop(serve, signal.SIGINT)  # Ctrl-C: serve pauses its schedules
+
+    # 2. work pool: the same deployments from prefect.yaml, run by real workers.
+    server.cli("work-pool", "create", WORK_POOL, "--type", "process", "--overwrite")
+    server.cli("deploy", "--all", "--prefect-file", "deployments/prefect.yaml", timeout=180)
+    check_registered(server, {}, work_pool=WORK_POOL)
+    shared = tmp_path / "shared"  # the artifacts root every worker sees
+
+    def worker(name: str) -> subprocess.Popen:
+        return procs.start(name, [sys.executable, "-m", "prefect", "worker", "start", "--pool", WORK_POOL, "--type",
+                                  "process", "--limit", "1", "--name", name],
+                           server.env(TRAINFLOW_ARTIFACTS_DIR=str(shared)))
+
+    w1 = worker("worker-1")
+    ref = wait_final(server, trigger(server, RUN).id, alive=[w1])  # uninterrupted reference run
+    ref_folder = run_folder(shared, ref)
+    assert json.loads((ref_folder / "run.json").read_text())["attempts"] == 1
+
+    # 3. Kill the worker holding a run mid-run; another worker resumes it after a retry.
+    fr = trigger(server, RUN)
+    folder = run_folder(shared, fr)
+    assert folder != ref_folder
+    ckpts = folder / "checkpoints"
+    wait_for("checkpoint 2", lambda: (ckpts / "checkpoint-2.json").exists(), alive=[w1], procs=procs, every=0.05)
+    w2 = worker("worker-2")  # now the only worker with a free slot
+    procs.stop(w1, signal.SIGKILL)  # the worker, its flow run process, everything in them
+    before = fingerprints(ckpts)
+    assert "checkpoint-6.json" not in before, "the kill came too late to interrupt anything"
+    time.sleep(1)  # so a rewritten file would show a newer mtime
+    fr = state_of(server, fr.id)
+    assert fr.state.is_running(), f"a SIGKILLed worker leaves its run Running, got {fr.state}"
+    # What an operator (or the zombie automation) does: mark it crashed, then retry it.
+    from prefect.states import Crashed
+
+    with server.client() as c:
+        c.set_flow_run_state(fr.id, Crashed(message="worker died"), force=True)
+    server.cli("flow-run", "retry", str(fr.id))
+    fr = wait_final(server, fr.id, alive=[w2])
+    assert run_folder(shared, fr) == folder, "the retry must use the same run folder"
+    after = fingerprints(ckpts)
+    assert {k: after[k] for k in before} == before, "checkpoints written before the kill were rewritten"
+    assert len(after) == 12  # 6 chunks: .pt + .json each
+    record = json.loads((folder / "run.json").read_text())
+    assert record["status"] == "completed" and record["attempts"] == 2
+    assert fr.run_count == 2
+    # Same result as the uninterrupted run, bit for bit.
+    assert_same_tensors(state_dict(folder / "model_state_dict.pt"), state_dict(ref_folder / "model_state_dict.pt"))
+    assert (folder / "history.csv").read_text() == (ref_folder / "history.csv").read_text()
+    procs.stop(w2)
