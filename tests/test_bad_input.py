@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from flows.train_flow import main
+from tasks.jobs import JOBS
 from tests.conftest import ROOT, TRAIN
 
 GOOD = (ROOT / "data" / "non_linear.csv").read_text()
@@ -74,7 +75,7 @@ def test_bad_csv(case: str, tmp_path: Path, existing_artifacts: Path, capsys) ->
     "args, expected",
     [
         (["--data", "/nonexistent/nope.csv"], "does not exist"),
-        (["--job", "nope"], "unknown job 'nope'; choose one of: nonlinear"),
+        (["--job", "nope"], f"unknown job 'nope'; choose one of: {', '.join(JOBS)}"),
         (["--epochs", "0"], "invalid --epochs: Input should be greater than 0"),
         (["--epochs", "-3"], "invalid --epochs"),
         (["--chunk-epochs", "0"], "invalid --chunk-epochs"),

@@ -1,9 +1,13 @@
 """The job registry: adding a job is one new module and one line here."""
 
-from tasks.jobs import nonlinear
+from tasks.jobs import linear, multi_linear, nonlinear
 from tasks.jobs.spec import JobSpec, TrainConfig, UserError
 
-JOBS: dict[str, JobSpec] = {spec.name: spec for spec in (nonlinear.JOB,)}
+JOBS: dict[str, JobSpec] = {spec.name: spec for spec in (
+    nonlinear.JOB,
+    linear.JOB,
+    multi_linear.JOB,
+)}
 
 
 def get_job(name: str) -> JobSpec:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import math
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from tasks.jobs.spec import DATA_DIR, JobData, JobSpec, Tensors, TrainConfig, UserError
+from tasks.jobs.csvdata import read_xy_csv
+from tasks.jobs.spec import DATA_DIR, JobData, JobSpec, Tensors, TrainConfig
 
 CSV_PATH = DATA_DIR / "non_linear.csv"
 GENERATOR_SEED = 20241210  # the tutorial post's date; any fixed value would do
@@ -25,51 +25,6 @@ def generate_csv_text(seed: int = GENERATOR_SEED) -> str:
     xs = np.round(np.arange(-100, 100) / 10.0, 1)
     ys = 3.1 * xs**2 - 1.7 * xs + rng.uniform(0.01, 0.99, size=xs.shape)
     return "x,y\n" + "".join(f"{x:.1f},{y:.2f}\n" for x, y in zip(xs, ys))
-
-
-def read_xy_csv(path: Path, columns: int = 2) -> np.ndarray:
-    """Read a numeric CSV with a header row into a float64 array [rows, columns], or raise
-    UserError naming the problem and the fix."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"data file {path} does not exist; pass --data PATH to a CSV with header 'x,y'")
-    if path.is_dir():
-        raise UserError(f"data path {path} is a folder; pass --data PATH to a CSV file")
-    if path.stat().st_size == 0:
-        raise UserError(f"data file {path} is empty; it needs a header 'x,y' and numeric rows")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=True)
-    except pd.errors.ParserError as exc:
-        raise UserError(f"data file {path} is not a valid CSV ({str(exc).strip().splitlines()[-1]}); "
-                        f"every row needs exactly {columns} comma-separated values") from None
-    except (UnicodeDecodeError, pd.errors.EmptyDataError):
-        raise UserError(f"data file {path} is not a text CSV; expected header 'x,y' and numeric rows") from None
-    if df.shape[1] != columns:
-        raise UserError(f"data file {path} has {df.shape[1]} columns ({', '.join(map(str, df.columns))}); "
-                        f"expected {columns} (header 'x,y')")
-    if all(_is_number(c) for c in df.columns):
-        raise UserError(f"data file {path} has no header (first line {','.join(df.columns)}); add the line 'x,y' at the top")
-    if len(df) == 0:
-        raise UserError(f"data file {path} has a header but no rows; add numeric rows")
-    values = np.empty(df.shape, dtype=np.float64)
-    for j, col in enumerate(df.columns):
-        for i, cell in enumerate(df[col]):
-            try:
-                v = float(cell)
-            except ValueError:
-                raise UserError(f"data file {path} line {i + 2}, column {col!r}: {cell!r} is not a number; fix or remove that row") from None
-            if not math.isfinite(v):
-                raise UserError(f"data file {path} line {i + 2}, column {col!r}: {cell!r} is not finite; fix or remove that row")
-            values[i, j] = v
-    return values
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
 
 
 class CustomDataset(Dataset):

@@ -127,6 +127,9 @@ class JobSpec:
     in_default_set: bool = True
     #: Help text for ``--data``.
     data_help: str = field(default="input file")
+    #: Tests only: ``folder -> --data path`` that writes tiny data for this job into ``folder``
+    #: (for data not available offline, e.g. a downloaded dataset); None: tests use ``defaults["data"]``.
+    make_test_data: Callable[[Path], Path] | None = None
 
     def config(self, **overrides: Any) -> TrainConfig:
         """Validated TrainConfig: this job's defaults with ``overrides`` (None means default)."""
