@@ -11,14 +11,14 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from pydantic import ValidationError
 
-from tasks.checkpoint import atomic_write_json
 from tasks.data import load_data, load_job_data, make_split, split_data
 from tasks.evaluation import METRICS_FILE, evaluate
 from tasks.export import save_model
 from tasks.jobs import JOBS, default_jobs, get_job
 from tasks.jobs.spec import TrainConfig, UserError
-from tasks.run import (RUN_FILE, check_compatible, check_writable, hold, is_complete, prepare_run_dir,
-                       read_json, run_dir_for, utc_now)
+from tasks.reporting import RunReport
+from tasks.run import (check_compatible, check_writable, hold, is_complete, prepare_run_dir, read_json,
+                       run_dir_for)
 from tasks.training import chunk_ends, train_chunk
 
 #: CLI option -> TrainConfig field; the flow takes the same names as parameters.
@@ -46,16 +46,18 @@ def run_job(cfg: TrainConfig) -> dict[str, Any]:
             metrics = read_json(run_dir / METRICS_FILE)
             logger.info("%s is already complete; not retraining (use --fresh to start over)", run_dir)
             return {"job": cfg.job, "run_dir": str(run_dir), "status": "already complete", "metrics": metrics}
-        record = read_json(run_dir / RUN_FILE) or {"started_at": utc_now(), "attempts": 0}
-        record.update(status="running", fingerprint=fingerprint, attempts=record["attempts"] + 1)
-        atomic_write_json(run_dir / RUN_FILE, record)
-        split_data(cfg, run_dir)
-        for chunk in range(1, len(chunk_ends(cfg)) + 1):
-            train_chunk(cfg, run_dir, fingerprint, chunk)
-        metrics = evaluate(cfg, run_dir, fingerprint)
-        save_model(cfg, run_dir, fingerprint)
-        record.update(status="completed", finished_at=utc_now())
-        atomic_write_json(run_dir / RUN_FILE, record)
+        report = RunReport.start(cfg, run_dir, info["fingerprint"], fingerprint, logger)  # run.json, progress
+        try:
+            split_data(cfg, run_dir)
+            for chunk in range(1, len(chunk_ends(cfg)) + 1):
+                result = train_chunk(cfg, run_dir, fingerprint, chunk)
+                report.chunk_done(result)  # TensorBoard, progress artifact, run.json
+            metrics = evaluate(cfg, run_dir, fingerprint)
+            save_model(cfg, run_dir, fingerprint)
+        except BaseException as exc:
+            report.interrupted(exc)
+            raise
+        report.finish(metrics)  # plots, summary.md + artifacts, run.json "completed" with file hashes
     logger.info("%s: done, test loss %.6g, outputs in %s", cfg.job, metrics["test"].get("loss", float("nan")), run_dir)
     return {"job": cfg.job, "run_dir": str(run_dir), "status": "completed", "metrics": metrics}
 

@@ -1,16 +1,39 @@
-"""Saving the trained model the tutorial's two ways: whole model and state_dict."""
+"""Saving the trained model the tutorial's two ways (whole model and state_dict), plus a
+``torch.export`` program (``model.pt2``) that loads without this project's code."""
 
 from __future__ import annotations
 
+import io
+import logging
 from pathlib import Path
 
+import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.checkpoint import atomic_torch_save
+from tasks.checkpoint import atomic_torch_save, atomic_write_bytes
 from tasks.evaluation import final_trainer
 from tasks.jobs.spec import TrainConfig
 from tasks.policy import NO_RETRY_ON_USER_ERROR
+
+log = logging.getLogger("trainflow.export")
+EXPORTED_FILE = "model.pt2"
+
+
+def export_program(model: torch.nn.Module, example: torch.Tensor, path: Path) -> str | None:
+    """``torch.export`` the model (input: a batch as the model takes it, after the job's
+    ``prepare``; any batch size) and ``torch.export.save`` it: loads with
+    ``torch.export.load(path).module()``, with no project code and no pickled classes."""
+    try:
+        batch = torch.export.Dim("batch", min=1)
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+        buf = io.BytesIO()
+        torch.export.save(program, buf)
+    except Exception as exc:  # noqa: BLE001 - a model torch.export cannot trace still has model.pt
+        log.warning("could not export %s: %s: %s", path.name, type(exc).__name__, str(exc).splitlines()[0])
+        return None
+    atomic_write_bytes(path, buf.getvalue())
+    return str(path)
 
 
 def save_model_files(cfg: TrainConfig, run_dir: Path, fingerprint: str) -> dict[str, str]:
@@ -21,7 +44,11 @@ def save_model_files(cfg: TrainConfig, run_dir: Path, fingerprint: str) -> dict[
     run_dir = Path(run_dir)
     atomic_torch_save(run_dir / "model.pt", model)
     atomic_torch_save(run_dir / "model_state_dict.pt", model.state_dict())
-    return {"model": str(run_dir / "model.pt"), "state_dict": str(run_dir / "model_state_dict.pt")}
+    files = {"model": str(run_dir / "model.pt"), "state_dict": str(run_dir / "model_state_dict.pt")}
+    example = trainer.spec.prepare(trainer.train.x[:2].cpu())  # two rows: a batch size export keeps dynamic
+    if exported := export_program(model, example, run_dir / EXPORTED_FILE):
+        files["exported"] = exported
+    return files
 
 
 @task(name="save_model", retries=1, retry_delay_seconds=1, cache_policy=NO_CACHE, retry_condition_fn=NO_RETRY_ON_USER_ERROR)

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from tasks.jobs.csvdata import read_xy_csv
-from tasks.jobs.spec import DATA_DIR, JobData, JobSpec, Tensors, TrainConfig
+from tasks.jobs.spec import DATA_DIR, JobData, JobSpec, Predictor, Tensors, TrainConfig
 
 CSV_PATH = DATA_DIR / "non_linear.csv"
 GENERATOR_SEED = 20241210  # the tutorial post's date; any fixed value would do
@@ -87,6 +87,7 @@ def report(run_dir: Path, model: nn.Module, data: JobData, split: dict[str, torc
     b = float(model.layer.bias.detach().cpu().double())
     with torch.no_grad():
         probe = model(features(np.array([1.0, 5.0, 11.0])).to(model.layer.weight.device)).flatten().tolist()
+    plot_fit(Path(run_dir) / FIT_PNG, model, pool, split, opt)
     return {
         "weights": [float(w[0]), float(w[1])],
         "bias": b,
@@ -95,6 +96,51 @@ def report(run_dir: Path, model: nn.Module, data: JobData, split: dict[str, torc
         "test_mse_over_optimum": metrics["test"]["loss"] / opt_mse,
         "predictions": {"x": [1.0, 5.0, 11.0], "y": probe},
     }
+
+
+FIT_PNG = "fit.png"
+
+
+def plot_fit(path: Path, model: nn.Module, pool: Tensors, split: dict[str, torch.Tensor], opt: torch.Tensor) -> Path:
+    """The data (train/val/test), the trained model's curve and the least-squares curve."""
+    from tasks.plots import new_figure, save_png
+
+    xs = pool.x[:, 1].double()  # the feature column [x^2, x] -> x
+    grid = np.linspace(float(xs.min()), float(xs.max()), 400)
+    with torch.no_grad():
+        fitted = model(features(grid).to(model.layer.weight.device)).flatten().cpu().numpy()
+    lsq = opt[0].item() * grid**2 + opt[1].item() * grid + opt[2].item()
+    fig = new_figure(8, 5)
+    ax = fig.add_subplot(1, 1, 1)
+    for part, color in (("train", "tab:blue"), ("val", "tab:orange"), ("test", "tab:red")):
+        idx = split[part]
+        ax.scatter(xs[idx].numpy(), pool.y[idx].flatten().numpy(), s=10, color=color, alpha=0.6, label=f"{part} ({len(idx)})")
+    w = model.layer.weight.detach().cpu().double().flatten().tolist()
+    b = float(model.layer.bias.detach().cpu().double())
+    ax.plot(grid, fitted, color="black", linewidth=1.5, label=f"model: {w[0]:.4f}x² {w[1]:+.4f}x {b:+.4f}")
+    ax.plot(grid, lsq, color="tab:green", linestyle="--", linewidth=1.5,
+            label=f"least squares (train): {opt[0].item():.4f}x² {opt[1].item():+.4f}x {opt[2].item():+.4f}")
+    ax.set_xlabel("x")
+    ax.set_ylabel("y")
+    ax.set_title("nonlinear: y = 3.1x² − 1.7x + noise")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_png(fig, path)
+
+
+def _predict_arguments(parser: Any) -> None:
+    parser.add_argument("--x", type=float, nargs="+", required=True, metavar="X", help="x values to predict y for")
+
+
+def _predict_inputs(args: Any, cfg: TrainConfig) -> tuple[torch.Tensor, list[str]]:
+    return features(np.array(args.x, dtype=np.float64)), [f"x={x:g}" for x in args.x]
+
+
+def _predict_format(labels: list[str], outputs: torch.Tensor) -> list[str]:
+    return [f"{label}: y={float(y):.4f}" for label, y in zip(labels, outputs.flatten())]
+
+
+PREDICTOR = Predictor(add_arguments=_predict_arguments, inputs=_predict_inputs, format=_predict_format)
 
 
 JOB = JobSpec(
@@ -110,4 +156,5 @@ JOB = JobSpec(
     report=report,
     model_label=lambda cfg: "CustomModel",
     data_help="CSV with header 'x,y'",
+    predict=PREDICTOR,
 )

@@ -100,6 +100,20 @@ def split_8_1_1(n: int) -> tuple[int, int, int]:
 
 
 @dataclass(frozen=True)
+class Predictor:
+    """How ``flows/predict_flow.py`` talks to a job: its input options, how they become model
+    input, and how outputs are printed. The model, device and ``prepare`` are handled generically."""
+
+    #: Add the job's input options to the CLI parser (e.g. ``--x 1 5 11``, ``--index 0 1 2``).
+    add_arguments: Callable[[Any], None]
+    #: ``(args, cfg) -> (x, labels)``: inputs in stored form [N, ...] (the job's ``prepare`` is
+    #: applied afterwards) and one display label per row (e.g. ``"x=5"``, ``"test image 3 (true: Bag)"``).
+    inputs: Callable[[Any, TrainConfig], tuple[torch.Tensor, list[str]]]
+    #: ``(labels, outputs [N, ...]) -> one printable line per row``.
+    format: Callable[[list[str], torch.Tensor], list[str]]
+
+
+@dataclass(frozen=True)
 class JobSpec:
     """One job: data, model, loss and metrics. The pipeline only talks to jobs through this."""
 
@@ -127,6 +141,8 @@ class JobSpec:
     in_default_set: bool = True
     #: Help text for ``--data``.
     data_help: str = field(default="input file")
+    #: Command-line prediction from a finished run (``flows/predict_flow.py``); None: not offered.
+    predict: Predictor | None = None
     #: Tests only: ``folder -> --data path`` that writes tiny data for this job into ``folder``
     #: (for data not available offline, e.g. a downloaded dataset); None: tests use ``defaults["data"]``.
     make_test_data: Callable[[Path], Path] | None = None

@@ -1,0 +1,285 @@
+"""Every surface of issue 5: Prefect artifacts, PNG plots, TensorBoard events (also across a
+killed and a failed attempt), run.json hashes, the latest pointer, predict_flow and model.pt2."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import ROOT, TRAIN, cli_env, run_cli
+
+PREDICT = ROOT / "flows" / "predict_flow.py"
+SMALL = ["--job", "nonlinear", "--epochs", "30", "--chunk-epochs", "10", "--seed", "3"]
+TB_TAGS = {"Loss/train", "Loss/val", "LearningRate"}
+
+
+@pytest.fixture(scope="module")
+def run_dir(prefect_api: str, tmp_path_factory) -> Path:
+    """One small, uninterrupted run through the real command."""
+    root = tmp_path_factory.mktemp("obs")
+    proc = run_cli([*SMALL, "--artifacts-dir", str(root), "--run-name", "Obs_1"], prefect_api)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "nonlinear" / "Obs_1"
+
+
+def history(run_dir: Path) -> dict[str, list[float]]:
+    lines = (run_dir / "history.csv").read_text().splitlines()
+    cols = lines[0].split(",")
+    return {c: [float(line.split(",")[i]) for line in lines[1:]] for i, c in enumerate(cols)}
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the run's TensorBoard folder, read with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def assert_tensorboard_matches_history(run_dir: Path, epochs: int) -> None:
+    found, hist = scalars(run_dir), history(run_dir)
+    assert TB_TAGS <= found.keys(), found.keys()
+    for tag, column in (("Loss/train", "train_loss"), ("Loss/val", "val_loss"), ("LearningRate", "lr")):
+        steps = [s for s, _ in found[tag]]
+        assert steps == list(range(1, epochs + 1)), f"{tag}: duplicate or missing steps {steps[:20]}..."
+        assert np.allclose([v for _, v in found[tag]], hist[column], rtol=1e-6), tag
+
+
+def read_artifacts(keys: list[str]):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+
+
+# --- Prefect ---------------------------------------------------------------------------------
+
+
+def test_artifact_keys_follow_prefects_rules() -> None:
+    from tasks.reporting import artifact_key
+
+    assert artifact_key("nonlinear", "run-8f957a76e2", "progress") == "nonlinear-run-8f957a76e2-progress"
+    assert artifact_key("fashion_mnist", "My_Run.2", "summary") == "fashion-mnist-my-run-2-summary"
+    assert re.fullmatch(r"[a-z0-9-]+", artifact_key("A__b", "..x..", "history"))
+
+
+def test_prefect_has_progress_summary_and_history_artifacts(run_dir: Path) -> None:
+    keys = {kind: f"nonlinear-obs-1-{kind}" for kind in ("progress", "summary", "history")}
+    found = {a.key: a for a in read_artifacts(list(keys.values()))}
+    assert set(found) == set(keys.values()), sorted(found)
+
+    progress = found[keys["progress"]]
+    assert progress.type == "progress" and float(progress.data) == 100.0
+    assert re.match(r"epoch 30/30, train loss [\d.e+-]+, val loss [\d.e+-]+", progress.description), progress.description
+
+    summary = found[keys["summary"]]
+    assert summary.type == "markdown"
+    for text in ("nonlinear", str(run_dir), "## Final metrics", "## Chunks", "resumed | no", "checkpoint-3.pt"):
+        assert text in summary.data, text
+
+    table = found[keys["history"]]
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert table.type == "table" and [r["epoch"] for r in rows] == [10, 20, 30]
+    assert {"epochs", "train_loss", "val_loss", "seconds", "checkpoint"} <= rows[0].keys()
+    assert rows[-1]["checkpoint"] == "checkpoint-3.pt"
+    assert rows[-1]["train_loss"] == pytest.approx(history(run_dir)["train_loss"][-1])
+
+
+# --- the run folder --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["loss.png", "fit.png"])
+def test_plots_are_real_images(run_dir: Path, name: str) -> None:
+    import matplotlib.image
+
+    assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = matplotlib.image.imread(run_dir / name)
+    h, w = img.shape[:2]
+    assert 300 <= h <= 3000 and 400 <= w <= 3000, img.shape
+    assert img[..., :3].std() > 0.05, "blank image"
+
+
+def test_tensorboard_events_hold_every_epoch_once(run_dir: Path) -> None:
+    assert_tensorboard_matches_history(run_dir, 30)
+    names = sorted(p.name for p in (run_dir / "tensorboard").iterdir())
+    assert len(names) == 3 and all("tfevents" in n for n in names), names  # one file per chunk
+
+
+def test_tensorboard_rewrite_is_a_no_op(run_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from tasks.reporting import read_history, write_tensorboard
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    assert write_tensorboard(copy, read_history(copy)) is None
+    assert_tensorboard_matches_history(copy, 30)
+
+
+def test_summary_md(run_dir: Path) -> None:
+    text = (run_dir / "summary.md").read_text()
+    for part in ("# nonlinear · Obs_1", "| status | completed |", "## Final metrics", "| test | 20 |",
+                 "**weights**", "least_squares", "## Chunks", "| 3 | 21-30 | 30 |", "## Config",
+                 "![loss.png](loss.png)", "![fit.png](fit.png)"):
+        assert part in text, part
+
+
+def test_run_json_records_everything_and_its_hashes_match(run_dir: Path) -> None:
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "completed" and record["attempts"] == 1 and record["resumes"] == []
+    assert record["config"]["epochs"] == 30 and record["identity"]["chunk_epochs"] == 10
+    config = json.loads((run_dir / "config.json").read_text())
+    assert record["data_fingerprint"] == config["data_fingerprint"] and record["fingerprint"] == config["fingerprint"]
+    env = record["environment"]
+    assert env["libraries"]["torch"] == torch.__version__.split("+")[0] and "prefect" in env["libraries"]
+    assert env["device"]["type"] in ("cpu", "cuda") and env["python"] == sys.version.split()[0]
+    assert env["git"] is None or re.fullmatch(r"[0-9a-f]{40}", env["git"]["commit"])
+    assert record["started_at"] <= record["finished_at"]
+    assert sorted(record["chunks"]) == ["1", "2", "3"] and record["flow_runs"][0]["flow_run_id"]
+
+    on_disk = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()}
+    expected = on_disk - {"run.json", ".lock", ".lock.owner"}
+    assert set(record["files"]) == expected
+    for rel, info in record["files"].items():
+        data = (run_dir / rel).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == info["sha256"] and len(data) == info["bytes"], rel
+    assert {"model.pt2", "summary.md", "loss.png", "fit.png", "model_state_dict.pt"} <= expected
+
+
+def test_latest_points_at_the_run(run_dir: Path) -> None:
+    from tasks.reporting import resolve_run
+
+    latest = run_dir.parent / "latest"
+    assert latest.is_symlink() and os.readlink(latest) == "Obs_1"
+    assert resolve_run(latest) == run_dir.resolve()
+
+
+# --- using the model -------------------------------------------------------------------------
+
+
+def expected_predictions(run_dir: Path, xs: list[float]) -> list[float]:
+    sd = torch.load(run_dir / "model_state_dict.pt", weights_only=True)
+    w, b = sd["layer.weight"].flatten().double(), float(sd["layer.bias"])
+    return [float(w[0]) * x * x + float(w[1]) * x + b for x in xs]
+
+
+def test_predict_flow_prints_the_models_predictions(run_dir: Path, capsys) -> None:
+    from flows.predict_flow import main
+
+    proc = subprocess.run([sys.executable, str(PREDICT), "--run", str(run_dir.parent / "latest"), "--x", "1", "5", "11",
+                           "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)  # the real command
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(proc.stdout)
+    assert [r["input"] for r in rows] == ["x=1", "x=5", "x=11"]
+    assert np.allclose([r["output"][0] for r in rows], expected_predictions(run_dir, [1, 5, 11]), rtol=1e-4)
+    assert main(["--run", str(run_dir), "--x", "2"]) == 0
+    assert re.fullmatch(r"x=2: y=-?[\d.]+\n", capsys.readouterr().out)
+
+
+def test_predict_flow_refuses_bad_input(run_dir: Path, tmp_path: Path, capsys) -> None:
+    from flows.predict_flow import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--run", str(run_dir)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--x" in err and err.count("\n") == 1
+    assert main(["--run", str(tmp_path), "--x", "1"]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+
+
+def test_model_pt2_loads_and_predicts_in_a_fresh_process_without_project_code(run_dir: Path) -> None:
+    """torch.export.load in `python -I` from /tmp: no project on sys.path, no pickled classes."""
+    script = (
+        "import json, sys, torch\n"
+        "program = torch.export.load(sys.argv[1])\n"
+        "x = torch.tensor([[1.0, 1.0], [25.0, 5.0], [121.0, 11.0]])  # features [x^2, x]\n"
+        "y = program.module()(x).flatten().tolist()\n"
+        "leaked = sorted(m for m in sys.modules if m.split('.')[0] in ('tasks', 'flows'))\n"
+        "print(json.dumps({'y': y, 'leaked': leaked, 'path': sys.path}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-I", "-c", script, str(run_dir / "model.pt2")], cwd="/tmp", env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["leaked"] == [] and not any(str(ROOT) == p for p in out["path"])
+    assert np.allclose(out["y"], expected_predictions(run_dir, [1, 5, 11]), rtol=1e-4)
+
+
+# --- interrupted runs ------------------------------------------------------------------------
+
+
+def test_failed_attempt_then_rerun_continues_the_same_curves(prefect_api: str, tmp_path: Path, monkeypatch) -> None:
+    """Attempt 1 fails inside chunk 2 with an error Prefect does not retry; attempt 2 (the same
+    call again) resumes from checkpoint-1: TensorBoard has each epoch once, run.json says so."""
+    from flows.train_flow import train_flow
+    from tasks.jobs.spec import UserError
+    from tasks.training import Trainer
+
+    real = Trainer.run_epoch
+
+    def failing(self, epoch: int):
+        if epoch == 14:
+            raise UserError("injected non-retried failure at epoch 15")
+        return real(self, epoch)
+
+    kwargs = {"job": "nonlinear", "epochs": 30, "chunk_epochs": 10, "seed": 3, "artifacts_dir": str(tmp_path),
+              "run_name": "r"}
+    monkeypatch.setattr(Trainer, "run_epoch", failing)
+    with pytest.raises(UserError):
+        train_flow(**kwargs)
+    run_dir = tmp_path / "nonlinear" / "r"
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "failed" and "epoch 15" in record["error"]
+    assert [p.name for p in (run_dir / "tensorboard").iterdir()] == ["events.out.tfevents.000000001-000000010.trainflow"]
+
+    monkeypatch.setattr(Trainer, "run_epoch", real)
+    train_flow(**kwargs)
+    assert_tensorboard_matches_history(run_dir, 30)
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "completed" and record["attempts"] == 2
+    assert [(r["attempt"], r["from_checkpoint"], r["epochs_saved"]) for r in record["resumes"]] == [(2, "checkpoint-1.pt", 10)]
+    assert "from `checkpoint-1.pt` (10 of 30 epochs kept)" in (run_dir / "summary.md").read_text()
+
+
+def test_sigkill_then_rerun_continues_the_same_curves(prefect_api: str, tmp_path: Path) -> None:
+    """SIGKILL right after chunk 1's events are written; the same command resumes and the
+    TensorBoard curves continue with no duplicate step; run.json hashes still match."""
+    args = ["--job", "nonlinear", "--epochs", "1500", "--chunk-epochs", "500", "--seed", "7",
+            "--artifacts-dir", str(tmp_path), "--run-name", "k"]
+    run_dir = tmp_path / "nonlinear" / "k"
+    first_events = run_dir / "tensorboard" / "events.out.tfevents.000000001-000000500.trainflow"
+    proc = subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=ROOT, env=cli_env(prefect_api),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not first_events.exists():
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "checkpoints" / "checkpoint-3.json").exists(), "the kill came too late"
+    again = run_cli(args, prefect_api)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert_tensorboard_matches_history(run_dir, 1500)
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["attempts"] == 2 and len(record["resumes"]) == 1
+    resume = record["resumes"][0]
+    assert resume["from_checkpoint"] in ("checkpoint-1.pt", "checkpoint-2.pt")
+    assert resume["epochs_saved"] == 500 * int(resume["from_checkpoint"][11])
+    from tasks.reporting import verify_hashes
+
+    assert verify_hashes(run_dir) == []
