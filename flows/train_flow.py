@@ -19,12 +19,12 @@ from tasks.jobs.spec import TrainConfig, UserError
 from tasks.reporting import RunReport
 from tasks.run import (check_compatible, check_writable, hold, is_complete, prepare_run_dir, read_json,
                        run_dir_for)
-from tasks.training import chunk_ends, train_chunk
+from tasks.training import StopRequested, chunk_ends, train_chunk
 
 #: CLI option -> TrainConfig field; the flow takes the same names as parameters.
 OPTIONS = ("data", "epochs", "chunk_epochs", "lr", "batch_size", "eval_batch_size", "seed", "run_name",
            "artifacts_dir", "fresh", "model", "optimizer", "momentum", "weight_decay", "schedule",
-           "label_smoothing", "threads", "device")
+           "label_smoothing", "threads", "device", "early_stopping_patience", "keep_last", "save_best", "wait_lock")
 
 
 def build_configs(job: str | None, overrides: dict[str, Any]) -> list[TrainConfig]:
@@ -41,7 +41,7 @@ def run_job(cfg: TrainConfig) -> dict[str, Any]:
     run_dir, archived = prepare_run_dir(cfg, info["fingerprint"])
     if archived is not None:
         logger.info("--fresh: moved the previous run to %s", archived)
-    with hold(run_dir):
+    with hold(run_dir, wait=cfg.wait_lock):
         if is_complete(run_dir):
             metrics = read_json(run_dir / METRICS_FILE)
             logger.info("%s is already complete; not retraining (use --fresh to start over)", run_dir)
@@ -83,10 +83,14 @@ def train_flow(
     label_smoothing: float | None = None,
     threads: int | None = None,
     device: Literal["auto", "cpu", "cuda"] | None = None,
+    early_stopping_patience: int | None = None,
+    keep_last: int | None = None,
+    save_best: bool = False,
+    wait_lock: float | None = None,
 ) -> dict[str, Any]:
     """Train ``job`` (or every default job) resumably; parameters left None take the job's defaults."""
     overrides = {k: v for k, v in locals().items() if k in OPTIONS}
-    overrides["fresh"] = fresh or None
+    overrides.update(fresh=fresh or None, save_best=save_best or None)
     return {cfg.job: run_job(cfg) for cfg in build_configs(job, overrides)}
 
 
@@ -129,6 +133,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--label-smoothing", type=float)
     p.add_argument("--threads", type=int, help="torch CPU threads (default 1: fastest on a shared 2-core machine)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: CUDA when available")
+    p.add_argument("--early-stopping-patience", type=int, metavar="EPOCHS",
+                   help="stop after this many epochs without a better validation metric (default off)")
+    p.add_argument("--keep-last", type=int, metavar="K",
+                   help="keep only the newest K checkpoints plus the best (default: keep all)")
+    p.add_argument("--save-best", action="store_true", help="also write model_best_state_dict.pt (best validation epoch)")
+    p.add_argument("--wait-lock", type=float, metavar="SECONDS",
+                   help="wait this long for a run folder another process holds (default: refuse at once)")
     return p
 
 
@@ -150,7 +161,7 @@ def preflight(configs: list[TrainConfig]) -> None:
         if not cfg.fresh:
             check_compatible(run_dir, cfg, data.fingerprint)
         if run_dir.exists():
-            with hold(run_dir):
+            with hold(run_dir, wait=cfg.wait_lock):
                 pass
 
 
@@ -179,6 +190,12 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).addFilter(_HideUserErrorTracebacks())
     try:
         results = train_flow(job=job, **args)
+    except StopRequested as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return 128 + exc.signum
+    except KeyboardInterrupt:
+        print("stopped at once (second signal); rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -186,8 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {type(exc).__name__}: {exc}".splitlines()[0] + "; rerun the same command to resume", file=sys.stderr)
         return 1
     for name, result in results.items():
-        test = (result["metrics"] or {}).get("test", {})
-        shown = ", ".join(f"test {k} {v:.6g}" for k, v in test.items() if k != "rows" and isinstance(v, float))
+        metrics = result["metrics"] or {}
+        shown = ", ".join(f"{part} {k} {v:.6g}" for part in ("test", "train") for k, v in metrics.get(part, {}).items()
+                          if k != "rows" and isinstance(v, float))
         print(f"{name}: {result['status']}: {shown} -> {result['run_dir']}")
     return 0
 

@@ -157,6 +157,11 @@ def save_checkpoint(
     folder.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(folder, int(payload["chunk"]))
     data = torch_bytes(payload)
+    delay = float(os.environ.get("TRAINFLOW_TEST_WRITE_DELAY", "0"))
+    if delay and before_replace is None:
+        # Tests widen the window between "temp file written" and "renamed into place" so that a
+        # kill can be aimed at it; never set in normal use.
+        before_replace = lambda: time.sleep(delay)  # noqa: E731
     atomic_write_bytes(path, data, before_replace=before_replace)
     atomic_write_json(
         manifest_path(path),
@@ -172,6 +177,14 @@ def save_checkpoint(
         },
     )
     return path
+
+
+def json_manifest(ckpt: Path) -> dict[str, Any]:
+    """The manifest of ``ckpt`` as a dict ({} when absent or unreadable)."""
+    try:
+        return json.loads(manifest_path(Path(ckpt)).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def load_checkpoint(

@@ -21,7 +21,7 @@ METRICS_FILE = "metrics.json"
 def final_trainer(cfg: TrainConfig, run_dir: Path, fingerprint: str) -> Trainer:
     """The trained model from the last checkpoint; refuses if training is not finished."""
     trainer = Trainer(cfg, run_dir, fingerprint)
-    if trainer.next_epoch < cfg.epochs:
+    if not trainer.finished:
         raise UserError(f"{run_dir}: training stopped at epoch {trainer.next_epoch} of {cfg.epochs}; rerun to resume")
     return trainer
 
@@ -36,6 +36,10 @@ def evaluate_run(cfg: TrainConfig, run_dir: Path, fingerprint: str) -> dict[str,
         rows = _to(split_tensors(data, split, part), trainer.device)
         metrics[part] = {"rows": len(rows), **evaluate_model(trainer.model, trainer.loss_fn, rows, cfg.eval_batch_size, trainer.spec)}
     metrics["final_train_loss"] = trainer.history["train_loss"][-1]
+    metrics["epochs_trained"] = trainer.next_epoch
+    metrics["stopped_early"] = trainer.stopped_early
+    if trainer.best is not None:
+        metrics["best"] = {"epoch": trainer.best["epoch"] + 1, "metric": trainer.best["metric"], "value": trainer.best["value"]}
     if trainer.spec.report is not None:
         metrics.update(trainer.spec.report(Path(run_dir), trainer.model, data, split, metrics))
     atomic_write_json(Path(run_dir) / METRICS_FILE, metrics)

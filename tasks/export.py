@@ -48,6 +48,10 @@ def save_model_files(cfg: TrainConfig, run_dir: Path, fingerprint: str) -> dict[
     example = trainer.spec.prepare(trainer.train.x[:2].cpu())  # two rows: a batch size export keeps dynamic
     if exported := export_program(model, example, run_dir / EXPORTED_FILE):
         files["exported"] = exported
+    if cfg.save_best and trainer.best is not None:
+        best = {k: v.cpu() for k, v in trainer.best["model_state_dict"].items()}
+        atomic_torch_save(run_dir / "model_best_state_dict.pt", best)
+        files["best_state_dict"] = str(run_dir / "model_best_state_dict.pt")
     return files
 
 

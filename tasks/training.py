@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -13,7 +15,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from torch import nn
 
-from tasks.checkpoint import atomic_write_text, capture_rng, latest_valid, restore_rng, save_checkpoint
+from tasks.checkpoint import (atomic_write_text, capture_rng, json_manifest, latest_valid, list_checkpoints,
+                              manifest_path, restore_rng, save_checkpoint)
 from tasks.data import load_job_data, read_split, split_tensors
 from tasks.jobs import get_job
 from tasks.jobs.spec import JobSpec, Tensors, TrainConfig, UserError
@@ -24,6 +27,45 @@ log = logging.getLogger("trainflow.training")
 
 class DivergedError(UserError):
     """The loss became NaN/inf: deterministic, so retrying would only fail again."""
+
+
+class StopRequested(BaseException):
+    """SIGTERM/SIGINT arrived; a checkpoint was saved at the end of the current epoch.
+    A BaseException, so Prefect records a crash and does not retry."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+class GracefulStop:
+    """While active (main thread only), SIGTERM and SIGINT (Ctrl-C) only set ``signum``: the
+    loop finishes the current epoch, checkpoints, then stops. A second signal goes to the
+    handler that was there before (Prefect's, or Python's KeyboardInterrupt): stop at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            previous = self._previous.get(signum)
+            if callable(previous):
+                previous(signum, frame)
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("%s received: saving a checkpoint at the end of this epoch (send it again to stop at once)",
+                    signal.Signals(signum).name)
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def resolve_device(cfg: TrainConfig) -> torch.device:
@@ -145,6 +187,10 @@ class Trainer:
         self.history: dict[str, list[float]] = {}
         self.next_epoch = 0
         self.chunk = 0
+        self.stopped_early = False
+        metric, self.higher_is_better = self.spec.monitor
+        self.monitor = f"val_{metric}"
+        self.best: dict[str, Any] | None = None  # {"epoch", "value", "model_state_dict"}
         found = latest_valid(self.run_dir / "checkpoints", fingerprint, map_location=self.device)
         self.rejected = found.rejected
         self.resumed_from = found.path
@@ -160,6 +206,30 @@ class Trainer:
         self.history = {k: v.tolist() for k, v in ckpt["history"].items()}
         self.next_epoch = int(ckpt["epoch"]) + 1
         self.chunk = int(ckpt["chunk"])
+        self.stopped_early = bool(ckpt.get("stopped_early", False))
+        self.best = ckpt.get("best")
+
+    @property
+    def finished(self) -> bool:
+        """All epochs done, or early stopping ended the run."""
+        return self.next_epoch >= self.cfg.epochs or self.stopped_early
+
+    def _better(self, value: float, than: float) -> bool:
+        return value > than if self.higher_is_better else value < than
+
+    def _track_best(self, epoch: int) -> None:
+        """Keep the best validation epoch's weights; decide early stopping. Both follow from
+        the history alone, so they are identical with or without interruptions."""
+        values = self.history.get(self.monitor)
+        if not values:
+            return
+        value = values[-1]
+        if self.best is None or self._better(value, self.best["value"]):
+            self.best = {"epoch": epoch, "value": value, "metric": self.monitor,
+                         "model_state_dict": {k: v.detach().clone() for k, v in self.model.state_dict().items()}}
+        patience = self.cfg.early_stopping_patience
+        if patience is not None and epoch - self.best["epoch"] >= patience:
+            self.stopped_early = True
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
         """Train one epoch, validate, append to history; raise DivergedError on NaN/inf."""
@@ -177,6 +247,7 @@ class Trainer:
         row = {"epoch": float(epoch + 1), "train_loss": cost, "lr": lr, **{f"val_{k}": v for k, v in val.items()}}
         for k, v in row.items():
             self.history.setdefault(k, []).append(v)
+        self._track_best(epoch)
         return row
 
     def save(self, chunk: int, cost: float) -> Path:
@@ -199,7 +270,10 @@ class Trainer:
             "config": self.cfg.identity(),
             "rng": capture_rng(),
             "history": {k: torch.tensor(v, dtype=torch.float64) for k, v in self.history.items()},
+            "stopped_early": self.stopped_early,
         }
+        if self.best is not None:
+            payload["best"] = self.best
         if self.scheduler is not None:
             payload["scheduler_state_dict"] = self.scheduler.state_dict()
         path = save_checkpoint(self.run_dir / "checkpoints", payload)
@@ -218,33 +292,80 @@ def write_history_csv(path: Path, history: dict[str, list[float]]) -> None:
 
 def run_chunk(cfg: TrainConfig, run_dir: Path, fingerprint: str, chunk: int, logger: Any = log) -> dict[str, Any]:
     """Train chunk ``chunk`` (1-based) from the latest valid checkpoint and end by writing
-    ``checkpoint-<chunk>.pt``. Idempotent: a chunk already covered returns at once."""
+    ``checkpoint-<chunk>.pt``. Idempotent: a chunk already covered returns at once.
+
+    ``checkpoint-<k>.pt`` normally holds the state at the end of chunk k; after a SIGTERM it
+    holds a mid-chunk state, which the next attempt continues and then overwrites."""
     end = chunk_ends(cfg)[chunk - 1]
     trainer = Trainer(cfg, run_dir, fingerprint, logger)
     for reason in trainer.rejected:
         logger.warning("skipped checkpoint: %s", reason)
-    if trainer.next_epoch >= end:
+    if trainer.next_epoch >= end or trainer.finished:
         return {"chunk": chunk, "skipped": True, "epoch": trainer.next_epoch}
     start = trainer.next_epoch
     if trainer.resumed_from is not None:
-        logger.info("chunk %d: resuming from %s at epoch %d", chunk, trainer.resumed_from.name, start + 1)
+        logger.info("chunk %d: continuing from %s at epoch %d (%d epochs saved, not redone)",
+                    chunk, trainer.resumed_from.name, start + 1, start)
     t0 = time.perf_counter()
     row: dict[str, float] = {}
-    for epoch in range(start, end):
-        row = trainer.run_epoch(epoch)
-        trainer.next_epoch = epoch + 1
-    seconds = time.perf_counter() - t0
-    path = trainer.save(chunk, row["train_loss"])
-    write_history_csv(Path(run_dir) / "history.csv", trainer.history)
-    samples = (end - start) * trainer.steps_per_epoch * cfg.batch_size
+    with GracefulStop() as stop:
+        for epoch in range(start, end):
+            row = trainer.run_epoch(epoch)
+            trainer.next_epoch = epoch + 1
+            if stop.signum is not None or trainer.stopped_early:
+                break
+        seconds = time.perf_counter() - t0
+        path = trainer.save(chunk, row["train_loss"])
+        write_history_csv(Path(run_dir) / "history.csv", trainer.history)
+    prune_checkpoints(Path(run_dir) / "checkpoints", cfg.keep_last, trainer)
+    if stop.signum is not None:
+        name = signal.Signals(stop.signum).name
+        message = (f"{name}: saved {path.name} at epoch {trainer.next_epoch}/{cfg.epochs}; "
+                   f"rerun the same command to resume from there")
+        logger.warning(message)
+        raise StopRequested(stop.signum, message)
+    done = trainer.next_epoch - start
+    samples = done * trainer.steps_per_epoch * cfg.batch_size
     logger.info(
-        "chunk %d: epochs %d-%d/%d, train loss %.4g, val loss %.4g, %.0f samples/s, wrote %s",
-        chunk, start + 1, end, cfg.epochs, row["train_loss"], row.get("val_loss", float("nan")),
-        samples / max(seconds, 1e-9), path.name,
+        "chunk %d: epochs %d-%d/%d, train loss %.4g, val loss %.4g, %.0f samples/s, ETA %.0fs, wrote %s",
+        chunk, start + 1, trainer.next_epoch, cfg.epochs, row["train_loss"], row.get("val_loss", float("nan")),
+        samples / max(seconds, 1e-9), (cfg.epochs - trainer.next_epoch) * seconds / max(done, 1), path.name,
     )
-    return {"chunk": chunk, "skipped": False, "start_epoch": start, "end_epoch": end, "seconds": seconds,
-            "resumed_from": trainer.resumed_from.name if trainer.resumed_from else None,
-            **{k: v for k, v in row.items()}, "checkpoint": path.name}
+    if trainer.stopped_early:
+        logger.info("early stopping at epoch %d: no better %s for %d epochs (best %.6g at epoch %d)",
+                    trainer.next_epoch, trainer.monitor, cfg.early_stopping_patience, trainer.best["value"],
+                    trainer.best["epoch"] + 1)
+    return {"chunk": chunk, "skipped": False, "start_epoch": start, "end_epoch": trainer.next_epoch,
+            "seconds": seconds, "resumed_from": trainer.resumed_from.name if trainer.resumed_from else None,
+            **row, "checkpoint": path.name, "stopped_early": trainer.stopped_early}
+
+
+def prune_checkpoints(folder: Path, keep_last: int | None, trainer: Trainer) -> list[Path]:
+    """Keep the newest ``keep_last`` checkpoints plus the best one; runs only after the new
+    checkpoint is safely written, and never removes the newest or the best."""
+    if keep_last is None:
+        return []
+    found = list_checkpoints(folder)  # newest first
+    keep = {p for _, p in found[:keep_last]}
+    if found:
+        keep.add(found[0][1])
+    values = trainer.history.get(trainer.monitor)
+    if values:
+        def at(path: Path) -> float:
+            epoch = int(json_manifest(path).get("epoch", -1))
+            return values[epoch] if 0 <= epoch < len(values) else float("nan")
+
+        scored = [(at(p), p) for _, p in found if math.isfinite(at(p))]
+        if scored:
+            best = (max if trainer.higher_is_better else min)(scored, key=lambda vp: vp[0])[1]
+            keep.add(best)
+    removed = []
+    for _, path in found:
+        if path not in keep:
+            manifest_path(path).unlink(missing_ok=True)  # manifest first: a half-pruned pair reads as absent
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 @task(name="train_chunk", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE,

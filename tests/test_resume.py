@@ -127,7 +127,7 @@ def test_other_data_without_run_name_starts_a_separate_run(prefect_api: str, tmp
     base = ["--job", "nonlinear", "--epochs", "20", "--chunk-epochs", "10", "--artifacts-dir", str(tmp_path / "a")]
     assert run_cli(base, prefect_api).returncode == 0
     assert run_cli([*base, "--data", str(csv)], prefect_api).returncode == 0
-    runs = sorted(p.name for p in (tmp_path / "a" / "nonlinear").iterdir())
+    runs = sorted(p.name for p in (tmp_path / "a" / "nonlinear").glob("run-*"))
     assert len(runs) == 2, runs
 
 

@@ -1,10 +1,11 @@
 """The job registry: adding a job is one new module and one line here."""
 
-from tasks.jobs import linear, multi_linear, nonlinear
+from tasks.jobs import fashion_mnist, linear, multi_linear, nonlinear
 from tasks.jobs.spec import JobSpec, TrainConfig, UserError
 
 JOBS: dict[str, JobSpec] = {spec.name: spec for spec in (
     nonlinear.JOB,
+    fashion_mnist.JOB,
     linear.JOB,
     multi_linear.JOB,
 )}

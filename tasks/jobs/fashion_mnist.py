@@ -183,7 +183,44 @@ class NeuralNet(nn.Module):
         return self.fc3(x)  # -> [B,10] logits
 
 
-MODELS: dict[str, type[nn.Module]] = {"lenet": NeuralNet}
+class BNCNN(nn.Module):
+    """Two 3x3 conv blocks with BatchNorm (``small_cnn``: 16/32 channels, linear head;
+    ``cnn``: 32/64 channels, a 128-unit hidden layer and dropout)."""
+
+    def __init__(self, c1: int = 16, c2: int = 32, hidden: int = 0, dropout: float = 0.0):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, c1, 3, padding=1, bias=False)  # bias is redundant before BatchNorm
+        self.bn1 = nn.BatchNorm2d(c1)
+        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c2)
+        self.drop = nn.Dropout(dropout)
+        self.fc1 = nn.Linear(c2 * 7 * 7, hidden) if hidden else None
+        self.fc2 = nn.Linear(hidden or c2 * 7 * 7, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)  # [B,1,28,28] -> [B,c1,14,14]
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)  # -> [B,c2,7,7]
+        x = torch.flatten(x, 1)  # -> [B, c2*49]
+        if self.fc1 is not None:
+            x = F.relu(self.fc1(self.drop(x)))  # -> [B, hidden]
+        return self.fc2(self.drop(x))  # -> [B,10] logits
+
+
+class SmallCNN(BNCNN):
+    """The default: 20 538 parameters, fast on one CPU thread."""
+
+    def __init__(self):
+        super().__init__(c1=16, c2=32)
+
+
+class CNN(BNCNN):
+    """The stronger option (``--model cnn``): 421 738 parameters."""
+
+    def __init__(self):
+        super().__init__(c1=32, c2=64, hidden=128, dropout=0.25)
+
+
+MODELS: dict[str, type[nn.Module]] = {"small_cnn": SmallCNN, "cnn": CNN, "lenet": NeuralNet}
 
 
 def build_model(cfg: TrainConfig) -> nn.Module:
@@ -275,9 +312,13 @@ def save_grid_png(path: Path, images: torch.Tensor, true: torch.Tensor, pred: to
 JOB = JobSpec(
     name="fashion_mnist",
     description="FashionMNIST (real data, official test set), CNN, cross-entropy, accuracy",
+    # Measured (see README): small_cnn + Adam + OneCycle reaches >= 91% in 10 epochs at the least
+    # CPU time; the tutorial's recipe is `--model lenet --optimizer sgd --lr 1e-3 --momentum 0.9
+    # --schedule constant`, and `--model cnn --optimizer adamw --lr 3e-3 --weight-decay 1e-4
+    # --label-smoothing 0.1` is the stronger option.
     defaults=dict(
-        data=DATA_DIR, model="lenet", epochs=10, chunk_epochs=2, lr=1e-3, batch_size=128, eval_batch_size=1000,
-        optimizer="sgd", momentum=0.9,
+        data=DATA_DIR, model="small_cnn", epochs=10, chunk_epochs=2, lr=5e-3, batch_size=128, eval_batch_size=1000,
+        optimizer="adam", schedule="onecycle",
     ),
     load=load,
     build_model=build_model,
@@ -290,4 +331,5 @@ JOB = JobSpec(
     report=report,
     model_label=lambda cfg: type(MODELS[cfg.model]()).__name__,
     data_help="folder with FashionMNIST/raw/*.gz (default data/)",
+    make_test_data=make_test_data,
 )

@@ -42,6 +42,9 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(default=0.0, ge=0)
     schedule: Literal["constant", "onecycle", "cosine"] = "constant"
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    early_stopping_patience: int | None = Field(
+        default=None, gt=0, description="stop after this many epochs without a better validation metric"
+    )
     # Execution details: they do not change *what* is trained, so they are not part of the
     # run's identity (see IDENTITY_EXCLUDE).
     run_name: str | None = None
@@ -49,6 +52,9 @@ class TrainConfig(BaseModel):
     fresh: bool = False
     threads: int = Field(default=1, gt=0, description="torch intra-op CPU threads")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    keep_last: int | None = Field(default=None, gt=0, description="checkpoints kept besides the best (None: all)")
+    save_best: bool = Field(default=False, description="also write model_best_state_dict.pt")
+    wait_lock: float = Field(default=0, ge=0, description="seconds to wait for a run folder held by another process")
 
     @field_validator("run_name")
     @classmethod
@@ -68,7 +74,9 @@ class TrainConfig(BaseModel):
 
 
 # `data` is identified by content (data fingerprint), not by where the file lives.
-IDENTITY_EXCLUDE = frozenset({"run_name", "artifacts_dir", "fresh", "threads", "device", "data"})
+IDENTITY_EXCLUDE = frozenset(
+    {"run_name", "artifacts_dir", "fresh", "threads", "device", "data", "keep_last", "save_best", "wait_lock"}
+)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,211 @@
+"""Benchmarks (not tests): the tutorials' loops against ours, measured side by side in one run.
+
+    python tests/benchmark.py                 # everything (~10 min on 2 cores)
+    python tests/benchmark.py nonlinear       # or: fashion_mnist
+
+Ratios are measured interleaved (A, B, A, B, ...) so that load from other processes hits both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn, optim
+from torch.utils.data import DataLoader, random_split
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tasks.data import make_split, split_tensors  # noqa: E402
+from tasks.jobs import get_job  # noqa: E402
+from tasks.jobs.spec import Tensors  # noqa: E402
+from tasks.training import epoch_order, train_epoch  # noqa: E402
+
+
+def interleave(a, b, rounds: int) -> tuple[list[float], list[float]]:
+    """Time ``a()`` and ``b()`` alternately ``rounds`` times each."""
+    ta, tb = [], []
+    for _ in range(rounds):
+        for fn, out in ((a, ta), (b, tb)):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return ta, tb
+
+
+def line(name: str, ours: float, theirs: float, target: float) -> None:
+    ratio = ours / theirs
+    print(f"  {name}: ours {ours:.3f}s, tutorial {theirs:.3f}s, ratio {ratio:.3f} "
+          f"(target <= {target}) {'OK' if ratio <= target else 'MISSED'}")
+
+
+# --- nonlinear -----------------------------------------------------------------------------
+
+
+def bench_nonlinear(epochs_per_round: int, rounds: int, full: bool) -> None:
+    from tasks.jobs.nonlinear import CSV_PATH, CustomDataset, CustomModel
+
+    print(f"nonlinear: training loop, {epochs_per_round} epochs per round, {rounds} rounds interleaved")
+    torch.set_num_threads(1)
+    spec = get_job("nonlinear")
+    cfg = spec.config()
+
+    # The tutorial: a new tensor per sample through a DataLoader (batch 16, shuffle, drop_last).
+    dataset = CustomDataset(CSV_PATH)
+    train_ds, _, _ = random_split(dataset, [160, 20, 20], generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(train_ds, batch_size=16, shuffle=True, drop_last=True)
+    t_model = CustomModel()
+    criterion = nn.MSELoss()
+    t_opt = optim.SGD(t_model.parameters(), lr=0.0001)
+
+    def tutorial(epochs: int = epochs_per_round) -> None:
+        for _ in range(epochs):
+            cost = 0.0
+            for x, y in loader:
+                output = t_model(x)
+                loss = criterion(output, y)
+                t_opt.zero_grad()
+                loss.backward()
+                t_opt.step()
+                cost += loss
+            cost = cost / len(loader)
+
+    # Ours: features built once, shuffled batches sliced from them (same semantics).
+    data = spec.load(CSV_PATH)
+    train = split_tensors(data, make_split(data, cfg), "train")
+    o_model = CustomModel()
+    o_opt = optim.SGD(o_model.parameters(), lr=0.0001)
+    epoch = [0]
+
+    def ours() -> None:
+        for _ in range(epochs_per_round):
+            train_epoch(o_model, o_opt, None, criterion, train, epoch_order(0, epoch[0], len(train)), 16)
+            epoch[0] += 1
+
+    ta, tb = interleave(ours, tutorial, rounds)
+    line("training loop (median round)", statistics.median(ta), statistics.median(tb), 0.35)
+
+    if full:
+        print("nonlinear: full `python flows/train_flow.py --job nonlinear` against the tutorial's 10 000 epochs")
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, str(ROOT / "flows" / "train_flow.py"), "--job", "nonlinear",
+                            "--artifacts-dir", tmp], check=True, capture_output=True, cwd=ROOT)
+            flow_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        tutorial(10_000)
+        tut_s = time.perf_counter() - t0
+        line("whole flow incl. Prefect start vs tutorial loop", flow_s, tut_s, 0.6)
+
+
+# --- FashionMNIST -------------------------------------------------------------------------
+
+
+def torchvision_root(folder: Path, tmp: Path) -> Path:
+    """A torchvision root with the extracted IDX files it expects."""
+    raw = tmp / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in folder.iterdir():
+        if f.name.endswith("-ubyte.gz"):
+            (raw / f.name.removesuffix(".gz")).write_bytes(gzip.decompress(f.read_bytes()))
+        elif f.name.endswith("-ubyte"):
+            (raw / f.name).write_bytes(f.read_bytes())
+    return tmp
+
+
+def bench_fashion(rounds: int, goal: bool) -> None:
+    from torchvision import datasets, transforms
+
+    import tasks.jobs.fashion_mnist as fm
+
+    spec = get_job("fashion_mnist")
+    folder = fm.locate(fm.DATA_DIR)
+    print(f"fashion_mnist: one epoch, tutorial pipeline vs ours (LeNet, SGD lr 1e-3 momentum 0.9, batch 128), "
+          f"{rounds} rounds interleaved; data in {folder}")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = torchvision_root(folder, Path(tmp))
+        transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
+        trainset = datasets.FashionMNIST(root=str(root), train=True, download=False, transform=transform)
+        # The tutorial as written: default threads, 2 worker processes, per-sample PIL transforms.
+        loader = DataLoader(trainset, batch_size=128, shuffle=True, num_workers=2)
+        t_net = fm.NeuralNet()
+        criterion = nn.CrossEntropyLoss()
+        t_opt = optim.SGD(t_net.parameters(), lr=0.001, momentum=0.9)
+        threads = torch.get_num_threads()
+
+        def tutorial() -> None:
+            torch.set_num_threads(threads)
+            for inputs, labels in loader:
+                t_opt.zero_grad()
+                loss = criterion(t_net(inputs), labels)
+                loss.backward()
+                t_opt.step()
+
+        cfg = spec.config(model="lenet", optimizer="sgd", lr=1e-3, momentum=0.9, schedule="constant")
+        data = spec.load(fm.DATA_DIR)
+        train = split_tensors(data, make_split(data, cfg), "train")
+        torch.manual_seed(0)
+        o_net = spec.build_model(cfg)
+        o_opt = optim.SGD(o_net.parameters(), lr=0.001, momentum=0.9)
+        epoch = [0]
+
+        def ours() -> None:
+            torch.set_num_threads(cfg.threads)
+            train_epoch(o_net, o_opt, None, criterion, train, epoch_order(0, epoch[0], len(train)), 128, fm.prepare)
+            epoch[0] += 1
+
+        def data_only() -> None:
+            order = epoch_order(0, 0, len(train))
+            for b in range(len(order) // 128):
+                idx = order[b * 128 : (b + 1) * 128]
+                fm.prepare(train.x[idx]), train.y[idx]
+
+        ta, tb = interleave(ours, tutorial, rounds)
+        ours_s, tut_s = statistics.median(ta), statistics.median(tb)
+        line("epoch (median)", ours_s, tut_s, 0.25)
+        td = statistics.median(interleave(data_only, lambda: None, 3)[0])
+        print(f"  data path alone: {td:.3f}s = {100 * td / ours_s:.2f}% of our epoch (target <= 2%) "
+              f"{'OK' if td / ours_s <= 0.02 else 'MISSED'}")
+        print(f"  (tutorial: {threads} intra-op threads + 2 workers; ours: {cfg.threads} thread, no workers)")
+
+    if goal:
+        print("fashion_mnist: wall time of the default config to the accuracy goal (10 epochs, whole flow)")
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, str(ROOT / "flows" / "train_flow.py"), "--job", "fashion_mnist",
+                                   "--artifacts-dir", tmp], capture_output=True, text=True, cwd=ROOT)
+            wall = time.perf_counter() - t0
+            if proc.returncode != 0:
+                print(proc.stderr[-2000:])
+                return
+            import json
+
+            (run,) = (Path(tmp) / "fashion_mnist").glob("run-*")
+            m = json.loads((run / "metrics.json").read_text())
+            print(f"  test accuracy {m['test_accuracy']:.4f} (goal >= 0.910) after {m['epochs_trained']} epochs, "
+                  f"wall time {wall:.1f}s including Prefect start")
+
+
+def main() -> None:
+    """Run the selected benchmarks and print their figures."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("which", nargs="*", default=["nonlinear", "fashion_mnist"], choices=["nonlinear", "fashion_mnist"])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="skip the whole-flow runs")
+    a = p.parse_args()
+    if "nonlinear" in a.which:
+        bench_nonlinear(200, a.rounds, full=not a.quick)
+    if "fashion_mnist" in a.which:
+        bench_fashion(max(2, a.rounds // 2), goal=not a.quick)
+
+
+if __name__ == "__main__":
+    main()

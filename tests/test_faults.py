@@ -1,0 +1,216 @@
+"""Fault injection: every fault below is survived, and the outcome is asserted."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import tasks.checkpoint as ck
+from flows.train_flow import train_flow
+from tasks.run import hold
+from tasks.training import DivergedError, Trainer
+from tests.conftest import ROOT, TRAIN, cli_env, run_cli
+from tests.test_resume import assert_same_run, wait_for
+
+# 6 chunks of 250 epochs (~0.3-1 s each): short, but long enough to be interrupted.
+CFG = dict(job="nonlinear", epochs=1500, chunk_epochs=250, seed=3)
+ARGS = ["--job", "nonlinear", "--epochs", "1500", "--chunk-epochs", "250", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def reference(prefect_api: str, tmp_path_factory) -> Path:
+    """The uninterrupted run every faulted run must reproduce exactly."""
+    root = tmp_path_factory.mktemp("faults-ref")
+    proc = run_cli([*ARGS, "--artifacts-dir", str(root), "--run-name", "ref"], prefect_api)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "nonlinear" / "ref"
+
+
+def start(args: list[str], prefect_api: str, **env: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=ROOT, env={**cli_env(prefect_api), **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_soak_random_sigkills(reference: Path, prefect_api: str, tmp_path: Path) -> None:
+    """20+ SIGKILLs at random moments, some aimed inside a checkpoint write; each time the same
+    command is rerun. The end result is bit-identical to the uninterrupted run."""
+    rng = random.Random(1234)
+    args = [*ARGS, "--artifacts-dir", str(tmp_path), "--run-name", "soak"]
+    ckpts = tmp_path / "nonlinear" / "soak" / "checkpoints"
+    kills, in_write, progress = 0, 0, []
+    while kills < 22:
+        proc = start(args, prefect_api, TRAINFLOW_TEST_WRITE_DELAY="0.25")
+        if kills % 3 == 0:
+            # Aim at the write window: the temp file exists, the rename has not happened yet.
+            try:
+                wait_for(lambda: any(p.name.endswith(".tmp") and p.name.startswith(".checkpoint-")
+                                     for p in ckpts.glob(".*")), timeout=60, proc=proc)
+                in_write += 1
+            except AssertionError:
+                pass  # finished or died first; checked below
+        else:
+            time.sleep(rng.uniform(0.5, 6.0))
+        if proc.poll() is not None:
+            assert proc.returncode == 0, proc.stderr.read()[-3000:]
+            break  # completed before this kill: rerun below must report it
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        progress.append(max((k for k, _ in ck.list_checkpoints(ckpts)), default=0))
+    final = run_cli(args, prefect_api)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert kills >= 20 and in_write >= 5, (kills, in_write, progress)
+    # Nothing half-written ever carried a checkpoint's name: nothing was quarantined.
+    assert not (ckpts / "quarantine").exists()
+    assert_same_run(tmp_path / "nonlinear" / "soak", reference)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_save_at_the_next_epoch_then_resume(sig, reference: Path, prefect_api: str, tmp_path: Path) -> None:
+    args = [*ARGS, "--artifacts-dir", str(tmp_path), "--run-name", "t"]
+    ckpts = tmp_path / "nonlinear" / "t" / "checkpoints"
+    proc = start(args, prefect_api)
+    wait_for(lambda: (ckpts / "checkpoint-2.json").exists(), proc=proc)
+    time.sleep(0.15)  # inside chunk 3 (epochs 501-750)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err[-2000:]
+    name = signal.Signals(sig).name
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"stopped: {name}: saved checkpoint-3.pt at epoch "), last
+    saved = json.loads((ckpts / "checkpoint-3.json").read_text())["epoch"] + 1
+    assert 500 < saved < 750 and f"at epoch {saved}/1500" in last  # mid-chunk: less than an epoch lost
+    again = run_cli(args, prefect_api)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert_same_run(tmp_path / "nonlinear" / "t", reference)
+
+
+def test_divergence_stops_with_one_line_and_is_not_retried(prefect_api: str, tmp_path: Path, monkeypatch) -> None:
+    """A NaN loss in chunk 2 fails at once (no Prefect retries), naming the epoch, and the last
+    good checkpoint stays."""
+    import tasks.training as training
+
+    real = training.train_epoch
+    epochs: list[int] = []
+
+    def poisoned(*a, **k):
+        epochs.append(len(epochs))
+        return float("nan") if len(epochs) == 300 else real(*a, **k)
+
+    monkeypatch.setattr(training, "train_epoch", poisoned)
+    with pytest.raises(DivergedError, match=r"training diverged at epoch 300 \(train loss nan\)"):
+        train_flow(**CFG, artifacts_dir=str(tmp_path), run_name="d")
+    assert len(epochs) == 300  # never retried
+    ckpts = tmp_path / "nonlinear" / "d" / "checkpoints"
+    assert [k for k, _ in ck.list_checkpoints(ckpts)] == [1]
+    assert ck.latest_valid(ckpts, json.loads((tmp_path / "nonlinear" / "d" / "config.json").read_text())["fingerprint"]).path.name == "checkpoint-1.pt"
+
+
+def test_divergence_from_the_command_line(prefect_api: str, tmp_path: Path) -> None:
+    proc = run_cli(["--job", "nonlinear", "--epochs", "50", "--chunk-epochs", "10", "--lr", "10",
+                    "--artifacts-dir", str(tmp_path)], prefect_api)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: training diverged at epoch ") and "lower --lr (now 10.0)" in last
+    assert "Traceback" not in proc.stderr
+
+
+def test_failed_checkpoint_write_keeps_previous_and_retry_takes_over(reference: Path, prefect_api: str, tmp_path: Path, monkeypatch) -> None:
+    real = ck.atomic_write_bytes
+    failures: list[str] = []
+
+    def flaky_disk(path, data, before_replace=None):
+        if Path(path).name == "checkpoint-3.pt" and not failures:
+            failures.append(str(path))
+            before = (Path(path).parent / "checkpoint-2.pt").read_bytes()
+            try:
+                raise OSError(5, "Input/output error (simulated)")
+            finally:
+                assert (Path(path).parent / "checkpoint-2.pt").read_bytes() == before
+        return real(path, data, before_replace)
+
+    monkeypatch.setattr(ck, "atomic_write_bytes", flaky_disk)
+    result = train_flow(**CFG, artifacts_dir=str(tmp_path), run_name="disk")
+    assert len(failures) == 1
+    assert_same_run(Path(result["nonlinear"]["run_dir"]), reference)
+
+
+def test_second_process_on_the_same_folder_is_refused_naming_the_holder(prefect_api: str, tmp_path: Path) -> None:
+    args = ["--job", "nonlinear", "--epochs", "20", "--chunk-epochs", "10", "--artifacts-dir", str(tmp_path), "--run-name", "l"]
+    run_dir = tmp_path / "nonlinear" / "l"
+    with hold(run_dir):
+        t0 = time.monotonic()
+        refused = run_cli(args, prefect_api)
+        assert refused.returncode == 2
+        assert "is in use by another process (pid " in refused.stderr and refused.stderr.strip().count("\n") == 0
+        waited = run_cli([*args, "--wait-lock", "2"], prefect_api)
+        assert waited.returncode == 2 and time.monotonic() - t0 >= 2
+    # A holder killed with SIGKILL leaves no stale lock: the kernel drops it.
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from tasks.run import hold\n"
+                               f"h = hold({str(run_dir)!r}).__enter__(); print('held', flush=True); time.sleep(600)"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    ok = run_cli(args, prefect_api)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+
+
+def test_wait_lock_waits_for_the_holder(prefect_api: str, tmp_path: Path) -> None:
+    run_dir = tmp_path / "nonlinear" / "w"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from tasks.run import hold\n"
+                               f"with hold({str(run_dir)!r}):\n    print('held', flush=True); time.sleep(3)"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    ok = run_cli(["--job", "nonlinear", "--epochs", "20", "--chunk-epochs", "10", "--artifacts-dir", str(tmp_path),
+                  "--run-name", "w", "--wait-lock", "60"], prefect_api)
+    holder.wait()
+    assert ok.returncode == 0, ok.stderr[-2000:]
+
+
+def test_retention_keeps_newest_and_best(prefect_api: str, tmp_path: Path) -> None:
+    result = train_flow(**CFG, artifacts_dir=str(tmp_path), run_name="k", keep_last=2, save_best=True)
+    run_dir = Path(result["nonlinear"]["run_dir"])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    history = [line.split(",") for line in (run_dir / "history.csv").read_text().splitlines()]
+    col = history[0].index("val_loss")
+    losses = [float(r[col]) for r in history[1:]]
+    assert metrics["best"]["epoch"] == losses.index(min(losses)) + 1
+    assert (run_dir / "model_best_state_dict.pt").exists()
+    kept = {k for k, _ in ck.list_checkpoints(run_dir / "checkpoints")}
+    best_ckpt_epochs = {k: json.loads((run_dir / "checkpoints" / f"checkpoint-{k}.json").read_text())["epoch"] for k in kept}
+    assert {5, 6} <= kept and len(kept) <= 3, kept
+    # The best of the chunk-end checkpoints survives pruning.
+    chunk_end_losses = {k: losses[250 * k - 1] for k in range(1, 7)}
+    assert min(chunk_end_losses, key=chunk_end_losses.get) in kept, (chunk_end_losses, best_ckpt_epochs)
+
+
+def test_early_stopping_is_identical_with_and_without_interruption(prefect_api: str, tmp_path: Path, monkeypatch) -> None:
+    cfg = dict(CFG, early_stopping_patience=40, save_best=True)
+    plain = train_flow(**cfg, artifacts_dir=str(tmp_path / "a"), run_name="e")["nonlinear"]
+    m = plain["metrics"]
+    assert m["stopped_early"] and m["epochs_trained"] < 1500, m
+    real = Trainer.run_epoch
+    seen: list[int] = []
+
+    def flaky(self, epoch):
+        seen.append(epoch)
+        if epoch == m["epochs_trained"] - 5 and seen.count(epoch) == 1:
+            raise RuntimeError("injected fault just before the early stop")
+        return real(self, epoch)
+
+    monkeypatch.setattr(Trainer, "run_epoch", flaky)
+    interrupted = train_flow(**cfg, artifacts_dir=str(tmp_path / "b"), run_name="e")["nonlinear"]
+    assert seen.count(m["epochs_trained"] - 5) == 2
+    assert_same_run(Path(interrupted["run_dir"]), Path(plain["run_dir"]))
+    assert (Path(interrupted["run_dir"]) / "model_best_state_dict.pt").read_bytes() == (
+        Path(plain["run_dir"]) / "model_best_state_dict.pt").read_bytes()
+
