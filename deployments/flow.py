@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 import os
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
@@ -38,7 +38,7 @@ MAX_RUNS = 6
 
 def resolve_run_name(template: str, job: str, scheduled: datetime) -> str:
     """``template`` with ``{job}`` and ``{scheduled[:strftime]}`` (UTC) filled in."""
-    scheduled = scheduled.astimezone(timezone.utc)
+    scheduled = scheduled.astimezone(UTC)
     try:
         name = template.format(job=job, scheduled=scheduled)
     except (KeyError, IndexError, ValueError) as exc:

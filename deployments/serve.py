@@ -13,9 +13,16 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python deployments/serve.py` from anywhere
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deployments.registry import (CRON_ENV, PREFECT_YAML, TIMEZONE_ENV, default_cron, default_timezone,  # noqa: E402
-                                  deployments, prefect_yaml)
-from tasks.jobs import JOBS  # noqa: E402
+from deployments.registry import (
+    CRON_ENV,
+    PREFECT_YAML,
+    TIMEZONE_ENV,
+    default_cron,
+    default_timezone,
+    deployments,
+    prefect_yaml,
+)
+from tasks.jobs import JOBS
 
 
 def parser() -> argparse.ArgumentParser:

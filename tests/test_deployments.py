@@ -18,16 +18,24 @@ import sys
 import tempfile
 import time
 import urllib.request
-from datetime import timezone
+from collections.abc import Callable, Iterator
+from datetime import UTC
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 import yaml
 
 from deployments.flow import RUN_NAME_TEMPLATE, resolve_run_name
-from deployments.registry import (DEFAULT_CRON, DEFAULT_TIMEZONE, FLOW_NAME, PREFECT_YAML, WORK_POOL,
-                                  job_parameters, prefect_yaml)
+from deployments.registry import (
+    DEFAULT_CRON,
+    DEFAULT_TIMEZONE,
+    FLOW_NAME,
+    PREFECT_YAML,
+    WORK_POOL,
+    job_parameters,
+    prefect_yaml,
+)
 from tasks.jobs import JOBS
 from tests.conftest import ROOT, assert_same_tensors, state_dict
 
@@ -68,7 +76,7 @@ def test_deployment_flow_takes_the_train_flow_parameters() -> None:
 def test_run_name_comes_from_the_scheduled_time() -> None:
     from datetime import datetime
 
-    t = datetime(2025, 3, 4, 2, 0, tzinfo=timezone.utc)
+    t = datetime(2025, 3, 4, 2, 0, tzinfo=UTC)
     assert resolve_run_name(RUN_NAME_TEMPLATE, "nonlinear", t) == "scheduled-20250304T020000Z"
     assert resolve_run_name("{job}-{scheduled:%Y-%m-%d}", "nonlinear", t) == "nonlinear-2025-03-04"
 
@@ -147,12 +155,21 @@ class Procs:
         return p.log_path.read_text()[-n:]
 
 
+_T0 = time.monotonic()
+
+
+def mark(what: str) -> None:
+    """Progress with elapsed seconds (shown with ``pytest -s``; handy when CI is slow)."""
+    print(f"[{time.monotonic() - _T0:7.1f}s] {what}", flush=True)
+
+
 def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 120, every: float = 0.2,
              alive: list[subprocess.Popen] | None = None, procs: Procs | None = None) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
+            mark(what)
             return value
         for p in alive or []:
             if p.poll() is not None:
@@ -191,7 +208,7 @@ def postgres(procs: Procs) -> Iterator[str]:
         yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/prefect"
     finally:
         subprocess.run([*as_user, pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
-                       capture_output=True, timeout=60)
+                       check=False, capture_output=True, timeout=60)
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -209,8 +226,9 @@ class Server:
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         p = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", *args], cwd=ROOT, env=self.env(),
-                           capture_output=True, text=True, timeout=timeout)
+                           check=False, capture_output=True, text=True, timeout=timeout)
         assert p.returncode == 0, f"prefect {' '.join(args)}:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
+        mark(f"prefect {args[0]} {args[1]}")
         return p
 
     @contextlib.contextmanager
@@ -287,11 +305,12 @@ def fingerprints(folder: Path) -> dict[str, tuple[str, int]]:
             for p in sorted(folder.glob("checkpoint-*"))}
 
 
-def check_registered(server: Server, extra_parameters: dict[str, Any], work_pool: str | None) -> None:
+def check_registered(server: Server, parameters: dict[str, dict[str, Any]], work_pool: str | None) -> None:
+    """Each job's deployment exists with the nightly cron, ``parameters[job]`` and limit 1."""
     with server.client() as c:
-        for job in JOBS:
+        for job, expected in parameters.items():
             d = c.read_deployment_by_name(f"{FLOW_NAME}/{job}")
-            assert d.parameters == {**job_parameters(job), **extra_parameters}
+            assert d.parameters == expected
             assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in d.schedules] == [
                 (DEFAULT_CRON, DEFAULT_TIMEZONE, True)]
             assert d.global_concurrency_limit is not None and d.global_concurrency_limit.limit == 1
@@ -316,18 +335,23 @@ def test_scheduled_deployments_end_to_end(server: Server, tmp_path: Path) -> Non
                 return False
 
     wait_for("served deployments", registered, timeout=120, every=0.5, alive=[serve], procs=procs)
-    check_registered(server, {"artifacts_dir": str(served)}, work_pool=None)
-    fr = trigger(server, {"epochs": 1000, "chunk_epochs": 500})
-    fr = wait_final(server, fr.id, alive=[serve])
-    folder = run_folder(served, fr)
-    assert json.loads((folder / "run.json").read_text())["status"] == "completed", sorted(served.rglob("*"))
-    assert {"metrics.json", "model_state_dict.pt", "model.pt", "history.csv"} <= {p.name for p in folder.iterdir()}
+    check_registered(server, {j: {**job_parameters(j), "artifacts_dir": str(served)} for j in JOBS}, work_pool=None)
+    ref = wait_final(server, trigger(server, RUN).id, alive=[serve])  # also the uninterrupted reference
+    ref_folder = run_folder(served, ref)
+    record = json.loads((ref_folder / "run.json").read_text())
+    assert record["status"] == "completed" and record["attempts"] == 1, sorted(served.rglob("*"))
+    assert {"metrics.json", "model_state_dict.pt", "model.pt", "history.csv"} <= {p.name for p in ref_folder.iterdir()}
     procs.stop(serve, signal.SIGINT)  # Ctrl-C: serve pauses its schedules
 
     # 2. work pool: the same deployments from prefect.yaml, run by real workers.
-    server.cli("work-pool", "create", WORK_POOL, "--type", "process", "--overwrite")
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    with server.client() as c:  # = prefect work-pool create trainflow --type process (the CLI costs ~8 s here)
+        c.create_work_pool(WorkPoolCreate(name=WORK_POOL, type="process"), overwrite=True)
     server.cli("deploy", "--all", "--prefect-file", "deployments/prefect.yaml", timeout=180)
-    check_registered(server, {}, work_pool=WORK_POOL)
+    # What prefect.yaml says (that it matches the registry is the first test's job).
+    in_yaml = {d["name"]: d["parameters"] for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"]}
+    check_registered(server, in_yaml, work_pool=WORK_POOL)
     shared = tmp_path / "shared"  # the artifacts root every worker sees
 
     def worker(name: str) -> subprocess.Popen:
@@ -336,34 +360,34 @@ def test_scheduled_deployments_end_to_end(server: Server, tmp_path: Path) -> Non
                            server.env(TRAINFLOW_ARTIFACTS_DIR=str(shared)))
 
     w1 = worker("worker-1")
-    ref = wait_final(server, trigger(server, RUN).id, alive=[w1])  # uninterrupted reference run
-    ref_folder = run_folder(shared, ref)
-    assert json.loads((ref_folder / "run.json").read_text())["attempts"] == 1
 
-    # 3. Kill the worker holding a run mid-run; another worker resumes it after a retry.
+    # 3. A run on worker-1, killed mid-run with its worker; worker-2 resumes it after a retry.
     fr = trigger(server, RUN)
     folder = run_folder(shared, fr)
-    assert folder != ref_folder
     ckpts = folder / "checkpoints"
     wait_for("checkpoint 2", lambda: (ckpts / "checkpoint-2.json").exists(), alive=[w1], procs=procs, every=0.05)
     w2 = worker("worker-2")  # now the only worker with a free slot
     procs.stop(w1, signal.SIGKILL)  # the worker, its flow run process, everything in them
     before = fingerprints(ckpts)
     assert "checkpoint-6.json" not in before, "the kill came too late to interrupt anything"
+    assert not (folder / "metrics.json").exists()
     time.sleep(1)  # so a rewritten file would show a newer mtime
     fr = state_of(server, fr.id)
     assert fr.state.is_running(), f"a SIGKILLed worker leaves its run Running, got {fr.state}"
-    # What an operator (or the zombie automation) does: mark it crashed, then retry it.
-    from prefect.states import Crashed
+    # What README tells the operator: mark it crashed, then `prefect flow-run retry`.
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with server.client() as c:
-        c.set_flow_run_state(fr.id, Crashed(message="worker died"), force=True)
+    from deployments.mark_crashed import mark_crashed
+
+    with temporary_settings({PREFECT_API_URL: server.url}):
+        assert mark_crashed(fr.id) == "Crashed"
     server.cli("flow-run", "retry", str(fr.id))
     fr = wait_final(server, fr.id, alive=[w2])
     assert run_folder(shared, fr) == folder, "the retry must use the same run folder"
     after = fingerprints(ckpts)
     assert {k: after[k] for k in before} == before, "checkpoints written before the kill were rewritten"
     assert len(after) == 12  # 6 chunks: .pt + .json each
+    assert (folder / "metrics.json").exists() and (folder / "model_state_dict.pt").exists()
     record = json.loads((folder / "run.json").read_text())
     assert record["status"] == "completed" and record["attempts"] == 2
     assert fr.run_count == 2
