@@ -177,3 +177,16 @@ def test_default_config_reaches_the_accuracy_goal_on_real_data(prefect_api: str,
     assert m["test"]["rows"] == 10_000 and m["epochs"] == 10
     assert m["test_accuracy"] >= 0.910, m["test_accuracy"]
     assert len(list((run_dir / "checkpoints").glob("checkpoint-*.pt"))) == 5
+
+
+def test_predict_classifies_test_images_by_index(tiny: Path, prefect_api: str, tmp_path: Path) -> None:
+    from flows.predict_flow import predict
+
+    result = train_flow(job="fashion_mnist", data=str(tiny), epochs=2, chunk_epochs=2, batch_size=32,
+                        artifacts_dir=str(tmp_path))["fashion_mnist"]
+    rows = predict(result["run_dir"], {"index": [0, 5]})
+    true = fm.load(tiny).test.y
+    assert [r["input"] for r in rows] == [f"test image {i} (true: {fm.LABELS[int(true[i])]})" for i in (0, 5)]
+    assert all(r["text"].split(": ")[-1].split(" (")[0] in fm.LABELS for r in rows)
+    with pytest.raises(UserError, match="--index 200 is out of range"):
+        predict(result["run_dir"], {"index": [200]})

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.jobs.spec import DATA_DIR, JobData, JobSpec, Tensors, TrainConfig, UserError
+from tasks.jobs.spec import DATA_DIR, JobData, JobSpec, Predictor, Tensors, TrainConfig, UserError
 
 #: The tutorial's labels_map.
 LABELS = ("T-Shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle Boot")
@@ -309,6 +309,25 @@ def save_grid_png(path: Path, images: torch.Tensor, true: torch.Tensor, pred: to
     plt.close(fig)
 
 
+def _predict_arguments(parser: Any) -> None:
+    parser.add_argument("--index", type=int, nargs="+", required=True, metavar="I",
+                        help="indices of official test images (0-9999) to classify")
+
+
+def _predict_inputs(args: Any, cfg: TrainConfig) -> tuple[torch.Tensor, list[str]]:
+    test = load(Path(cfg.data)).test
+    bad = [i for i in args.index if not 0 <= i < len(test)]
+    if bad:
+        raise UserError(f"--index {bad[0]} is out of range; the test set has images 0-{len(test) - 1}")
+    idx = torch.tensor(args.index)
+    return test.x[idx], [f"test image {i} (true: {LABELS[int(test.y[i])]})" for i in args.index]
+
+
+def _predict_format(labels: list[str], outputs: torch.Tensor) -> list[str]:
+    probs = outputs.softmax(1)  # [N, 10]
+    return [f"{label}: {LABELS[int(p.argmax())]} ({float(p.max()):.1%})" for label, p in zip(labels, probs)]
+
+
 JOB = JobSpec(
     name="fashion_mnist",
     description="FashionMNIST (real data, official test set), CNN, cross-entropy, accuracy",
@@ -332,4 +351,5 @@ JOB = JobSpec(
     model_label=lambda cfg: type(MODELS[cfg.model]()).__name__,
     data_help="folder with FashionMNIST/raw/*.gz (default data/)",
     make_test_data=make_test_data,
+    predict=Predictor(add_arguments=_predict_arguments, inputs=_predict_inputs, format=_predict_format),
 )

@@ -61,6 +61,8 @@ class TrainConfig(BaseModel):
     def _safe_run_name(cls, v: str | None) -> str | None:
         if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v):
             raise ValueError("use letters, digits, '.', '_' or '-' (no slashes), 1-100 chars")
+        if v == "latest":
+            raise ValueError("'latest' is the pointer to a job's newest run; choose another name")
         return v
 
     def identity(self) -> dict[str, Any]:
