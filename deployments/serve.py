@@ -1,7 +1,8 @@
 """Serve one scheduled deployment per registered job: ``python deployments/serve.py --help``.
 
 Needs a running Prefect server (``PREFECT_API_URL``); this process registers the deployments
-and runs their flow runs as subprocesses until it is stopped (Ctrl-C pauses the schedules).
+(and the automation that requeues crashed runs, ``deployments/automations.py``) and runs their
+flow runs as subprocesses until it is stopped (Ctrl-C pauses the schedules).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def parser() -> argparse.ArgumentParser:
                    "(default $TRAINFLOW_ARTIFACTS_DIR of the process running the flow, else artifacts/)")
     p.add_argument("--limit", type=int, default=None, help="at most this many flow runs at once (default: no limit)")
     p.add_argument("--no-schedule", action="store_true", help="register without schedules (manual runs only)")
+    p.add_argument("--no-automation", action="store_true",
+                   help="do not register the automation that requeues crashed runs (deployments/automations.py)")
     p.add_argument("--write-yaml", action="store_true",
                    help=f"do not serve; regenerate {PREFECT_YAML.relative_to(PREFECT_YAML.parents[1])} from the registry and exit")
     return p
@@ -72,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     from prefect import serve
 
     deps = to_deployments(args)
+    if not args.no_automation:
+        from deployments.automations import register
+
+        register()  # idempotent: a crashed run of these deployments is requeued and resumes
     print("serving: " + ", ".join(f"scheduled-train/{d.name}" for d in deps), flush=True)
     serve(*deps, limit=args.limit)
     return 0

@@ -1,7 +1,8 @@
 """Scheduled deployments on a real Prefect server (SQLite, then PostgreSQL): registered both
 ways (``deployments/serve.py`` and ``prefect deploy`` of ``deployments/prefect.yaml``), run by
 a real serve process and real workers; a worker killed mid-run is replaced by another worker
-that resumes the run from the shared artifacts folder once the flow run is retried."""
+that resumes the run from the shared artifacts folder once the flow run is retried, and a flow-run
+process killed under a live worker is requeued by the automation and resumed by that worker."""
 
 from __future__ import annotations
 
@@ -79,6 +80,21 @@ def test_run_name_comes_from_the_scheduled_time() -> None:
     t = datetime(2025, 3, 4, 2, 0, tzinfo=UTC)
     assert resolve_run_name(RUN_NAME_TEMPLATE, "nonlinear", t) == "scheduled-20250304T020000Z"
     assert resolve_run_name("{job}-{scheduled:%Y-%m-%d}", "nonlinear", t) == "nonlinear-2025-03-04"
+
+
+def test_requeue_automation_is_bounded_and_scoped() -> None:
+    from prefect.events.schemas.automations import Posture
+
+    from deployments.automations import REQUEUE_AFTER, requeue_crashed
+    from deployments.flow import MAX_RUNS
+
+    a = requeue_crashed()
+    t = a.trigger
+    assert t.after == {"prefect.flow-run.Crashed"} and t.posture == Posture.Proactive and t.within == REQUEUE_AFTER
+    assert t.match.model_dump()["prefect.run-count"] == [str(n) for n in range(1, MAX_RUNS)]
+    assert t.match_related.model_dump() == {"prefect.resource.role": "flow", "prefect.resource.name": FLOW_NAME}
+    [action] = a.actions
+    assert action.type == "change-flow-run-state" and action.state.value == "SCHEDULED"
 
 
 # --- processes ---------------------------------------------------------------------------
@@ -336,6 +352,13 @@ def test_scheduled_deployments_end_to_end(server: Server, tmp_path: Path) -> Non
 
     wait_for("served deployments", registered, timeout=120, every=0.5, alive=[serve], procs=procs)
     check_registered(server, {j: {**job_parameters(j), "artifacts_dir": str(served)} for j in JOBS}, work_pool=None)
+    from deployments.automations import AUTOMATION_NAME
+
+    def automations() -> list:
+        with server.client() as c:
+            return c.read_automations_by_name(AUTOMATION_NAME)
+
+    assert [a.enabled for a in automations()] == [True], "serve.py registers the requeue automation"
     ref = wait_final(server, trigger(server, RUN).id, alive=[serve])  # also the uninterrupted reference
     ref_folder = run_folder(served, ref)
     record = json.loads((ref_folder / "run.json").read_text())
@@ -360,6 +383,8 @@ def test_scheduled_deployments_end_to_end(server: Server, tmp_path: Path) -> Non
                            server.env(TRAINFLOW_ARTIFACTS_DIR=str(shared)))
 
     w1 = worker("worker-1")
+    with server.client() as c:  # the manual path first: nothing may requeue the run behind our back
+        c.pause_automation(automations()[0].id)
 
     # 3. A run on worker-1, killed mid-run with its worker; worker-2 resumes it after a retry.
     fr = trigger(server, RUN)
@@ -394,4 +419,39 @@ def test_scheduled_deployments_end_to_end(server: Server, tmp_path: Path) -> Non
     # Same result as the uninterrupted run, bit for bit.
     assert_same_tensors(state_dict(folder / "model_state_dict.pt"), state_dict(ref_folder / "model_state_dict.pt"))
     assert (folder / "history.csv").read_text() == (ref_folder / "history.csv").read_text()
+
+    # 4. The flow-run process dies under a live worker: the worker reports Crashed, the
+    # automation (registered again, idempotently, the work-pool way) requeues the same flow run
+    # and the same worker resumes it.
+    from deployments.automations import main as register_automation
+
+    with temporary_settings({PREFECT_API_URL: server.url}):  # = python deployments/automations.py
+        assert register_automation([]) == 0
+    assert [a.enabled for a in automations()] == [True], "registering twice must not duplicate it"
+    fr = trigger(server, RUN)
+    folder = run_folder(shared, fr)
+    ckpts = folder / "checkpoints"
+    wait_for("checkpoint 2", lambda: (ckpts / "checkpoint-2.json").exists(), alive=[w2], procs=procs, every=0.05)
+    runs = children(w2.pid)
+    assert runs, "no flow-run process under worker-2"
+    for pid in runs:  # the flow-run process only, not the worker
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    before = fingerprints(ckpts)
+    assert "checkpoint-6.json" not in before, "the kill came too late to interrupt anything"
+
+    def states() -> list[str]:
+        with server.client() as c:
+            return [s.name for s in c.read_flow_run_states(fr.id)]
+
+    # Crashed, then requeued by the automation 10-15 s later (see REQUEUE_AFTER)
+    wait_for("automation requeued the crashed run", lambda: "AwaitingRetry" in states(), timeout=60, every=0.5,
+             alive=[w2], procs=procs)
+    assert "Crashed" in states()
+    fr = wait_final(server, fr.id, alive=[w2], timeout=90)
+    assert run_folder(shared, fr) == folder and fr.run_count == 2
+    after = fingerprints(ckpts)
+    assert {k: after[k] for k in before} == before and len(after) == 12
+    assert json.loads((folder / "run.json").read_text())["attempts"] == 2
+    assert_same_tensors(state_dict(folder / "model_state_dict.pt"), state_dict(ref_folder / "model_state_dict.pt"))
     procs.stop(w2)
