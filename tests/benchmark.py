@@ -22,12 +22,13 @@ from torch import nn, optim
 from torch.utils.data import DataLoader, random_split
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_THREADS = torch.get_num_threads()  # what the tutorial runs with, before anything changes it
 sys.path.insert(0, str(ROOT))
 
 from tasks.data import make_split, split_tensors  # noqa: E402
 from tasks.jobs import get_job  # noqa: E402
 from tasks.jobs.spec import Tensors  # noqa: E402
-from tasks.training import epoch_order, train_epoch  # noqa: E402
+from tasks.training import build_optimizer, epoch_order, train_epoch  # noqa: E402
 
 
 def interleave(a, b, rounds: int) -> tuple[list[float], list[float]]:
@@ -82,7 +83,7 @@ def bench_nonlinear(epochs_per_round: int, rounds: int, full: bool) -> None:
     data = spec.load(CSV_PATH)
     train = split_tensors(data, make_split(data, cfg), "train")
     o_model = CustomModel()
-    o_opt = optim.SGD(o_model.parameters(), lr=0.0001)
+    o_opt = build_optimizer(cfg, o_model)
     epoch = [0]
 
     def ours() -> None:
@@ -139,7 +140,7 @@ def bench_fashion(rounds: int, goal: bool) -> None:
         t_net = fm.NeuralNet()
         criterion = nn.CrossEntropyLoss()
         t_opt = optim.SGD(t_net.parameters(), lr=0.001, momentum=0.9)
-        threads = torch.get_num_threads()
+        threads = DEFAULT_THREADS
 
         def tutorial() -> None:
             torch.set_num_threads(threads)
@@ -154,7 +155,7 @@ def bench_fashion(rounds: int, goal: bool) -> None:
         train = split_tensors(data, make_split(data, cfg), "train")
         torch.manual_seed(0)
         o_net = spec.build_model(cfg)
-        o_opt = optim.SGD(o_net.parameters(), lr=0.001, momentum=0.9)
+        o_opt = build_optimizer(cfg, o_net)
         epoch = [0]
 
         def ours() -> None:
@@ -197,10 +198,13 @@ def bench_fashion(rounds: int, goal: bool) -> None:
 def main() -> None:
     """Run the selected benchmarks and print their figures."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("which", nargs="*", default=["nonlinear", "fashion_mnist"], choices=["nonlinear", "fashion_mnist"])
+    p.add_argument("which", nargs="*", help="nonlinear and/or fashion_mnist (default: both)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="skip the whole-flow runs")
     a = p.parse_args()
+    a.which = a.which or ["nonlinear", "fashion_mnist"]
+    if set(a.which) - {"nonlinear", "fashion_mnist"}:
+        p.error(f"unknown benchmark(s) {sorted(set(a.which) - {'nonlinear', 'fashion_mnist'})}")
     if "nonlinear" in a.which:
         bench_nonlinear(200, a.rounds, full=not a.quick)
     if "fashion_mnist" in a.which:
