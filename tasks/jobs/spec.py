@@ -45,8 +45,8 @@ class TrainConfig(BaseModel):
     early_stopping_patience: int | None = Field(
         default=None, gt=0, description="stop after this many epochs without a better validation metric"
     )
-    # Execution details: they do not change *what* is trained, so they are not part of the
-    # run's identity (see IDENTITY_EXCLUDE).
+    # Execution details. Those that do not change the trained numbers are left out of the run's
+    # identity (IDENTITY_EXCLUDE); `threads` stays in: 1 and 2 CPU threads give different floats.
     run_name: str | None = None
     artifacts_dir: Path = ARTIFACTS_DIR
     fresh: bool = False
@@ -77,7 +77,7 @@ class TrainConfig(BaseModel):
 
 # `data` is identified by content (data fingerprint), not by where the file lives.
 IDENTITY_EXCLUDE = frozenset(
-    {"run_name", "artifacts_dir", "fresh", "threads", "device", "data", "keep_last", "save_best", "wait_lock"}
+    {"run_name", "artifacts_dir", "fresh", "device", "data", "keep_last", "save_best", "wait_lock"}
 )
 
 
