@@ -12,7 +12,7 @@ from prefect import task
 
 from tasks.checkpoint import atomic_write_json
 from tasks.jobs import get_job
-from tasks.jobs.spec import JobData, TrainConfig, UserError
+from tasks.jobs.spec import JobData, Tensors, TrainConfig, UserError
 from tasks.policy import NO_RETRY_ON_USER_ERROR
 
 SPLIT_FILE = "split.json"
@@ -51,10 +51,8 @@ def make_split(data: JobData, cfg: TrainConfig) -> dict[str, torch.Tensor]:
     return split
 
 
-def split_tensors(data: JobData, split: dict[str, torch.Tensor], part: str):
+def split_tensors(data: JobData, split: dict[str, torch.Tensor], part: str) -> Tensors:
     """Rows of ``part`` as a Tensors pair (the fixed test set when the job has one)."""
-    from tasks.jobs.spec import Tensors
-
     if part == "test" and data.test is not None:
         return data.test
     idx = split[part]

@@ -201,7 +201,6 @@ class Trainer:
         self.scheduler = build_scheduler(cfg, self.optimizer, self.steps_per_epoch)
         self.history: dict[str, list[float]] = {}
         self.next_epoch = 0
-        self.chunk = 0
         self.stopped_early = False
         metric, self.higher_is_better = self.spec.monitor
         self.monitor = f"val_{metric}"
@@ -220,7 +219,6 @@ class Trainer:
         restore_rng(ckpt["rng"])
         self.history = {k: v.tolist() for k, v in ckpt["history"].items()}
         self.next_epoch = int(ckpt["epoch"]) + 1
-        self.chunk = int(ckpt["chunk"])
         self.stopped_early = bool(ckpt.get("stopped_early", False))
         self.best = ckpt.get("best")
 
@@ -291,9 +289,7 @@ class Trainer:
             payload["best"] = self.best
         if self.scheduler is not None:
             payload["scheduler_state_dict"] = self.scheduler.state_dict()
-        path = save_checkpoint(self.run_dir / "checkpoints", payload)
-        self.chunk = chunk
-        return path
+        return save_checkpoint(self.run_dir / "checkpoints", payload)
 
 
 def write_history_csv(path: Path, history: dict[str, list[float]]) -> None:

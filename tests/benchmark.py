@@ -27,7 +27,6 @@ sys.path.insert(0, str(ROOT))
 
 from tasks.data import make_split, split_tensors  # noqa: E402
 from tasks.jobs import get_job  # noqa: E402
-from tasks.jobs.spec import Tensors  # noqa: E402
 from tasks.training import build_optimizer, epoch_order, train_epoch  # noqa: E402
 
 
