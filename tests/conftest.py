@@ -48,6 +48,14 @@ def run_cli(args: list[str], prefect_api: str, timeout: float = 300) -> subproce
                           capture_output=True, text=True, timeout=timeout)
 
 
+def train_cli(args: list[str], prefect_api: str, root: Path, run_name: str) -> Path:
+    """Run the real command into ``root`` uninterrupted; returns the run folder."""
+    proc = run_cli([*args, "--artifacts-dir", str(root), "--run-name", run_name], prefect_api)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    job = args[args.index("--job") + 1]
+    return root / job / run_name
+
+
 def state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A saved state_dict, loaded the safe way."""
     return torch.load(path, weights_only=True)

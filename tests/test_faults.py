@@ -16,7 +16,7 @@ import tasks.checkpoint as ck
 from flows.train_flow import train_flow
 from tasks.run import hold
 from tasks.training import DivergedError, Trainer
-from tests.conftest import ROOT, TRAIN, cli_env, run_cli
+from tests.conftest import ROOT, TRAIN, cli_env, run_cli, train_cli
 from tests.test_resume import assert_same_run, wait_for
 
 # 6 chunks of 250 epochs (~0.3-1 s each): short, but long enough to be interrupted.
@@ -27,10 +27,7 @@ ARGS = ["--job", "nonlinear", "--epochs", "1500", "--chunk-epochs", "250", "--se
 @pytest.fixture(scope="module")
 def reference(prefect_api: str, tmp_path_factory) -> Path:
     """The uninterrupted run every faulted run must reproduce exactly."""
-    root = tmp_path_factory.mktemp("faults-ref")
-    proc = run_cli([*ARGS, "--artifacts-dir", str(root), "--run-name", "ref"], prefect_api)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return root / "nonlinear" / "ref"
+    return train_cli(ARGS, prefect_api, tmp_path_factory.mktemp("faults-ref"), "ref")
 
 
 def start(args: list[str], prefect_api: str, **env: str) -> subprocess.Popen:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT, TRAIN, cli_env, run_cli
+from tests.conftest import ROOT, TRAIN, cli_env, run_cli, train_cli
 
 PREDICT = ROOT / "flows" / "predict_flow.py"
 SMALL = ["--job", "nonlinear", "--epochs", "30", "--chunk-epochs", "10", "--seed", "3"]
@@ -27,10 +27,7 @@ TB_TAGS = {"Loss/train", "Loss/val", "LearningRate"}
 @pytest.fixture(scope="module")
 def run_dir(prefect_api: str, tmp_path_factory) -> Path:
     """One small, uninterrupted run through the real command."""
-    root = tmp_path_factory.mktemp("obs")
-    proc = run_cli([*SMALL, "--artifacts-dir", str(root), "--run-name", "Obs_1"], prefect_api)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return root / "nonlinear" / "Obs_1"
+    return train_cli(SMALL, prefect_api, tmp_path_factory.mktemp("obs"), "Obs_1")
 
 
 def history(run_dir: Path) -> dict[str, list[float]]:

@@ -15,7 +15,7 @@ import torch
 from flows.train_flow import train_flow
 from tasks.checkpoint import list_checkpoints
 from tasks.training import Trainer
-from tests.conftest import ROOT, TRAIN, assert_same_tensors, cli_env, run_cli, state_dict
+from tests.conftest import ROOT, TRAIN, assert_same_tensors, cli_env, run_cli, state_dict, train_cli
 
 # Small but real: 200 rows, 3 chunks; each chunk is long enough (~1 s) to be killed inside.
 SMALL = ["--job", "nonlinear", "--epochs", "1500", "--chunk-epochs", "500", "--seed", "7"]
@@ -24,10 +24,7 @@ SMALL = ["--job", "nonlinear", "--epochs", "1500", "--chunk-epochs", "500", "--s
 @pytest.fixture(scope="module")
 def reference(prefect_api: str, tmp_path_factory) -> Path:
     """An uninterrupted run of SMALL (a real process, like every interrupted run below)."""
-    root = tmp_path_factory.mktemp("reference")
-    proc = run_cli([*SMALL, "--artifacts-dir", str(root), "--run-name", "ref"], prefect_api)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return root / "nonlinear" / "ref"
+    return train_cli(SMALL, prefect_api, tmp_path_factory.mktemp("reference"), "ref")
 
 
 def assert_same_run(run_dir: Path, reference: Path) -> None:
