@@ -3,12 +3,42 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Literal
 
+#: Set by the command line once main() returned; see _skip_teardown.
+EXIT_STATUS: int | None = None
+
+
+def _skip_teardown() -> None:
+    """Registered first, so it runs last: once Prefect's exit handlers have run (log and event
+    flush, server stop), every file is on disk and the interpreter's teardown of torch and
+    Prefect would only add ~2 s to the run."""
+    if EXIT_STATUS is not None:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_STATUS)
+
+
+if __name__ == "__main__":
+    atexit.register(_skip_teardown)
+
 from prefect import flow, get_run_logger
+
+if __name__ == "__main__" and not {"-h", "--help"} & set(sys.argv[1:]):
+    # Before torch is imported: Prefect's temporary server boots while we import and check input.
+    from tasks.server import boot_temporary_server
+
+    SERVER_BOOT = boot_temporary_server()
+else:
+    SERVER_BOOT = None
+
 from pydantic import ValidationError
 
 from tasks.data import load_data, load_job_data, make_split, split_data
@@ -186,10 +216,22 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    settings = contextlib.nullcontext()
+    if SERVER_BOOT is not None:
+        from tasks.server import preimport, temporary_server_settings
+
+        preimport()
+        try:
+            SERVER_BOOT.wait_ready()
+        except RuntimeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        settings = temporary_server_settings()
     for name in ("prefect.task_runs", "prefect.flow_runs"):
         logging.getLogger(name).addFilter(_HideUserErrorTracebacks())
     try:
-        results = train_flow(job=job, **args)
+        with settings:
+            results = train_flow(job=job, **args)
     except StopRequested as exc:
         print(f"stopped: {exc}", file=sys.stderr)
         return 128 + exc.signum
@@ -211,4 +253,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    EXIT_STATUS = main()
+    sys.exit(EXIT_STATUS)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
+import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -68,6 +71,39 @@ def test_sigkill_then_same_command_resumes_bit_exact(where: str, reference: Path
     again = run_cli(args, prefect_api)
     assert again.returncode == 0, again.stderr[-3000:]
     assert_same_run(tmp_path / "nonlinear" / "r", reference)
+
+
+def test_without_a_server_the_command_boots_its_own_which_dies_with_it(reference: Path, tmp_path: Path) -> None:
+    """No PREFECT_API_URL (a new user's machine): the command starts Prefect's temporary server
+    itself; SIGKILL of the command takes the server down too (no orphan), and rerunning the
+    command (with a new server) resumes bit-exact. Both runs are recorded in $PREFECT_HOME."""
+    home = tmp_path / "prefect-home"
+    env = {k: v for k, v in cli_env("").items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(home), PREFECT_LOGGING_LEVEL="INFO")
+    args = [sys.executable, str(TRAIN), *SMALL, "--artifacts-dir", str(tmp_path), "--run-name", "r"]
+    ckpts = tmp_path / "nonlinear" / "r" / "checkpoints"
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (ckpts / "checkpoint-1.json").exists(), proc=proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    port = int(re.search(r"Starting temporary server on http://127\.0\.0\.1:(\d+)", proc.stderr.read()).group(1))
+
+    def server_gone() -> bool:
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", port)) != 0
+
+    wait_for(server_gone, timeout=20)
+    again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Stopping temporary server" in again.stderr
+    assert_same_run(tmp_path / "nonlinear" / "r", reference)
+    with sqlite3.connect(home / "prefect.db") as db:
+        states = sorted(row[0] for row in db.execute("SELECT state_type FROM flow_run"))
+    assert states == ["COMPLETED", "RUNNING"]  # the killed run stays Running, as on any server
+    # Bad input on this path is still one line (the server started early goes quietly).
+    bad = subprocess.run([*args, "--epochs", "0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == ["error: invalid --epochs: Input should be greater than 0 (got 0)"]
 
 
 def test_exception_in_chunk_is_retried_by_prefect_and_resumes(reference: Path, prefect_api: str, tmp_path: Path, monkeypatch) -> None:
