@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import signal
@@ -75,9 +76,22 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     return torch.device("cpu")
 
 
+def keep_freed_memory() -> None:
+    """Let glibc's malloc reuse freed blocks instead of unmapping them: every step allocates the
+    same activations again, and fresh pages cost a page fault each (~5% of a small CNN's CPU
+    step). Memory use stays at its peak. No effect on results; a no-op outside glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks under 1 GiB come from the reusable heap
+    libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: keep up to 2 GiB of freed heap for reuse
+
+
 def setup_torch(cfg: TrainConfig) -> torch.device:
-    """Apply thread count (CPU) and return the device."""
+    """Apply thread count (CPU) and malloc policy; return the device."""
     torch.set_num_threads(cfg.threads)
+    keep_freed_memory()
     return resolve_device(cfg)
 
 
@@ -136,11 +150,15 @@ def train_epoch(
     # CPU: a Python float sum (float64, same order) costs less than a tensor op per batch;
     # elsewhere keep the sum on the device so there is no sync per batch.
     total: Any = 0.0 if on_cpu else torch.zeros((), dtype=torch.float64, device=xs.device)
+    # What optimizer.zero_grad(set_to_none=True) does, without its profiler scope and per-call
+    # group walk: ~15% of a step for the 2-parameter regression.
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     for b in range(batches):
         x = prepare(xs[b * batch_size : (b + 1) * batch_size])  # [B, ...] model input
         y = ys[b * batch_size : (b + 1) * batch_size]  # [B, ...] targets
         loss = loss_fn(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
+        for p in params:
+            p.grad = None
         loss.backward()
         optimizer.step()
         if scheduler is not None:
