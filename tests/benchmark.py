@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from tasks.data import make_split, split_tensors  # noqa: E402
 from tasks.jobs import get_job  # noqa: E402
-from tasks.training import build_optimizer, epoch_order, train_epoch  # noqa: E402
+from tasks.training import build_optimizer, epoch_order, setup_torch, train_epoch  # noqa: E402
 
 
 def interleave(a, b, rounds: int) -> tuple[list[float], list[float]]:
@@ -158,7 +158,7 @@ def bench_fashion(rounds: int, goal: bool) -> None:
         epoch = [0]
 
         def ours() -> None:
-            torch.set_num_threads(cfg.threads)
+            setup_torch(cfg)  # as the product does: threads and malloc policy (process-wide: the tutorial gets it too)
             train_epoch(o_net, o_opt, None, criterion, train, epoch_order(0, epoch[0], len(train)), 128, fm.prepare)
             epoch[0] += 1
 

@@ -136,6 +136,32 @@ def test_lenet_state_dict_loads_into_the_tutorials_class() -> None:
         assert torch.allclose(ours(x), theirs(x.contiguous()), atol=1e-6)
 
 
+def test_lenet_computes_the_tutorials_outputs_and_gradients_bit_for_bit() -> None:
+    """Our forward pools before its relus; outputs and every gradient must still be identical,
+    including on flat background, where pooling windows are full of ties."""
+    torch.manual_seed(0)
+    ours = fm.NeuralNet().to(memory_format=torch.channels_last)
+    theirs = TutorialNeuralNet().to(memory_format=torch.channels_last)
+    theirs.load_state_dict(ours.state_dict())
+    images = torch.randint(0, 255, (64, 28, 28), dtype=torch.uint8)
+    images[:, :8] = 0  # blank rows: ties, and conv outputs that are just the bias
+    images[:, :, -6:] = 255
+    x, y = fm.prepare(images), torch.randint(0, 10, (64,))
+
+
+    def tutorial_order(x: torch.Tensor) -> torch.Tensor:  # its forward; reshape: x is channels_last
+        x = F.max_pool2d(F.relu(theirs.conv1(x)), (2, 2))
+        x = F.max_pool2d(F.relu(theirs.conv2(x)), 2)
+        x = F.relu(theirs.fc1(x.reshape(x.shape[0], -1)))
+        return theirs.fc3(F.relu(theirs.fc2(x)))
+
+    for forward in (ours, tutorial_order):
+        F.cross_entropy(forward(x), y).backward()
+    assert torch.equal(ours(x), tutorial_order(x))
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+
+
 def test_tutorial_recipe_is_reproducible_from_the_command_line() -> None:
     from flows.train_flow import build_configs
 
