@@ -26,19 +26,16 @@ def _skip_teardown() -> None:
         os._exit(EXIT_STATUS)
 
 
+SERVER_BOOT = None
 if __name__ == "__main__":
     atexit.register(_skip_teardown)
+    if not {"-h", "--help"} & set(sys.argv[1:]):
+        # Before Prefect and torch are imported: a temporary Prefect server boots meanwhile.
+        from tasks.server import boot_temporary_server
+
+        SERVER_BOOT = boot_temporary_server()
 
 from prefect import flow, get_run_logger
-
-if __name__ == "__main__" and not {"-h", "--help"} & set(sys.argv[1:]):
-    # Before torch is imported: Prefect's temporary server boots while we import and check input.
-    from tasks.server import boot_temporary_server
-
-    SERVER_BOOT = boot_temporary_server()
-else:
-    SERVER_BOOT = None
-
 from pydantic import ValidationError
 
 from tasks.data import load_data, load_job_data, make_split, split_data

@@ -1,13 +1,13 @@
-"""Prefect's temporary API server for a command-line run, started early.
+"""Prefect's temporary API server for a command-line run, started at launch.
 
-With no ``PREFECT_API_URL``, Prefect starts a temporary server (a uvicorn subprocess, 3-10 s)
-at the first flow call, i.e. only after this process has imported torch and checked its input,
-and waits for it doing nothing. :func:`boot_temporary_server` starts the same server (same
-command, same settings, UI off) right after ``import prefect`` and points this process at it,
-so it boots on the other core while this process imports torch, checks the input and does the
-imports training would do lazily anyway (:func:`preimport`). It also spares this process
-Prefect's server-side imports (~1.6 s), and the server dies with this process even on SIGKILL
-(Linux), where Prefect's own would be orphaned. Nothing changes when a server is configured.
+With no ``PREFECT_API_URL``, Prefect starts a temporary server (a uvicorn subprocess, ~4 s)
+at the first flow call, i.e. only after this process has imported Prefect and torch and checked
+its input, and waits for it doing nothing. :func:`boot_temporary_server` starts the same server
+(Prefect's own command, UI off) before even Prefect is imported, then points this process at it:
+it boots on the other core while this process imports, checks the input and does the imports
+training would do lazily anyway (:func:`preimport`). The parent also skips Prefect's
+server-side imports (~1.6 s), and the server dies with this process even on SIGKILL (Linux),
+where Prefect's own would be orphaned. When settings name a server, nothing changes.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import atexit
 import contextlib
 import ctypes
 import importlib
+import importlib.util
 import os
 import signal
 import socket
@@ -25,16 +26,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-
-import prefect
-from prefect.context import refresh_global_settings_context
-from prefect.logging import get_logger
-from prefect.settings import (PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
-                              PREFECT_SERVER_EPHEMERAL_ENABLED,
-                              PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, get_current_settings,
-                              temporary_settings)
-
-log = get_logger()  # "prefect", like Prefect's own temporary-server messages
+from pathlib import Path
 
 #: Imported lazily during the first chunk or the report (torch.optim imports torch._dynamo when
 #: the first optimizer is built: ~1.3 s); importing them while the server boots costs no wall time.
@@ -58,8 +50,10 @@ class TemporaryServer:
     """A Prefect API server subprocess on a free local port, for this process only."""
 
     def __init__(self) -> None:
+        # Prefect's own environment for its temporary server. The settings it adds from its
+        # context come, on a command line, from this same environment, profile and project files.
         self.env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-                    "PREFECT__SERVER_FINAL": "1", **get_current_settings().to_environment_variables(exclude_unset=True)}
+                    "PREFECT__SERVER_FINAL": "1"}
         self.process: subprocess.Popen | None = None
         self.port = 0
         self.announced = False
@@ -74,17 +68,27 @@ class TemporaryServer:
         self.port = _free_port()
         # prctl in a forked child is only safe while this process has a single thread.
         linux_single = sys.platform.startswith("linux") and threading.active_count() == 1
+        package = Path(importlib.util.find_spec("prefect").origin).parent  # without importing it
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
+            [sys.executable, "-m", "uvicorn", "--app-dir", str(package.parent), "--factory",
              "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
              "--log-level", "error", "--lifespan", "on"],
             env=self.env, preexec_fn=_die_with_parent if linux_single else None)
+
+    def use(self) -> None:
+        """Point this process's Prefect at the server."""
+        from prefect.context import refresh_global_settings_context
+
         os.environ["PREFECT_API_URL"] = self.api_url
         os.environ["PREFECT_UI_URL"] = ""  # the UI is off: no "View at <dead link>" lines
         refresh_global_settings_context()  # Prefect reads settings once at import; see the new URL
 
     def wait_ready(self) -> None:
         """Block until the server answers its health check; RuntimeError if it cannot start."""
+        from prefect.logging import get_logger
+        from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+        log = get_logger()  # "prefect", like Prefect's own temporary-server messages
         # Announced here, not at spawn: a run that stops at bad input prints just its one error line.
         self.announced = True
         log.info("Starting temporary server on http://127.0.0.1:%d (it stops when this command ends; "
@@ -95,6 +99,7 @@ class TemporaryServer:
             status = self.process.poll()
             if status == PORT_TAKEN:
                 self.spawn()
+                self.use()
                 continue
             if status is not None:
                 raise RuntimeError(f"the temporary Prefect server exited with status {status} (its output is above)")
@@ -112,7 +117,9 @@ class TemporaryServer:
         """Terminate the subprocess (at exit)."""
         if self.process is not None and self.process.poll() is None:
             if self.announced:
-                log.info("Stopping temporary server on http://127.0.0.1:%d", self.port)
+                from prefect.logging import get_logger
+
+                get_logger().info("Stopping temporary server on http://127.0.0.1:%d", self.port)
             self.process.terminate()
             try:
                 self.process.wait(timeout=5)
@@ -122,12 +129,19 @@ class TemporaryServer:
 
 
 def boot_temporary_server() -> TemporaryServer | None:
-    """Start the temporary server now and point Prefect at it; None when a server is configured."""
-    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+    """Start the temporary server now and point Prefect at it; None when a server is configured.
+    Call it before importing Prefect."""
+    if os.environ.get("PREFECT_API_URL"):
         return None
     server = TemporaryServer()
-    server.spawn()
+    server.spawn()  # first: it boots while Prefect's settings (below) are imported
     atexit.register(server.stop)
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        server.stop()  # a profile or project file names a server (or forbids a temporary one)
+        return None
+    server.use()
     return server
 
 
@@ -142,5 +156,7 @@ def temporary_server_settings() -> Iterator[None]:
     """Settings for a flow on the temporary server: no flow-run heartbeats. They exist so a real
     server notices a dead run; the temporary server dies with this process, and stopping the
     heartbeat thread holds up the end of every flow run by up to 1 s."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         yield
