@@ -114,18 +114,15 @@ class TemporaryServer:
                            "raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS or set PREFECT_API_URL")
 
     def stop(self) -> None:
-        """Terminate the subprocess (at exit)."""
+        """Ask the subprocess to shut down (at exit)."""
         if self.process is not None and self.process.poll() is None:
             if self.announced:
                 from prefect.logging import get_logger
 
                 get_logger().info("Stopping temporary server on http://127.0.0.1:%d", self.port)
+            # No waiting: every request this process made has been answered, and uvicorn shuts
+            # down cleanly on SIGTERM by itself (waiting for it cost ~0.2 s per run).
             self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 def boot_temporary_server() -> TemporaryServer | None:
