@@ -267,10 +267,12 @@ def latest_valid(
     fingerprint: str,
     map_location: str | torch.device = "cpu",
     move_aside: bool = True,
+    warn: Callable[..., Any] = log.warning,
 ) -> Resume:
-    """Newest checkpoint in ``folder`` that verifies; damaged newer ones are logged once and
-    moved to ``quarantine/``. A ``.pt`` whose manifest never got written is left in place
-    (the next save of that chunk overwrites it atomically)."""
+    """Newest checkpoint in ``folder`` that verifies; damaged newer ones are reported once
+    through ``warn`` (pass a run's logger so it reaches the Prefect UI) and moved to
+    ``quarantine/``. A ``.pt`` whose manifest never got written is left in place (the next
+    save of that chunk overwrites it atomically)."""
     rejected: list[str] = []
     for _, path in list_checkpoints(folder):
         try:
@@ -281,7 +283,7 @@ def latest_valid(
             finished = manifest_path(path).exists()
             if move_aside and finished:
                 moved = quarantine(path, reason)
-                log.warning("skipping damaged checkpoint: %s; moved to %s", reason, moved)
+                warn("skipping damaged checkpoint: %s; moved to %s", reason, moved)
             else:
-                log.warning("skipping checkpoint: %s", reason)
+                warn("skipping checkpoint: %s", reason)
     return Resume(None, None, tuple(rejected))

@@ -223,7 +223,7 @@ class Trainer:
         metric, self.higher_is_better = self.spec.monitor
         self.monitor = f"val_{metric}"
         self.best: dict[str, Any] | None = None  # {"epoch", "value", "model_state_dict"}
-        found = latest_valid(self.run_dir / "checkpoints", fingerprint, map_location=self.device)
+        found = latest_valid(self.run_dir / "checkpoints", fingerprint, map_location=self.device, warn=logger.warning)
         self.rejected = found.rejected
         self.resumed_from = found.path
         if found.payload is not None:
@@ -326,9 +326,7 @@ def run_chunk(cfg: TrainConfig, run_dir: Path, fingerprint: str, chunk: int, log
     ``checkpoint-<k>.pt`` normally holds the state at the end of chunk k; after a SIGTERM it
     holds a mid-chunk state, which the next attempt continues and then overwrites."""
     end = chunk_ends(cfg)[chunk - 1]
-    trainer = Trainer(cfg, run_dir, fingerprint, logger)
-    for reason in trainer.rejected:
-        logger.warning("skipped checkpoint: %s", reason)
+    trainer = Trainer(cfg, run_dir, fingerprint, logger)  # reports skipped checkpoints, once
     if trainer.next_epoch >= end or trainer.finished:
         return {"chunk": chunk, "skipped": True, "epoch": trainer.next_epoch}
     start = trainer.next_epoch

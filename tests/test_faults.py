@@ -79,6 +79,28 @@ def test_soak_random_sigkills(prefect_api: str, tmp_path: Path) -> None:
     assert_same_run(run_dir, reference)
 
 
+def test_damaged_newest_checkpoint_is_reported_once_and_the_rerun_falls_back(reference: Path, prefect_api: str, tmp_path: Path) -> None:
+    """SIGKILL, then the newest checkpoint gets damaged on disk: the rerun says so in exactly one
+    line (console and Prefect UI share it), moves it aside, resumes from the one before, and
+    still ends bit-exact."""
+    args = [*ARGS, "--artifacts-dir", str(tmp_path), "--run-name", "d"]
+    ckpts = tmp_path / "nonlinear" / "d" / "checkpoints"
+    proc = start(args, prefect_api)
+    wait_for(lambda: (ckpts / "checkpoint-2.json").exists(), proc=proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    newest, path = max(ck.list_checkpoints(ckpts))
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    again = run_cli(args, prefect_api)
+    assert again.returncode == 0, again.stderr[-3000:]
+    lines = [line for line in again.stderr.splitlines() if f"checkpoint-{newest}.pt" in line and "skip" in line]
+    assert len(lines) == 1, again.stderr[-3000:]
+    assert list((ckpts / "quarantine").glob(f"checkpoint-{newest}.*.pt"))
+    assert_same_run(tmp_path / "nonlinear" / "d", reference)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_and_ctrl_c_save_at_the_next_epoch_then_resume(sig, reference: Path, prefect_api: str, tmp_path: Path) -> None:
     args = [*ARGS, "--artifacts-dir", str(tmp_path), "--run-name", "t"]
