@@ -177,7 +177,7 @@ class NeuralNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The tutorial computes max_pool(relu(conv)); relu(max_pool(conv)) is the same tensor with
         # the same gradients (relu is monotone and zero wherever it cuts), bit for bit, with relu
-        # on a quarter of the elements: ~8% of a CPU step. tests/test_fashion_mnist.py checks it.
+        # on a quarter of the elements: 5-8% of a CPU step. tests/test_fashion_mnist.py checks it.
         x = F.relu(F.max_pool2d(self.conv1(x), (2, 2)))  # [B,1,28,28] -> [B,6,26,26] -> [B,6,13,13]
         x = F.relu(F.max_pool2d(self.conv2(x), 2))  # -> [B,16,11,11] -> [B,16,5,5]
         x = x.reshape(x.shape[0], -1)  # -> [B,400]
