@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import math
 import signal
@@ -76,6 +77,7 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     return torch.device("cpu")
 
 
+@functools.cache  # a process-wide setting: once is enough
 def keep_freed_memory() -> None:
     """Let glibc's malloc reuse freed blocks instead of unmapping them: every step allocates the
     same activations again, and fresh pages cost a page fault each (~5% of a small CNN's CPU
@@ -224,7 +226,6 @@ class Trainer:
         self.monitor = f"val_{metric}"
         self.best: dict[str, Any] | None = None  # {"epoch", "value", "model_state_dict"}
         found = latest_valid(self.run_dir / "checkpoints", fingerprint, map_location=self.device, warn=logger.warning)
-        self.rejected = found.rejected
         self.resumed_from = found.path
         if found.payload is not None:
             self._restore(found.payload)
