@@ -23,6 +23,7 @@ CSV_CASES = {
     "inf": ("x,y\n1,inf\n3,4\n", "is not finite"),
     "three columns": ("x,y,z\n1,2,3\n", "3 columns"),
     "ragged row": ("x,y\n1,2\n3,4,5\n", "not a valid CSV"),
+    "short row": ("x,y\n1,2\n3\n", "(line 3 has 1 value)"),
     "no header": ("1,2\n3,4\n", "no header"),
     "too few rows to split": ("x,y\n" + "".join(f"{i},{i * i}\n" for i in range(12)), "too few rows to split"),
     "binary": (b"\x89PNG\r\n\x1a\n\x00\xff\xfe".decode("latin-1"), "not"),
