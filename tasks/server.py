@@ -5,7 +5,8 @@ at the first flow call, i.e. only after this process has imported Prefect and to
 its input, and waits for it doing nothing. :func:`boot_temporary_server` starts the same server
 (Prefect's own command, UI off) before even Prefect is imported, then points this process at it:
 it boots on the other core while this process imports, checks the input and does the imports
-training would do lazily anyway (:func:`preimport`). The parent also skips Prefect's
+training would do lazily anyway (:func:`preimport`); a thread makes the server's slow first
+answers (:meth:`TemporaryServer.warm_up`) meanwhile. The parent also skips Prefect's
 server-side imports (~1.6 s), and the server dies with this process even on SIGKILL (Linux),
 where Prefect's own would be orphaned. When settings name a server, nothing changes.
 """
@@ -31,6 +32,11 @@ from pathlib import Path
 #: Imported lazily during the first chunk or the report (torch.optim imports torch._dynamo when
 #: the first optimizer is built: ~1.3 s); importing them while the server boots costs no wall time.
 LAZY_IMPORTS = ("torch._dynamo", "tensorboard.compat.proto.event_pb2", "matplotlib.backends.backend_agg")
+
+#: Read-only requests (nothing is written to the database) whose first answer is slow; see
+#: TemporaryServer.warm_up.
+WARM_UP_REQUESTS = (("/admin/version", None), ("/flows/filter", b'{"limit": 1}'),
+                    ("/flow_runs/filter", b'{"limit": 1}'), ("/task_runs/filter", b'{"limit": 1}'))
 
 #: uvicorn's exit status when the port was taken between our check and its bind.
 PORT_TAKEN = 3
@@ -82,6 +88,32 @@ class TemporaryServer:
         os.environ["PREFECT_API_URL"] = self.api_url
         os.environ["PREFECT_UI_URL"] = ""  # the UI is off: no "View at <dead link>" lines
         refresh_global_settings_context()  # Prefect reads settings once at import; see the new URL
+
+    def warm_up(self) -> None:
+        """In a daemon thread: as soon as the server answers, make the requests whose first
+        answer is slow (~0.6 s in all; the version check every client makes loads Prefect's
+        version lazily), while this process is still importing rather than in the first flow run."""
+
+        def get(path: str, body: bytes | None) -> None:
+            request = urllib.request.Request(f"{self.api_url}{path}", data=body, method="POST" if body else "GET",
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=5):
+                pass
+
+        def run() -> None:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and self.process is not None and self.process.poll() is None:
+                try:
+                    get(*WARM_UP_REQUESTS[0])  # fails until the server is up
+                except OSError:
+                    time.sleep(0.05)
+                    continue
+                for path, body in WARM_UP_REQUESTS[1:]:
+                    with contextlib.suppress(OSError):
+                        get(path, body)
+                return
+
+        threading.Thread(target=run, name="prefect-server-warm-up", daemon=True).start()
 
     def wait_ready(self) -> None:
         """Block until the server answers its health check; RuntimeError if it cannot start."""
@@ -139,6 +171,7 @@ def boot_temporary_server() -> TemporaryServer | None:
         server.stop()  # a profile or project file names a server (or forbids a temporary one)
         return None
     server.use()
+    server.warm_up()
     return server
 
 
