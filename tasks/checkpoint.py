@@ -122,9 +122,11 @@ def capture_rng() -> dict[str, Any]:
 
 def restore_rng(state: dict[str, Any]) -> None:
     """Restore what :func:`capture_rng` captured (CUDA only when both sides have it)."""
-    torch.set_rng_state(state["torch"])
+    # Generator states are CPU byte tensors; a checkpoint loaded with map_location="cuda" has
+    # moved them to the GPU, and torch.set_rng_state refuses those.
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 # --- Checkpoints ---------------------------------------------------------------------------

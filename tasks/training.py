@@ -6,6 +6,7 @@ import ctypes
 import functools
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -90,11 +91,27 @@ def keep_freed_memory() -> None:
     libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: keep up to 2 GiB of freed heap for reuse
 
 
+@functools.cache  # process-wide settings: once is enough
+def deterministic_cuda() -> None:
+    """Make CUDA training repeatable bit for bit, so that a resumed run ends exactly where an
+    uninterrupted one would: without this, cuDNN's autotuned and atomics-based kernels made two
+    identical CNN runs on an H200 differ by up to 7e-3 after 3 epochs. Deterministic cuDNN
+    algorithms, a fixed cuBLAS workspace, and PyTorch's deterministic kernel wherever an op has
+    one (an op without one still runs, with a warning naming it)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def setup_torch(cfg: TrainConfig) -> torch.device:
-    """Apply thread count (CPU) and malloc policy; return the device."""
+    """Apply thread count (CPU), malloc policy and, on CUDA, deterministic kernels; return the device."""
     torch.set_num_threads(cfg.threads)
     keep_freed_memory()
-    return resolve_device(cfg)
+    device = resolve_device(cfg)
+    if device.type == "cuda":
+        deterministic_cuda()
+    return device
 
 
 def chunk_ends(cfg: TrainConfig) -> list[int]:
