@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 from pathlib import Path
@@ -26,6 +27,9 @@ def export_program(model: torch.nn.Module, example: torch.Tensor, path: Path) ->
     ``torch.export.load(path).module()``, with no project code and no pickled classes."""
     try:
         batch = torch.export.Dim("batch", min=1)
+        # Plain (contiguous) weights: torch.export.save warns about channels_last ones ("No
+        # complete tensor found in the group"), and the program is meant to load anywhere.
+        model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
         program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
         buf = io.BytesIO()
         torch.export.save(program, buf)
