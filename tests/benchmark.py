@@ -1,6 +1,6 @@
 """Benchmarks (not tests): the tutorials' loops against ours, measured side by side in one run.
 
-    python tests/benchmark.py                 # everything (~10 min on 2 cores)
+    python tests/benchmark.py                 # everything (~12 min on 2 cores)
     python tests/benchmark.py nonlinear       # or: fashion_mnist
 
 Ratios are measured interleaved (A, B, A, B, ...) so that load from other processes hits both.
@@ -96,7 +96,7 @@ def bench_nonlinear(epochs_per_round: int, rounds: int, full: bool) -> None:
 
     if full:
         print("nonlinear: full `python flows/train_flow.py --job nonlinear` (a new process, its own temporary "
-              "Prefect server) against the tutorial's 10 000 epochs, 3 rounds interleaved")
+              "Prefect server) against the tutorial's 10 000 epochs, 5 rounds interleaved")
 
         def flow() -> None:
             with tempfile.TemporaryDirectory() as tmp:
@@ -104,7 +104,7 @@ def bench_nonlinear(epochs_per_round: int, rounds: int, full: bool) -> None:
                 subprocess.run([sys.executable, str(ROOT / "flows" / "train_flow.py"), "--job", "nonlinear",
                                 "--artifacts-dir", tmp], check=True, capture_output=True, cwd=ROOT, env=env)
 
-        tf, tt = interleave(flow, lambda: tutorial(10_000), 3)
+        tf, tt = interleave(flow, lambda: tutorial(10_000), 5)
         print("  rounds (s): flow " + " ".join(f"{t:.1f}" for t in tf) + ", tutorial " + " ".join(f"{t:.1f}" for t in tt))
         line("whole flow incl. Prefect start vs tutorial loop (median)", statistics.median(tf), statistics.median(tt), 0.6)
 
