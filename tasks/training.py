@@ -94,10 +94,10 @@ def keep_freed_memory() -> None:
 @functools.cache  # process-wide settings: once is enough
 def deterministic_cuda() -> None:
     """Make CUDA training repeatable bit for bit, so that a resumed run ends exactly where an
-    uninterrupted one would: without this, cuDNN's autotuned and atomics-based kernels made two
-    identical CNN runs on an H200 differ by up to 7e-3 after 3 epochs. Deterministic cuDNN
-    algorithms, a fixed cuBLAS workspace, and PyTorch's deterministic kernel wherever an op has
-    one (an op without one still runs, with a warning naming it)."""
+    uninterrupted one would (on an H200, two identical CNN runs differed by up to 7e-3 after 3
+    epochs without these settings and were identical with them): deterministic cuDNN algorithms
+    without autotuning, a fixed cuBLAS workspace, and PyTorch's deterministic kernel wherever an
+    op has one (an op without one still runs, with a warning naming it)."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True

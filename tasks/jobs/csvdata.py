@@ -24,10 +24,10 @@ def read_xy_csv(path: Path, columns: int = 2, header: str = "x,y") -> np.ndarray
     if path.stat().st_size == 0:
         raise UserError(f"data file {path} is empty; it needs a header '{header}' and numeric rows")
     try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not part of the header
+        text: str | None = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not part of the header
     except UnicodeDecodeError:
-        text = "\x00"
-    if "\x00" in text:
+        text = None
+    if text is None or "\x00" in text:
         raise UserError(f"data file {path} is not a text CSV; expected header '{header}' and numeric rows")
     # The standard csv module, not pandas: the same cells (read as text, converted by float()),
     # and importing pandas cost 0.5 s of every run's start.
