@@ -55,3 +55,42 @@ def test_default_run_fits_the_curve(prefect_api: str, tmp_path: Path) -> None:
     with torch.no_grad():
         assert torch.equal(model(x), sd(x))
         assert torch.allclose(model(x).flatten(), torch.tensor([1.9154, 69.4928, 356.8351]), atol=0.5)
+
+
+def test_train_epoch_fast_sgd_step_is_bit_identical_to_torch_optim() -> None:
+    """train_epoch's plain-SGD step (no torch.optim wrappers) gives exactly what
+    ``optimizer.step()`` gives, and is not used where SGD.step would do anything else."""
+    from tasks.jobs.spec import Tensors
+    from tasks.training import epoch_order, plain_sgd_step, train_epoch
+
+    data = load(CSV_PATH).pool
+    train = Tensors(data.x[:160], data.y[:160])
+    torch.manual_seed(3)
+    ours, theirs = CustomModel(), CustomModel()
+    theirs.load_state_dict(ours.state_dict())
+    start = {k: v.clone() for k, v in ours.state_dict().items()}
+    opt_ours, opt_theirs = (torch.optim.SGD(m.parameters(), lr=1e-3) for m in (ours, theirs))
+    assert plain_sgd_step(opt_ours) is not None
+    loss_fn = torch.nn.MSELoss()
+    for epoch in range(20):
+        order = epoch_order(0, epoch, 160)
+        train_epoch(ours, opt_ours, None, loss_fn, train, order, 16)
+        for b in range(10):  # the reference: torch.optim's own step on the same batches
+            idx = order[b * 16 : (b + 1) * 16]
+            opt_theirs.zero_grad()
+            loss_fn(theirs(train.x[idx]), train.y[idx]).backward()
+            opt_theirs.step()
+    for k, v in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v), k
+    assert all(ours.state_dict()[k].ne(v).all() for k, v in start.items())  # it did train
+
+    params = list(CustomModel().parameters())
+    assert plain_sgd_step(torch.optim.SGD(params, lr=0.1, momentum=0.9)) is None
+    assert plain_sgd_step(torch.optim.SGD(params, lr=0.1, weight_decay=1e-4)) is None
+    assert plain_sgd_step(torch.optim.Adam(params, lr=0.1)) is None
+    hooked = torch.optim.SGD(params, lr=0.1)
+    hooked.register_step_post_hook(lambda *a: None)
+    assert plain_sgd_step(hooked) is None
+    scheduled = torch.optim.SGD(params, lr=0.1)
+    torch.optim.lr_scheduler.StepLR(scheduled, step_size=1)  # wraps scheduled.step
+    assert plain_sgd_step(scheduled) is None
