@@ -131,8 +131,8 @@ def bench_fashion(rounds: int, goal: bool) -> None:
 
     spec = get_job("fashion_mnist")
     folder = fm.locate(fm.DATA_DIR)
-    print(f"fashion_mnist: one epoch, tutorial pipeline vs ours (LeNet, SGD lr 1e-3 momentum 0.9, batch 128), "
-          f"{rounds} rounds interleaved; data in {folder}")
+    print(f"fashion_mnist: one epoch of the 60 000 training images, tutorial pipeline vs ours (LeNet, SGD lr 1e-3 "
+          f"momentum 0.9, batch 128), {rounds} rounds interleaved; data in {folder}")
     with tempfile.TemporaryDirectory() as tmp:
         root = torchvision_root(folder, Path(tmp))
         transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
@@ -154,7 +154,8 @@ def bench_fashion(rounds: int, goal: bool) -> None:
 
         cfg = spec.config(model="lenet", optimizer="sgd", lr=1e-3, momentum=0.9, schedule="constant")
         data = spec.load(fm.DATA_DIR)
-        train = split_tensors(data, make_split(data, cfg), "train")
+        # All 60 000 training images, as the tutorial's epoch (our runs hold 6 000 out for validation).
+        train = data.pool
 
         def our_epochs(cfg):
             """One epoch of our training loop per call, on its own model and optimizer."""
