@@ -139,11 +139,10 @@ def plain_sgd_step(optimizer: torch.optim.Optimizer) -> Callable[[], None] | Non
     the ~70 us of the regression's step. None when any condition fails: then use ``step``."""
     from torch.optim import optimizer as optim_module
 
-    hooks = (getattr(optimizer, "_optimizer_step_pre_hooks", None), getattr(optimizer, "_optimizer_step_post_hooks", None),
-             getattr(optim_module, "_global_optimizer_pre_hooks", None),
-             getattr(optim_module, "_global_optimizer_post_hooks", None))
+    hooks = [getattr(optimizer, name, None) for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks")]
+    hooks += [getattr(optim_module, name, None) for name in ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks")]
     if type(optimizer) is not torch.optim.SGD or "step" in vars(optimizer) or any(h is None or h for h in hooks):
-        return None  # another optimizer, a step patched by a scheduler or test, or hooks to honour
+        return None  # another optimizer, a step patched (by a scheduler, a test), hooks to honour or unknown
     for group in optimizer.param_groups:
         if (group["momentum"] or group["weight_decay"] or group["maximize"] or group["differentiable"]
                 or group.get("fused") or isinstance(group["lr"], torch.Tensor)):
