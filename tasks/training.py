@@ -132,10 +132,10 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
 
 
 def plain_sgd_step(optimizer: torch.optim.Optimizer) -> Callable[[], None] | None:
-    """``optimizer.step`` without its wrappers, for plain SGD (no momentum, weight decay,
-    maximize, fused kernel, scheduler or hooks): the same ``p.add_(grad, alpha=-lr)`` per
-    parameter that ``SGD.step`` runs in that case, bit for bit (tests/test_nonlinear.py checks
-    it). The wrappers (profiler scope, hooks, grad mode, dynamo markers, group scan) were ~25 of
+    """``optimizer.step`` without its wrappers, for plain SGD on the CPU (no momentum, weight
+    decay, maximize, foreach or fused kernel, scheduler or hooks): the same
+    ``p.add_(grad, alpha=-lr)`` per parameter that ``SGD.step`` runs in that case, bit for bit
+    (tests/test_nonlinear.py checks it). The wrappers (profiler scope, hooks, grad mode, dynamo markers, group scan) were ~25 of
     the ~70 us of the regression's step. None when any condition fails: then use ``step``."""
     from torch.optim import optimizer as optim_module
 
@@ -145,8 +145,9 @@ def plain_sgd_step(optimizer: torch.optim.Optimizer) -> Callable[[], None] | Non
         return None  # another optimizer, a step patched (by a scheduler, a test), hooks to honour or unknown
     for group in optimizer.param_groups:
         if (group["momentum"] or group["weight_decay"] or group["maximize"] or group["differentiable"]
-                or group.get("fused") or isinstance(group["lr"], torch.Tensor)):
-            return None
+                or group.get("fused") or group.get("foreach") or isinstance(group["lr"], torch.Tensor)
+                or any(p.device.type != "cpu" for p in group["params"])):
+            return None  # SGD.step would do more, or (CUDA: foreach kernels) compute differently
     groups = optimizer.param_groups  # read at every step: a changed lr is honoured
 
     def step() -> None:

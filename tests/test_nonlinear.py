@@ -87,6 +87,7 @@ def test_train_epoch_fast_sgd_step_is_bit_identical_to_torch_optim() -> None:
     params = list(CustomModel().parameters())
     assert plain_sgd_step(torch.optim.SGD(params, lr=0.1, momentum=0.9)) is None
     assert plain_sgd_step(torch.optim.SGD(params, lr=0.1, weight_decay=1e-4)) is None
+    assert plain_sgd_step(torch.optim.SGD(params, lr=0.1, foreach=True)) is None
     assert plain_sgd_step(torch.optim.Adam(params, lr=0.1)) is None
     hooked = torch.optim.SGD(params, lr=0.1)
     hooked.register_step_post_hook(lambda *a: None)
