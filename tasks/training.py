@@ -135,8 +135,9 @@ def plain_sgd_step(optimizer: torch.optim.Optimizer) -> Callable[[], None] | Non
     """``optimizer.step`` without its wrappers, for plain SGD on the CPU (no momentum, weight
     decay, maximize, foreach or fused kernel, scheduler or hooks): the same
     ``p.add_(grad, alpha=-lr)`` per parameter that ``SGD.step`` runs in that case, bit for bit
-    (tests/test_nonlinear.py checks it). The wrappers (profiler scope, hooks, grad mode, dynamo markers, group scan) were ~25 of
-    the ~70 us of the regression's step. None when any condition fails: then use ``step``."""
+    (tests/test_nonlinear.py checks it). The wrappers (profiler scope, hooks, grad mode, dynamo
+    markers, group scan) were ~25 of the ~70 us of the regression's step. None when any
+    condition fails (an LR scheduler patches ``step``, so it is one): then use ``step``."""
     from torch.optim import optimizer as optim_module
 
     hooks = [getattr(optimizer, name, None) for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks")]
@@ -213,7 +214,7 @@ def train_epoch(
     # What optimizer.zero_grad(set_to_none=True) does, without its profiler scope and per-call
     # group walk: ~15% of a step for the 2-parameter regression.
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    step = (plain_sgd_step(optimizer) if scheduler is None else None) or optimizer.step
+    step = plain_sgd_step(optimizer) or optimizer.step
     for x, y in epoch_batches(data, order, batch_size, prepare):
         loss = loss_fn(model(x), y)
         for p in params:
