@@ -7,6 +7,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from tasks.training import DivergedError, Trainer
 from tests.conftest import ROOT, TRAIN, cli_env, run_cli, train_cli
 from tests.test_resume import assert_same_run, wait_for
 
-# 6 chunks of 250 epochs (~0.3-1 s each): short, but long enough to be interrupted.
+# 6 chunks of 250 epochs (~0.15-1 s each): short, but long enough to be interrupted.
 CFG = dict(job="nonlinear", epochs=1500, chunk_epochs=250, seed=3)
 ARGS = ["--job", "nonlinear", "--epochs", "1500", "--chunk-epochs", "250", "--seed", "3"]
 
@@ -105,11 +106,23 @@ def test_damaged_newest_checkpoint_is_reported_once_and_the_rerun_falls_back(ref
 def test_sigterm_and_ctrl_c_save_at_the_next_epoch_then_resume(sig, reference: Path, prefect_api: str, tmp_path: Path) -> None:
     args = [*ARGS, "--artifacts-dir", str(tmp_path), "--run-name", "t"]
     ckpts = tmp_path / "nonlinear" / "t" / "checkpoints"
-    proc = start(args, prefect_api)
-    wait_for(lambda: (ckpts / "checkpoint-2.json").exists(), proc=proc)
-    time.sleep(0.15)  # inside chunk 3 (epochs 501-750)
+    proc = start(args, prefect_api, PREFECT_LOGGING_LEVEL="INFO")  # for the chunk's "continuing" line
+    lines: list[str] = []  # stderr as it comes, read by a thread, so the test can wait for that line
+    reader = threading.Thread(target=lambda: [lines.append(line) for line in proc.stderr], daemon=True)
+    reader.start()
+
+    def chunk_3_started() -> bool:
+        assert proc.poll() is None, "".join(lines)[-2000:]
+        return any("chunk 3: continuing from checkpoint-2.pt" in line for line in lines)
+
+    # Not a fixed delay after checkpoint-2: a fast machine trains chunk 3 (250 epochs) in ~0.15 s.
+    wait_for(chunk_3_started)
+    time.sleep(0.02)  # inside chunk 3 (epochs 501-750): the log line comes just before its first epoch
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
+    proc.stdout.read()
+    proc.wait(timeout=60)
+    reader.join(timeout=60)
+    err = "".join(lines)
     assert proc.returncode == 128 + sig, err[-2000:]
     name = signal.Signals(sig).name
     last = err.strip().splitlines()[-1]
