@@ -10,6 +10,7 @@ import os
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -193,6 +194,63 @@ def epoch_batches(
         yield prepare(xs[b * batch_size : (b + 1) * batch_size]), ys[b * batch_size : (b + 1) * batch_size]
 
 
+def cpu_slots() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@functools.cache  # one pool per size for the process: new threads per epoch cost ~10% of a step
+def shard_pool(workers: int) -> ThreadPoolExecutor:
+    """Threads that run shards besides the calling thread."""
+    return ThreadPoolExecutor(workers, thread_name_prefix="shard")
+
+
+def sharded_backward(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    params: list[torch.Tensor],
+    shards: int,
+    prepare: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+    pool: ThreadPoolExecutor | None = None,
+) -> torch.Tensor:
+    """Set each parameter's ``.grad`` to the gradient of the loss of batch ``x`` [B, ...] (as
+    stored; each shard applies ``prepare`` to its rows) and ``y``, computed as ``shards`` equal
+    shards (B divisible by ``shards``); return the batch loss. Shards run on ``pool``'s threads
+    while this thread runs the first, or one after another without a pool; either way each
+    shard runs the same single-threaded kernels and the gradients are summed in shard order,
+    so the floats depend on ``shards`` alone, never on which thread ran what or how busy the
+    machine was. The model must treat samples independently (``JobSpec.config`` checks)."""
+    xs, ys = x.chunk(shards), y.chunk(shards)
+    threads = torch.get_num_threads()
+
+    # A mean loss over B is the mean of the shards' mean losses (equal shards); a summed loss is
+    # their sum. Scaling each shard's loss scales its gradients (exactly, for a power of two).
+    scale = 1 / shards if getattr(loss_fn, "reduction", "mean") == "mean" else 1
+
+    def one(i: int) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+        if torch.get_num_threads() != threads:  # a pool thread may have run another config before
+            torch.set_num_threads(threads)
+        loss = loss_fn(model(prepare(xs[i])), ys[i]) * scale
+        return loss.detach(), torch.autograd.grad(loss, params, allow_unused=True)
+
+    if pool is None:
+        results = [one(i) for i in range(shards)]
+    else:
+        futures = [pool.submit(one, i) for i in range(1, shards)]
+        results = [one(0)] + [f.result() for f in futures]
+    for k, p in enumerate(params):
+        grads = [g[k] for _, g in results if g[k] is not None]  # None: unused, as .backward() leaves it
+        for g in grads[1:]:
+            grads[0].add_(g)  # into the first shard's fresh tensor, in shard order
+        p.grad = grads[0] if grads else None
+    return functools.reduce(torch.add, [loss for loss, _ in results])
+
+
 def train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -202,9 +260,10 @@ def train_epoch(
     order: torch.Tensor,
     batch_size: int,
     prepare: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+    shards: int = 1,
 ) -> float:
-    """One epoch over ``data`` in ``order``, full batches only (drop_last). Returns the mean
-    batch loss (the tutorial's ``cost``)."""
+    """One epoch over ``data`` in ``order``, full batches only (drop_last), each batch computed in
+    ``shards`` parts (see ``sharded_backward``). Returns the mean batch loss (the tutorial's ``cost``)."""
     model.train()
     batches = len(order) // batch_size
     on_cpu = data.x.device.type == "cpu"
@@ -215,11 +274,18 @@ def train_epoch(
     # group walk: ~15% of a step for the 2-parameter regression.
     params = [p for group in optimizer.param_groups for p in group["params"]]
     step = plain_sgd_step(optimizer) or optimizer.step
-    for x, y in epoch_batches(data, order, batch_size, prepare):
-        loss = loss_fn(model(x), y)
+    # Shards run on parallel threads on a CPU with cores to spare (on CUDA the kernels queue on
+    # one stream anyway), each preparing its own rows.
+    workers = min(shards, cpu_slots()) - 1 if on_cpu else 0
+    pool = shard_pool(workers) if workers else None
+    for x, y in epoch_batches(data, order, batch_size, prepare if shards == 1 else lambda x: x):
         for p in params:
             p.grad = None
-        loss.backward()
+        if shards == 1:
+            loss = loss_fn(model(x), y)
+            loss.backward()
+        else:
+            loss = sharded_backward(model, loss_fn, x, y, params, shards, prepare, pool)
         step()
         if scheduler is not None:
             scheduler.step()
@@ -327,7 +393,7 @@ class Trainer:
         order = epoch_order(cfg.seed, epoch, len(self.train))
         lr = self.optimizer.param_groups[0]["lr"]
         cost = train_epoch(self.model, self.optimizer, self.scheduler, self.loss_fn, self.train, order,
-                           cfg.batch_size, self.spec.prepare)
+                           cfg.batch_size, self.spec.prepare, cfg.shards or 1)
         if not math.isfinite(cost):
             raise DivergedError(
                 f"training diverged at epoch {epoch + 1} (train loss {cost}); the last good checkpoint is kept; "

@@ -165,30 +165,34 @@ def bench_fashion(rounds: int, goal: bool) -> None:
 
             def run() -> None:
                 setup_torch(cfg)  # as the product does: threads and malloc policy (process-wide)
-                train_epoch(net, opt, None, criterion, train, epoch_order(0, epoch[0], len(train)), 128, fm.prepare)
+                train_epoch(net, opt, None, criterion, train, epoch_order(0, epoch[0], len(train)), 128, fm.prepare,
+                            cfg.shards)
                 epoch[0] += 1
 
             return run
 
-        ours = our_epochs(cfg)
-        # The same with the tutorial's two threads (--threads 2): faster on an idle machine,
-        # several times slower when another process is busy, hence not our default.
-        ours_2_threads = our_epochs(cfg.model_copy(update={"threads": 2}))
+        ours = our_epochs(cfg)  # LeNet's default: 2 shards, one thread each
+        # For comparison: one thread (--shards 1), and the tutorial's two intra-op threads
+        # (--shards 1 --threads 2): faster still on an idle machine, several times slower when
+        # another process is busy.
+        ours_1 = our_epochs(cfg.model_copy(update={"shards": 1}))
+        ours_2_threads = our_epochs(cfg.model_copy(update={"shards": 1, "threads": 2}))
 
         def data_only() -> None:
             setup_torch(cfg)  # our default thread count, whatever ran before
             for _ in epoch_batches(train, epoch_order(0, 0, len(train)), 128, fm.prepare):  # train_epoch's data path
                 pass
 
-        ta, tb, t2 = interleave(ours, tutorial, ours_2_threads, rounds=rounds)
+        ta, tb, t1, t2 = interleave(ours, tutorial, ours_1, ours_2_threads, rounds=rounds)
         ours_s, tut_s = statistics.median(ta), statistics.median(tb)
-        line("epoch (median)", ours_s, tut_s, 0.25)
-        print(f"  for comparison, ours with --threads 2 (the tutorial's thread count): {statistics.median(t2):.3f}s, "
-              f"ratio {statistics.median(t2) / tut_s:.3f}")
+        line(f"epoch (median; ours: --shards {cfg.shards} --threads {cfg.threads})", ours_s, tut_s, 0.25)
+        for name, t in (("--shards 1 (one thread)", t1), ("--shards 1 --threads 2 (intra-op threads)", t2)):
+            print(f"  for comparison, ours with {name}: {statistics.median(t):.3f}s, ratio {statistics.median(t) / tut_s:.3f}")
         td = statistics.median(interleave(data_only, rounds=3)[0])
         print(f"  data path alone: {td:.3f}s = {100 * td / ours_s:.2f}% of our epoch (target <= 2%) "
               f"{'OK' if td / ours_s <= 0.02 else 'MISSED'}")
-        print(f"  (tutorial: {threads} intra-op threads + 2 workers; ours: {cfg.threads} thread, no workers)")
+        print(f"  (tutorial: {threads} intra-op threads + 2 workers; ours: {cfg.shards} shards of {cfg.threads} "
+              f"thread each, no workers)")
 
     if goal:
         print("fashion_mnist: wall time of the default config to the accuracy goal (10 epochs, whole flow)")

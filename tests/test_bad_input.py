@@ -83,6 +83,10 @@ def test_bad_csv(case: str, tmp_path: Path, existing_artifacts: Path, capsys) ->
         (["--lr", "-1"], "invalid --lr"),
         (["--epochs", "ten"], "invalid int value: 'ten'"),
         (["--run-name", "../escape"], "invalid --run-name"),
+        (["--shards", "0"], "invalid --shards"),
+        (["--job", "fashion_mnist", "--shards", "2"], "small_cnn has bn1 (BatchNorm2d), so use --shards 1"),
+        (["--job", "fashion_mnist", "--model", "lenet", "--batch-size", "100", "--shards", "3"],
+         "--batch-size 100 does not split into 3 equal shards"),
     ],
 )
 def test_bad_options(args: list[str], expected: str, existing_artifacts: Path, capsys) -> None:

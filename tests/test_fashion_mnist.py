@@ -170,6 +170,68 @@ def test_tutorial_recipe_is_reproducible_from_the_command_line() -> None:
     assert (cfg.model, cfg.optimizer, cfg.lr, cfg.momentum, cfg.batch_size, cfg.epochs) == ("lenet", "sgd", 1e-3, 0.9, 128, 10)
 
 
+def test_lenet_trains_in_two_shards_by_default_and_batchnorm_models_in_one() -> None:
+    assert fm.JOB.config(model="lenet").shards == 2
+    assert fm.JOB.config().shards == 1 and fm.JOB.config(model="cnn").shards == 1
+    assert fm.JOB.config(model="lenet", shards=1).shards == 1
+    with pytest.raises(UserError, match=r"cnn has bn1 \(BatchNorm2d\), so use --shards 1"):
+        fm.JOB.config(model="cnn", shards=2)
+
+
+def test_sharded_training_gives_the_same_floats_in_parallel_and_in_sequence(tiny: Path, monkeypatch) -> None:
+    """Two shards on two threads, or one after the other (a 1-core machine, or CUDA): the same
+    weights, optimizer state and losses bit for bit; and the same training as one whole batch
+    up to float rounding (the gradient of a mean loss is the mean of the shards' gradients)."""
+    from tasks import training
+
+    cfg = fm.JOB.config(model="lenet", optimizer="sgd", lr=0.05, momentum=0.9, schedule="constant", batch_size=32)
+    train = fm.load(tiny).pool  # 600 images: 18 batches of 32 per epoch
+
+    def run(shards: int, cores: int) -> tuple[list[float], dict, dict]:
+        monkeypatch.setattr(training, "cpu_slots", lambda: cores)
+        torch.manual_seed(0)
+        model = fm.build_model(cfg)
+        opt = training.build_optimizer(cfg, model)
+        losses = [training.train_epoch(model, opt, None, nn.CrossEntropyLoss(), train,
+                                       training.epoch_order(0, epoch, len(train)), 32, fm.prepare, shards)
+                  for epoch in range(3)]
+        return losses, model.state_dict(), opt.state_dict()["state"]
+
+    parallel, in_sequence, whole = run(2, cores=2), run(2, cores=1), run(1, cores=2)
+    assert parallel[0] == in_sequence[0]
+    for a, b in ((parallel[1], in_sequence[1]), *((parallel[2][k], in_sequence[2][k]) for k in parallel[2])):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert parallel[0][-1] < parallel[0][0]  # it learns
+    for k in whole[1]:
+        assert torch.allclose(parallel[1][k], whole[1][k], atol=1e-5), k
+    assert parallel[0] == pytest.approx(whole[0], abs=1e-6)
+
+
+def test_lenet_in_shards_resumes_bit_exact_after_an_exception_in_chunk_2(tiny: Path, prefect_api: str,
+                                                                          tmp_path: Path, monkeypatch) -> None:
+    from tasks.training import Trainer
+    from tests.conftest import assert_same_tensors, state_dict
+
+    args = {"job": "fashion_mnist", "data": str(tiny), "model": "lenet", "optimizer": "sgd", "lr": 0.05,
+            "momentum": 0.9, "schedule": "constant", "batch_size": 32, "epochs": 4, "chunk_epochs": 2, "run_name": "r"}
+    ref = Path(train_flow(artifacts_dir=str(tmp_path / "ref"), **args)["fashion_mnist"]["run_dir"])
+    assert json.loads((ref / "config.json").read_text())["identity"]["shards"] == 2
+    real, calls = Trainer.run_epoch, []
+
+    def flaky(self, epoch: int):
+        calls.append(epoch)
+        if epoch == 3 and calls.count(3) == 1:
+            raise RuntimeError("injected fault inside chunk 2")
+        return real(self, epoch)
+
+    monkeypatch.setattr(Trainer, "run_epoch", flaky)
+    run_dir = Path(train_flow(artifacts_dir=str(tmp_path / "flaky"), **args)["fashion_mnist"]["run_dir"])
+    assert calls == [0, 1, 2, 3, 2, 3]
+    assert_same_tensors(state_dict(run_dir / "model_state_dict.pt"), state_dict(ref / "model_state_dict.pt"))
+    for name in ("metrics.json", "history.csv"):
+        assert (run_dir / name).read_text() == (ref / name).read_text(), name
+
+
 def test_run_on_tiny_data_writes_metrics_and_pngs(tiny: Path, prefect_api: str, tmp_path: Path) -> None:
     result = train_flow(job="fashion_mnist", data=str(tiny), epochs=4, chunk_epochs=2, batch_size=32,
                         artifacts_dir=str(tmp_path))["fashion_mnist"]

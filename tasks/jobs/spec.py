@@ -45,6 +45,10 @@ class TrainConfig(BaseModel):
     early_stopping_patience: int | None = Field(
         default=None, gt=0, description="stop after this many epochs without a better validation metric"
     )
+    shards: int | None = Field(
+        default=None, gt=0, description="equal parts each training batch is computed in, gradients summed in "
+        "part order (on CPU, on parallel threads); None: the job's choice for the model"
+    )
     # Execution details. Those that do not change the trained numbers are left out of the run's
     # identity (IDENTITY_EXCLUDE); `threads` stays in: 1 and 2 CPU threads give different floats.
     run_name: str | None = None
@@ -156,6 +160,10 @@ class JobSpec:
     #: Tests only: ``folder -> --data path`` that writes tiny data for this job into ``folder``
     #: (for data not available offline, e.g. a downloaded dataset); None: tests use ``defaults["data"]``.
     make_test_data: Callable[[Path], Path] | None = None
+    #: ``model name -> shards`` when the config leaves ``shards`` unset. Sharding suits models
+    #: that treat every sample on its own and whose steps are long enough to share: see
+    #: ``tasks.training.sharded_backward``.
+    default_shards: Callable[[str], int] = lambda model: 1
 
     def config(self, **overrides: Any) -> TrainConfig:
         """Validated TrainConfig: this job's defaults with ``overrides`` (None means default)."""
@@ -165,4 +173,25 @@ class JobSpec:
             raise UserError(
                 f"unknown model {cfg.model!r} for job {self.name!r}; choose one of: {', '.join(self.models)}"
             )
+        if cfg.shards is None:
+            cfg = cfg.model_copy(update={"shards": self.default_shards(cfg.model)})
+        if cfg.shards > 1:
+            if cfg.batch_size % cfg.shards:
+                raise UserError(f"--batch-size {cfg.batch_size} does not split into {cfg.shards} equal shards; "
+                                f"use a multiple of {cfg.shards} or another --shards")
+            with torch.device("meta"):  # no memory, no draw from the global RNG
+                mixing = batch_dependent_modules(self.build_model(cfg))
+            if mixing:
+                raise UserError(f"--shards {cfg.shards} needs a model that treats each sample on its own; "
+                                f"{cfg.model} has {mixing[0]}, so use --shards 1")
         return cfg
+
+
+def batch_dependent_modules(model: nn.Module) -> list[str]:
+    """Layers whose training output is not a function of each sample alone (batch statistics
+    and running averages, random masks), e.g. ``["bn1 (BatchNorm2d)"]``: such a model cannot be
+    trained in shards. Random draws made in ``forward`` itself cannot be seen here."""
+    def mixes(m: nn.Module) -> bool:
+        return isinstance(m, nn.modules.batchnorm._NormBase) or (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0)
+
+    return [f"{name} ({type(m).__name__})" for name, m in model.named_modules() if mixes(m)]
