@@ -207,6 +207,26 @@ def test_sharded_training_gives_the_same_floats_in_parallel_and_in_sequence(tiny
     assert parallel[0] == pytest.approx(whole[0], abs=1e-6)
 
 
+def test_shard_clock_keeps_whichever_way_was_faster_at_the_last_probe() -> None:
+    from tasks.training import ShardClock
+
+    pool = object()
+    clock = ShardClock(pool, period=10, probe=3)  # type: ignore[arg-type]
+
+    def run(steps: int, threads: float, sequence: float) -> list[bool]:
+        used = []
+        for _ in range(steps):
+            p = clock.pool()
+            used.append(p is pool)
+            clock.took(threads if p is pool else sequence, p)
+        return used
+
+    # Each period: 3 steps in sequence, 3 on threads, then the faster way until the next period.
+    assert run(10, threads=1.0, sequence=2.0) == [False] * 3 + [True] * 7
+    assert run(10, threads=3.0, sequence=2.0) == [False] * 3 + [True] * 3 + [False] * 4
+    assert ShardClock(None).pool() is None
+
+
 def test_lenet_in_shards_resumes_bit_exact_after_an_exception_in_chunk_2(tiny: Path, prefect_api: str,
                                                                           tmp_path: Path, monkeypatch) -> None:
     from tasks.training import Trainer
