@@ -354,7 +354,7 @@ JOB = JobSpec(
     model_label=lambda cfg: type(MODELS[cfg.model]()).__name__,
     data_help="folder with FashionMNIST/raw/*.gz (default data/)",
     make_test_data=make_test_data,
-    # LeNet's batch runs as two halves on two threads (1.6x faster per step on 2 cores, see
+    # LeNet's batch runs as two halves on two threads (~1.5x faster per step on 2 cores, see
     # README); the BatchNorm/dropout models need the whole batch at once.
     default_shards=lambda model: 2 if model == "lenet" else 1,
     predict=Predictor(add_arguments=_predict_arguments, inputs=_predict_inputs, format=_predict_format),

@@ -71,7 +71,12 @@ class TrainConfig(BaseModel):
 
     def identity(self) -> dict[str, Any]:
         """The fields that decide the trained result (a resumed run must match them)."""
-        return {k: v for k, v in self.model_dump(mode="json").items() if k not in IDENTITY_EXCLUDE}
+        identity = {k: v for k, v in self.model_dump(mode="json").items() if k not in IDENTITY_EXCLUDE}
+        if identity["shards"] in (None, 1):
+            # How every run trained before `shards` existed: leaving it out keeps those runs'
+            # fingerprints, so they still resume.
+            del identity["shards"]
+        return identity
 
     def fingerprint(self, data_fingerprint: str) -> str:
         """sha256 of the identity fields plus the data's own fingerprint."""
