@@ -66,3 +66,21 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), f"{k} differs: {a[k]} vs {b[k]}"
+
+
+def fail_once_at(monkeypatch, epoch: int, message: str = "injected fault inside chunk 2") -> list[int]:
+    """Make ``Trainer.run_epoch`` raise the first time it reaches ``epoch``; returns the list of
+    every epoch it is called with, in order."""
+    from tasks.training import Trainer
+
+    real = Trainer.run_epoch
+    calls: list[int] = []
+
+    def flaky(self, e: int):
+        calls.append(e)
+        if e == epoch and calls.count(epoch) == 1:
+            raise RuntimeError(message)
+        return real(self, e)
+
+    monkeypatch.setattr(Trainer, "run_epoch", flaky)
+    return calls

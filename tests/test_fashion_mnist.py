@@ -242,22 +242,13 @@ def test_shard_clock_keeps_whichever_way_was_faster_at_the_last_probe() -> None:
 
 def test_lenet_in_shards_resumes_bit_exact_after_an_exception_in_chunk_2(tiny: Path, prefect_api: str,
                                                                           tmp_path: Path, monkeypatch) -> None:
-    from tasks.training import Trainer
-    from tests.conftest import assert_same_tensors, state_dict
+    from tests.conftest import assert_same_tensors, fail_once_at, state_dict
 
     args = {"job": "fashion_mnist", "data": str(tiny), "model": "lenet", "optimizer": "sgd", "lr": 0.05,
             "momentum": 0.9, "schedule": "constant", "batch_size": 32, "epochs": 4, "chunk_epochs": 2, "run_name": "r"}
     ref = Path(train_flow(artifacts_dir=str(tmp_path / "ref"), **args)["fashion_mnist"]["run_dir"])
     assert json.loads((ref / "config.json").read_text())["identity"]["shards"] == 2
-    real, calls = Trainer.run_epoch, []
-
-    def flaky(self, epoch: int):
-        calls.append(epoch)
-        if epoch == 3 and calls.count(3) == 1:
-            raise RuntimeError("injected fault inside chunk 2")
-        return real(self, epoch)
-
-    monkeypatch.setattr(Trainer, "run_epoch", flaky)
+    calls = fail_once_at(monkeypatch, 3)
     run_dir = Path(train_flow(artifacts_dir=str(tmp_path / "flaky"), **args)["fashion_mnist"]["run_dir"])
     assert calls == [0, 1, 2, 3, 2, 3]
     assert_same_tensors(state_dict(run_dir / "model_state_dict.pt"), state_dict(ref / "model_state_dict.pt"))

@@ -16,8 +16,8 @@ import pytest
 import tasks.checkpoint as ck
 from flows.train_flow import train_flow
 from tasks.run import OWNER_FILE, hold, read_json
-from tasks.training import DivergedError, Trainer
-from tests.conftest import ROOT, TRAIN, cli_env, run_cli, train_cli
+from tasks.training import DivergedError
+from tests.conftest import ROOT, TRAIN, cli_env, fail_once_at, run_cli, train_cli
 from tests.test_resume import assert_same_run, wait_for
 
 # 6 chunks of 250 epochs (~0.15-1 s each): short, but long enough to be interrupted.
@@ -239,16 +239,7 @@ def test_early_stopping_is_identical_with_and_without_interruption(prefect_api: 
     plain = train_flow(**cfg, artifacts_dir=str(tmp_path / "a"), run_name="e")["nonlinear"]
     m = plain["metrics"]
     assert m["stopped_early"] and m["epochs_trained"] < 1500, m
-    real = Trainer.run_epoch
-    seen: list[int] = []
-
-    def flaky(self, epoch):
-        seen.append(epoch)
-        if epoch == m["epochs_trained"] - 5 and seen.count(epoch) == 1:
-            raise RuntimeError("injected fault just before the early stop")
-        return real(self, epoch)
-
-    monkeypatch.setattr(Trainer, "run_epoch", flaky)
+    seen = fail_once_at(monkeypatch, m["epochs_trained"] - 5, "injected fault just before the early stop")
     interrupted = train_flow(**cfg, artifacts_dir=str(tmp_path / "b"), run_name="e")["nonlinear"]
     assert seen.count(m["epochs_trained"] - 5) == 2
     assert_same_run(Path(interrupted["run_dir"]), Path(plain["run_dir"]))

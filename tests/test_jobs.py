@@ -15,8 +15,8 @@ import torch
 
 from flows.train_flow import parser, train_flow
 from tasks.jobs import JOBS, default_jobs
-from tasks.training import Trainer, chunk_ends
-from tests.conftest import assert_same_tensors, state_dict
+from tasks.training import chunk_ends
+from tests.conftest import assert_same_tensors, fail_once_at, state_dict
 
 #: 3 chunks of 2 epochs; the fault is injected in the second epoch of chunk 2.
 SMALL = {"epochs": 6, "chunk_epochs": 2, "seed": 3}
@@ -75,16 +75,7 @@ def test_short_run_writes_every_artifact(reference: tuple[str, str | None, Path]
 def test_exception_inside_chunk_2_resumes_bit_exact(reference: tuple[str, str | None, Path], tmp_path: Path,
                                                     monkeypatch) -> None:
     job, data, ref = reference
-    real = Trainer.run_epoch
-    calls: list[int] = []
-
-    def flaky(self, epoch: int):
-        calls.append(epoch)
-        if epoch == FAULT_EPOCH and calls.count(FAULT_EPOCH) == 1:
-            raise RuntimeError("injected fault inside chunk 2")
-        return real(self, epoch)
-
-    monkeypatch.setattr(Trainer, "run_epoch", flaky)
+    calls = fail_once_at(monkeypatch, FAULT_EPOCH)
     run_dir = run(job, data, tmp_path)
     # Prefect retried chunk 2, which resumed from checkpoint-1: only chunk 2's epochs are redone.
     assert calls.count(FAULT_EPOCH) == 2 and calls.count(2) == 2 and calls.count(1) == 1, calls

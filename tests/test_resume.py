@@ -17,8 +17,7 @@ import torch
 
 from flows.train_flow import train_flow
 from tasks.checkpoint import list_checkpoints
-from tasks.training import Trainer
-from tests.conftest import ROOT, TRAIN, assert_same_tensors, cli_env, run_cli, state_dict, train_cli
+from tests.conftest import ROOT, TRAIN, assert_same_tensors, cli_env, fail_once_at, run_cli, state_dict, train_cli
 
 # Small but real: 200 rows, 3 chunks; each chunk is long enough (~0.3-1 s) to be killed inside.
 SMALL = ["--job", "nonlinear", "--epochs", "1500", "--chunk-epochs", "500", "--seed", "7"]
@@ -109,16 +108,7 @@ def test_without_a_server_the_command_boots_its_own_which_dies_with_it(reference
 def test_exception_in_chunk_is_retried_by_prefect_and_resumes(reference: Path, prefect_api: str, tmp_path: Path, monkeypatch) -> None:
     """An exception inside chunk 2 (epoch 700 of 1500): Prefect retries the task, which resumes
     from checkpoint-1 and ends bit-exact; at most one chunk of work is redone."""
-    real = Trainer.run_epoch
-    calls: list[int] = []
-
-    def flaky(self, epoch: int):
-        calls.append(epoch)
-        if epoch == 699 and calls.count(699) == 1:
-            raise RuntimeError("injected fault inside chunk 2")
-        return real(self, epoch)
-
-    monkeypatch.setattr(Trainer, "run_epoch", flaky)
+    calls = fail_once_at(monkeypatch, 699)
     result = train_flow(job="nonlinear", epochs=1500, chunk_epochs=500, seed=7,
                         artifacts_dir=str(tmp_path), run_name="r")
     run_dir = Path(result["nonlinear"]["run_dir"])
