@@ -166,6 +166,9 @@ def make_test_data(folder: Path, train: int = 600, test: int = 200, seed: int = 
 class NeuralNet(nn.Module):
     """The tutorial's LeNet, attribute names unchanged so its state_dict loads into the tutorial's class."""
 
+    #: Train on the CPU with the batch in the channel dimension for conv1 and its pool (below).
+    batch_major = True
+
     def __init__(self):
         super().__init__()
         self.conv1 = nn.Conv2d(1, 6, 3)
@@ -178,12 +181,35 @@ class NeuralNet(nn.Module):
         # The tutorial computes max_pool(relu(conv)); relu(max_pool(conv)) is the same tensor with
         # the same gradients (relu is monotone and zero wherever it cuts), bit for bit, with relu
         # on a quarter of the elements: 5-8% of a CPU step. tests/test_fashion_mnist.py checks it.
-        x = F.relu(F.max_pool2d(self.conv1(x), (2, 2)))  # [B,1,28,28] -> [B,6,26,26] -> [B,6,13,13]
+        # Evaluation (no grad), CUDA and torch.export take the plain path.
+        if self.batch_major and torch.is_grad_enabled() and x.device.type == "cpu" and not torch.compiler.is_compiling():
+            x = F.relu(self._conv1_pool_batch_major(x))  # same shapes
+        else:
+            x = F.relu(F.max_pool2d(self.conv1(x), (2, 2)))  # [B,1,28,28] -> [B,6,26,26] -> [B,6,13,13]
         x = F.relu(F.max_pool2d(self.conv2(x), 2))  # -> [B,16,11,11] -> [B,16,5,5]
         x = x.reshape(x.shape[0], -1)  # -> [B,400]
         x = F.relu(self.fc1(x))
         x = F.relu(self.fc2(x))
         return self.fc3(x)  # -> [B,10] logits
+
+    def _conv1_pool_batch_major(self, x: torch.Tensor) -> torch.Tensor:
+        """``max_pool2d(conv1(x), 2)`` for a batch x [B,1,H,W], computed with the batch in the
+        channel dimension; returns [B,6,H/2-1,W/2-1] channels_last. PyTorch's channels_last
+        max-pool runs scalar code for 6 channels (fewer than one AVX vector): 600 of the 2 700 us
+        of a 64-image CPU step. With the images as channels (memory [H, W, B, 6]) it pools 6B
+        channels in vector code (35 us), and the one-input-channel conv1 becomes one grouped
+        conv over the B images (170 vs 320 us). Same values; conv1's weight gradient sums the
+        images in another order (within 1e-5 of the usual one)."""
+        B, _, H, W = x.shape
+        xt = x.reshape(B, H, W).permute(1, 2, 0).contiguous()  # memory [H, W, B]
+        xt = xt.view(1, H, W, B).permute(0, 3, 1, 2)  # [1, B, H, W] channels_last: image b is channel b
+        # Group b applies conv1's 6 filters to image b: output channel 6b+k is filter k on image b.
+        h = F.conv2d(xt, self.conv1.weight.repeat(B, 1, 1, 1), self.conv1.bias.repeat(B), groups=B)  # [1, 6B, H-2, W-2]
+        h = F.max_pool2d(h, 2)  # [1, 6B, Hp, Wp], memory [Hp, Wp, B, 6]
+        _, _, Hp, Wp = h.shape
+        # Back to [B, 6, Hp, Wp], copied into channels_last for conv2 (a strided view would
+        # make relu's backward a slow mixed-layout op).
+        return h.permute(0, 2, 3, 1).view(Hp, Wp, B, 6).permute(2, 3, 0, 1).contiguous(memory_format=torch.channels_last)
 
 
 class BNCNN(nn.Module):
