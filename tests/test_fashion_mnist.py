@@ -131,22 +131,20 @@ def test_lenet_computes_the_tutorials_outputs_and_gradients(monkeypatch) -> None
         x = F.relu(theirs.fc1(x.reshape(x.shape[0], -1)))
         return theirs.fc3(F.relu(theirs.fc2(x)))
 
-    def grads(forward) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def outputs_and_grads(forward, model: nn.Module) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         out = forward(x)
-        return out, torch.autograd.grad(F.cross_entropy(out, y), list(ours.parameters() if forward is ours else theirs.parameters()))
+        return out, torch.autograd.grad(F.cross_entropy(out, y), list(model.parameters()))
 
-    theirs_out, theirs_grads = grads(tutorial_order)
+    theirs_out, theirs_grads = outputs_and_grads(tutorial_order, theirs)
     with torch.no_grad():
-        assert torch.equal(ours(x), tutorial_order(x))
+        assert torch.equal(ours(x), theirs_out)
     for batch_major in (False, True):
         monkeypatch.setattr(fm.NeuralNet, "batch_major", batch_major)
-        out, ours_grads = grads(ours)
-        for (name, p), a, b in zip(ours.named_parameters(), ours_grads, theirs_grads):
-            if batch_major:
-                assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), name
-            else:
-                assert torch.equal(a, b), name
-        assert torch.equal(out, theirs_out) if not batch_major else torch.allclose(out, theirs_out, atol=1e-6)
+        out, ours_grads = outputs_and_grads(ours, ours)
+        same = (lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-7)) if batch_major else torch.equal
+        assert same(out, theirs_out)
+        for (name, _), a, b in zip(ours.named_parameters(), ours_grads, theirs_grads):
+            assert same(a, b), name
 
 
 def test_tutorial_recipe_is_reproducible_from_the_command_line() -> None:
