@@ -198,8 +198,9 @@ class NeuralNet(nn.Module):
         max-pool runs scalar code for 6 channels (fewer than one AVX vector): 600 of the 2 700 us
         of a 64-image CPU step. With the images as channels (memory [H, W, B, 6]) it pools 6B
         channels in vector code (35 us), and the one-input-channel conv1 becomes one grouped
-        conv over the B images (170 vs 320 us). Same values; conv1's weight gradient sums the
-        images in another order (within 1e-5 of the usual one)."""
+        conv over the B images (170 vs 320 us). The same math and the same pool tie rule, but
+        oneDNN sums in another order: outputs and conv1's gradient agree with the plain path to
+        float rounding (tested at 1e-5), not bit for bit."""
         B, _, H, W = x.shape
         xt = x.reshape(B, H, W).permute(1, 2, 0).contiguous()  # memory [H, W, B]
         xt = xt.view(1, H, W, B).permute(0, 3, 1, 2)  # [1, B, H, W] channels_last: image b is channel b
