@@ -211,9 +211,9 @@ def shard_pool(workers: int) -> ThreadPoolExecutor:
 class ShardClock:
     """Whether each step's shards run on ``pool``'s threads or one after another: the floats are
     the same either way, so the clock decides. Every ``period`` steps it times ``probe`` steps
-    each way and keeps the faster until the next probe. LeNet on 2 cores, ms per step: idle,
-    threads 4.2 vs in sequence 6.3; with one other busy process, threads 7.2 vs 6.3 (the
-    scheduler's time slices outlast a shard); with three, threads 11.6 vs 12.5+."""
+    each way and keeps the faster until the next probe. LeNet on 2 cores (before its batch-major
+    conv1), ms per step: idle, threads 4.2 vs in sequence 6.3; with one other busy process,
+    threads 7.2 vs 6.3 (the scheduler's time slices outlast a shard); with three, 11.6 vs 12.5+."""
 
     def __init__(self, pool: ThreadPoolExecutor | None, period: int = 200, probe: int = 3):
         self._pool, self.period, self.probe = pool, period, probe
