@@ -43,6 +43,8 @@ def test_tiny_files_decode_and_normalise_like_torchvision(tiny: Path, tmp_path: 
     for i in range(50):
         x, y = ds[i]
         assert torch.equal(batch[i], x) and y == int(data.test.y[i])
+    every_value = torch.arange(28 * 28).remainder(256).to(torch.uint8).view(1, 28, 28)  # all 256 pixel values
+    assert torch.equal(fm.prepare(every_value)[0], tf(every_value[0].numpy()))
 
 
 def test_lookup_order_data_folder_then_system_copy(tiny: Path, tmp_path: Path, monkeypatch) -> None:

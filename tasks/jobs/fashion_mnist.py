@@ -129,7 +129,9 @@ def load(path: Path) -> JobData:
 
 def prepare(x: torch.Tensor) -> torch.Tensor:
     """uint8 [B, 28, 28] -> float [B, 1, 28, 28], bitwise what ToTensor + Normalize(0.5, 0.5) give."""
-    return ((x.unsqueeze(1).float().div(255) - 0.5) / 0.5).contiguous(memory_format=torch.channels_last)
+    # div allocates the float copy (x is never modified); then in place: ~20% fewer passes. Times 2
+    # is dividing by 0.5 exactly (a power of two), so every one of the 256 values matches.
+    return x.unsqueeze(1).div(255).sub_(0.5).mul_(2.0).contiguous(memory_format=torch.channels_last)
 
 
 def split_sizes(n: int) -> tuple[int, int, int]:
