@@ -132,35 +132,73 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     return cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=foreach)
 
 
-def plain_sgd_step(optimizer: torch.optim.Optimizer) -> Callable[[], None] | None:
-    """``optimizer.step`` without its wrappers, for plain SGD on the CPU (no momentum, weight
-    decay, maximize, foreach or fused kernel, scheduler or hooks): the same
-    ``p.add_(grad, alpha=-lr)`` per parameter that ``SGD.step`` runs in that case, bit for bit
-    (tests/test_nonlinear.py checks it). The wrappers (profiler scope, hooks, grad mode, dynamo
-    markers, group scan) were ~25 of the ~70 us of the regression's step. None when any
-    condition fails (an LR scheduler patches ``step``, so it is one): then use ``step``."""
-    from torch.optim import optimizer as optim_module
+class PlainSGD:
+    """``SGD.step`` on the CPU without its wrappers (profiler scope, hooks, grad mode, dynamo
+    markers, group scan: ~25 of the ~70 us of the regression's step), in two parts so that one can
+    run while other shards finish: ``scale_momentum`` multiplies the momentum buffers by the
+    momentum (the one part that needs no gradient), ``step`` does the rest (or all of it). Either
+    way: ``_single_tensor_sgd``'s ops in its order on the same state, so SGD.step's floats bit for
+    bit (tests/test_nonlinear.py checks it). Build it with ``wrap``."""
 
-    hooks = [getattr(optimizer, name, None) for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks")]
-    hooks += [getattr(optim_module, name, None) for name in ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks")]
-    if type(optimizer) is not torch.optim.SGD or "step" in vars(optimizer) or any(h is None or h for h in hooks):
-        return None  # another optimizer, a step patched (by a scheduler, a test), hooks to honour or unknown
-    for group in optimizer.param_groups:
-        if (group["momentum"] or group["weight_decay"] or group["maximize"] or group["differentiable"]
-                or group.get("fused") or group.get("foreach") or isinstance(group["lr"], torch.Tensor)
-                or any(p.device.type != "cpu" for p in group["params"])):
-            return None  # SGD.step would do more, or (CUDA: foreach kernels) compute differently
-    groups = optimizer.param_groups  # read at every step: a changed lr is honoured
+    def __init__(self, optimizer: torch.optim.SGD):
+        self.optimizer = optimizer
+        self._groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+        self._scaled: set[int] = set()  # ids of the parameters whose buffer is already scaled for the next step
 
-    def step() -> None:
+    @classmethod
+    def wrap(cls, optimizer: torch.optim.Optimizer) -> PlainSGD | None:
+        """A PlainSGD for ``optimizer``, or None where SGD.step would do anything else (another
+        optimizer, maximize, foreach or fused kernels, a tensor lr, CUDA, hooks, or a ``step``
+        patched by an LR scheduler or a test): then use ``optimizer.step``."""
+        from torch.optim import optimizer as optim_module
+
+        hooks = [getattr(optimizer, n, None) for n in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks")]
+        hooks += [getattr(optim_module, n, None) for n in ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks")]
+        if type(optimizer) is not torch.optim.SGD or "step" in vars(optimizer) or any(h is None or h for h in hooks):
+            return None
+        for group in optimizer.param_groups:
+            if (group["maximize"] or group["differentiable"] or group.get("fused") or group.get("foreach")
+                    or any(isinstance(group[k], torch.Tensor) for k in ("lr", "momentum", "weight_decay", "dampening"))
+                    or any(p.device.type != "cpu" for p in group["params"])):
+                return None
+        return cls(optimizer)
+
+    def scale_momentum(self, params: list[torch.Tensor]) -> None:
+        """Scale the momentum buffers of ``params`` (parameters with a gradient this step, which
+        ``step`` will therefore update) ahead of ``step``."""
+        state = self.optimizer.state
         with torch.no_grad():
-            for group in groups:
-                lr = group["lr"]
-                for p in group["params"]:
-                    if p.grad is not None:
-                        p.add_(p.grad, alpha=-lr)
+            for p in params:
+                momentum = self._groups[id(p)]["momentum"]
+                buf = state[p].get("momentum_buffer") if momentum else None
+                if buf is not None and id(p) not in self._scaled:
+                    buf.mul_(momentum)
+                    self._scaled.add(id(p))
 
-    return step
+    def step(self) -> None:
+        """The update, as ``SGD.step`` does it (the buffers' scaling too, unless already done)."""
+        state = self.optimizer.state
+        with torch.no_grad():
+            for group in self.optimizer.param_groups:
+                lr, momentum, dampening = group["lr"], group["momentum"], group["dampening"]
+                weight_decay, nesterov = group["weight_decay"], group["nesterov"]
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    grad = p.grad
+                    if weight_decay != 0:
+                        grad = grad.add(p, alpha=weight_decay)
+                    if momentum != 0:
+                        buf = state[p].get("momentum_buffer")
+                        if buf is None:
+                            buf = state[p]["momentum_buffer"] = grad.detach().clone()
+                        else:
+                            if id(p) not in self._scaled:
+                                buf.mul_(momentum)
+                            buf.add_(grad, alpha=1 - dampening)
+                        grad = grad.add(buf, alpha=momentum) if nesterov else buf
+                    p.add_(grad, alpha=-lr)
+        self._scaled.clear()
 
 
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
@@ -249,6 +287,7 @@ def sharded_backward(
     shards: int,
     prepare: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
     pool: ThreadPoolExecutor | None = None,
+    while_waiting: Callable[[list[torch.Tensor]], None] | None = None,
 ) -> torch.Tensor:
     """Set each parameter's ``.grad`` to the gradient of the loss of batch ``x`` [B, ...] (as
     stored; each shard applies ``prepare`` to its rows) and ``y``, computed as ``shards`` equal
@@ -256,7 +295,9 @@ def sharded_backward(
     while this thread runs the first, or one after another without a pool; either way each
     shard runs the same single-threaded kernels and the gradients are summed in shard order,
     so the floats depend on ``shards`` alone, never on which thread ran what or how busy the
-    machine was. The model must treat samples independently (``JobSpec.config`` checks)."""
+    machine was. The model must treat samples independently (``JobSpec.config`` checks).
+    Once the first shard is done, ``while_waiting`` gets the parameters that will have a
+    gradient, for work that needs none (with a pool: while the other shards finish)."""
     xs, ys = x.chunk(shards), y.chunk(shards)
     threads = torch.get_num_threads()
 
@@ -270,11 +311,11 @@ def sharded_backward(
         loss = loss_fn(model(prepare(xs[i])), ys[i]) * scale
         return loss.detach(), torch.autograd.grad(loss, params, allow_unused=True)
 
-    if pool is None:
-        results = [one(i) for i in range(shards)]
-    else:
-        futures = [pool.submit(one, i) for i in range(1, shards)]
-        results = [one(0)] + [f.result() for f in futures]
+    futures = [pool.submit(one, i) for i in range(1, shards)] if pool is not None else []
+    results = [one(0)]
+    if while_waiting is not None:  # without a pool too, so that ShardClock compares equal work
+        while_waiting([p for p, g in zip(params, results[0][1]) if g is not None])
+    results += [f.result() for f in futures] if pool is not None else [one(i) for i in range(1, shards)]
     for k, p in enumerate(params):
         grads = [g[k] for _, g in results if g[k] is not None]  # None: unused, as .backward() leaves it
         for g in grads[1:]:
@@ -305,7 +346,8 @@ def train_epoch(
     # What optimizer.zero_grad(set_to_none=True) does, without its profiler scope and per-call
     # group walk: ~15% of a step for the 2-parameter regression.
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    step = plain_sgd_step(optimizer) or optimizer.step
+    plain = PlainSGD.wrap(optimizer)
+    step = plain.step if plain else optimizer.step
     # Shards run on parallel threads on a CPU with cores to spare, when that is faster (on CUDA
     # the kernels queue on one stream anyway), each preparing its own rows.
     workers = min(shards, cpu_slots()) - 1 if on_cpu else 0
@@ -318,7 +360,10 @@ def train_epoch(
             loss.backward()
         else:
             pool, t0 = clock.pool(), time.perf_counter()
-            loss = sharded_backward(model, loss_fn, x, y, params, shards, prepare, pool)
+            # While the other shards finish, the momentum buffers get their scaling (one of the
+            # step's three passes over them; cold after the backward): ~70 us of a ~3 ms LeNet step.
+            loss = sharded_backward(model, loss_fn, x, y, params, shards, prepare, pool,
+                                    plain.scale_momentum if plain else None)
             clock.took(time.perf_counter() - t0, pool)
         step()
         if scheduler is not None:

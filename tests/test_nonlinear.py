@@ -61,7 +61,7 @@ def test_train_epoch_fast_sgd_step_is_bit_identical_to_torch_optim() -> None:
     """train_epoch's plain-SGD step (no torch.optim wrappers) gives exactly what
     ``optimizer.step()`` gives, and is not used where SGD.step would do anything else."""
     from tasks.jobs.spec import Tensors
-    from tasks.training import epoch_order, plain_sgd_step, train_epoch
+    from tasks.training import PlainSGD, epoch_order, train_epoch
 
     data = load(CSV_PATH).pool
     train = Tensors(data.x[:160], data.y[:160])
@@ -70,7 +70,7 @@ def test_train_epoch_fast_sgd_step_is_bit_identical_to_torch_optim() -> None:
     theirs.load_state_dict(ours.state_dict())
     start = {k: v.clone() for k, v in ours.state_dict().items()}
     opt_ours, opt_theirs = (torch.optim.SGD(m.parameters(), lr=1e-3) for m in (ours, theirs))
-    assert plain_sgd_step(opt_ours) is not None
+    assert PlainSGD.wrap(opt_ours) is not None
     loss_fn = torch.nn.MSELoss()
     for epoch in range(20):
         order = epoch_order(0, epoch, 160)
@@ -85,13 +85,44 @@ def test_train_epoch_fast_sgd_step_is_bit_identical_to_torch_optim() -> None:
     assert all(ours.state_dict()[k].ne(v).all() for k, v in start.items())  # it did train
 
     params = list(CustomModel().parameters())
-    assert plain_sgd_step(torch.optim.SGD(params, lr=0.1, momentum=0.9)) is None
-    assert plain_sgd_step(torch.optim.SGD(params, lr=0.1, weight_decay=1e-4)) is None
-    assert plain_sgd_step(torch.optim.SGD(params, lr=0.1, foreach=True)) is None
-    assert plain_sgd_step(torch.optim.Adam(params, lr=0.1)) is None
+    for kwargs in ({"foreach": True}, {"fused": True}, {"maximize": True}, {"lr": torch.tensor(0.1)}):
+        assert PlainSGD.wrap(torch.optim.SGD(params, **{"lr": 0.1, **kwargs})) is None, kwargs
+    assert PlainSGD.wrap(torch.optim.Adam(params, lr=0.1)) is None
     hooked = torch.optim.SGD(params, lr=0.1)
     hooked.register_step_post_hook(lambda *a: None)
-    assert plain_sgd_step(hooked) is None
+    assert PlainSGD.wrap(hooked) is None
     scheduled = torch.optim.SGD(params, lr=0.1)
     torch.optim.lr_scheduler.StepLR(scheduled, step_size=1)  # wraps scheduled.step
-    assert plain_sgd_step(scheduled) is None
+    assert PlainSGD.wrap(scheduled) is None
+
+
+@pytest.mark.parametrize("options", [{"momentum": 0.9}, {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-3},
+                                     {"momentum": 0.5, "dampening": 0.1, "weight_decay": 1e-2}])
+def test_plain_sgd_with_momentum_is_bit_identical_to_sgd_step(options: dict) -> None:
+    """With momentum, weight decay, Nesterov or dampening, and with the momentum buffers scaled
+    ahead of the step (as sharded training does while the other shards finish) or inside it:
+    the same parameters and optimizer state as ``SGD.step``, bit for bit; an unused parameter
+    (no gradient) is left alone by both."""
+    from torch import nn
+
+    from tasks.training import PlainSGD
+
+    torch.manual_seed(0)
+    ours, theirs = (nn.ModuleList([nn.Linear(5, 7), nn.Linear(7, 1), nn.Linear(3, 3)]) for _ in range(2))
+    theirs.load_state_dict(ours.state_dict())
+    opt_ours, opt_theirs = (torch.optim.SGD(m.parameters(), lr=0.05, foreach=False, **options) for m in (ours, theirs))
+    plain = PlainSGD.wrap(opt_ours)
+    assert plain is not None
+    for step in range(30):
+        x, y = torch.randn(16, 5), torch.randn(16, 1)
+        for model, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model[1](torch.tanh(model[0](x))), y).backward()  # model[2] unused
+        if step % 3:
+            plain.scale_momentum([p for p in ours.parameters() if p.grad is not None])
+        plain.step()
+        opt_theirs.step()
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters()))
+    ours_state, theirs_state = opt_ours.state_dict()["state"], opt_theirs.state_dict()["state"]
+    assert ours_state.keys() == theirs_state.keys() == {0, 1, 2, 3}  # no buffer for the unused layer
+    assert all(torch.equal(ours_state[k]["momentum_buffer"], theirs_state[k]["momentum_buffer"]) for k in ours_state)
