@@ -248,34 +248,50 @@ def shard_pool(workers: int) -> ThreadPoolExecutor:
 
 class ShardClock:
     """Whether each step's shards run on ``pool``'s threads or one after another: the floats are
-    the same either way, so the clock decides. Every ``period`` steps it times ``probe`` steps
-    each way and keeps the faster until the next probe. LeNet on 2 cores (before its batch-major
-    conv1), ms per step: idle, threads 4.2 vs in sequence 6.3; with one other busy process,
-    threads 7.2 vs 6.3 (the scheduler's time slices outlast a shard); with three, 11.6 vs 12.5+."""
+    the same either way, so the clock decides. A probe times ``probe`` steps each way and keeps
+    the faster until the next probe, ``period`` steps later; while threads keep winning, each wait
+    doubles, up to ``max_period`` (a probe's steps in sequence cost ~60% more on an idle machine:
+    ~1.4% of a LeNet epoch at a fixed 200). LeNet on 2 cores (before its batch-major conv1), ms per
+    step: idle, threads 4.2 vs in sequence 6.3; with one other busy process, threads 7.2 vs 6.3
+    (the scheduler's time slices outlast a shard); with three, 11.6 vs 12.5+. Keep one clock for
+    all the epochs of a run (``shard_clock``)."""
 
-    def __init__(self, pool: ThreadPoolExecutor | None, period: int = 200, probe: int = 3):
-        self._pool, self.period, self.probe = pool, period, probe
+    def __init__(self, pool: ThreadPoolExecutor | None, period: int = 200, probe: int = 3, max_period: int = 1600):
+        self._pool, self.period, self.probe, self.max_period = pool, period, probe, max_period
         self.steps = 0
-        self._parallel = True
+        self._probe_at = 0  # the step at which the current or next probe begins
+        self._wait = period  # steps from one probe's start to the next one's
+        self._parallel: bool | None = None  # the last probe's verdict
         self._times: dict[bool, list[float]] = {True: [], False: []}
 
     def pool(self) -> ThreadPoolExecutor | None:
         """The pool for the next step, or None: run its shards in sequence."""
-        phase = self.steps % self.period
-        if self._pool is None or phase < self.probe:  # probing the sequence
+        phase = self.steps - self._probe_at
+        if self._pool is None or 0 <= phase < self.probe:  # probing the sequence
             return None
-        return self._pool if phase < 2 * self.probe or self._parallel else None
+        return self._pool if 0 <= phase < 2 * self.probe or self._parallel else None
 
     def took(self, seconds: float, pool: ThreadPoolExecutor | None) -> None:
         """Record the step just run with ``pool``."""
-        phase = self.steps % self.period
-        if self._pool is not None and phase < 2 * self.probe:
+        phase = self.steps - self._probe_at
+        if self._pool is not None and 0 <= phase < 2 * self.probe:
             self._times[pool is not None].append(seconds)
             if phase == 2 * self.probe - 1:  # median: robust to one slow step (first use of a shape)
                 threads, sequence = (sorted(self._times[k])[self.probe // 2] for k in (True, False))
-                self._parallel = threads <= sequence
+                parallel = threads <= sequence
+                # Sequence chosen, or the verdict changed: the load may change back soon.
+                self._wait = min(2 * self._wait, self.max_period) if parallel and self._parallel else self.period
+                self._parallel = parallel
                 self._times = {True: [], False: []}
+                self._probe_at += self._wait
         self.steps += 1
+
+
+def shard_clock(shards: int, device: torch.device) -> ShardClock:
+    """A clock for training in ``shards`` shards on ``device``, with a pool of threads on a CPU
+    with cores to spare (on CUDA the kernels queue on one stream anyway)."""
+    workers = min(shards, cpu_slots()) - 1 if device.type == "cpu" else 0
+    return ShardClock(shard_pool(workers) if workers > 0 else None)
 
 
 def sharded_backward(
@@ -334,9 +350,12 @@ def train_epoch(
     batch_size: int,
     prepare: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
     shards: int = 1,
+    clock: ShardClock | None = None,
 ) -> float:
     """One epoch over ``data`` in ``order``, full batches only (drop_last), each batch computed in
-    ``shards`` parts (see ``sharded_backward``). Returns the mean batch loss (the tutorial's ``cost``)."""
+    ``shards`` parts (see ``sharded_backward``) on threads or in sequence as ``clock`` decides
+    (pass the run's clock to every epoch; default: a new one). Returns the mean batch loss (the
+    tutorial's ``cost``)."""
     model.train()
     batches = len(order) // batch_size
     on_cpu = data.x.device.type == "cpu"
@@ -348,10 +367,8 @@ def train_epoch(
     params = [p for group in optimizer.param_groups for p in group["params"]]
     plain = PlainSGD.wrap(optimizer)
     step = plain.step if plain else optimizer.step
-    # Shards run on parallel threads on a CPU with cores to spare, when that is faster (on CUDA
-    # the kernels queue on one stream anyway), each preparing its own rows.
-    workers = min(shards, cpu_slots()) - 1 if on_cpu else 0
-    clock = ShardClock(shard_pool(workers) if workers else None)
+    # Shards run on parallel threads when that is faster, each preparing its own rows.
+    clock = clock or shard_clock(shards, data.x.device)
     for x, y in epoch_batches(data, order, batch_size, prepare if shards == 1 else lambda x: x):
         for p in params:
             p.grad = None
@@ -422,6 +439,7 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, self.model)
         self.steps_per_epoch = len(self.train) // cfg.batch_size
         self.scheduler = build_scheduler(cfg, self.optimizer, self.steps_per_epoch)
+        self.clock = shard_clock(cfg.shards or 1, self.device)  # one for all epochs: probes get rarer
         self.history: dict[str, list[float]] = {}
         self.next_epoch = 0
         self.stopped_early = False
@@ -472,7 +490,7 @@ class Trainer:
         order = epoch_order(cfg.seed, epoch, len(self.train))
         lr = self.optimizer.param_groups[0]["lr"]
         cost = train_epoch(self.model, self.optimizer, self.scheduler, self.loss_fn, self.train, order,
-                           cfg.batch_size, self.spec.prepare, cfg.shards or 1)
+                           cfg.batch_size, self.spec.prepare, cfg.shards or 1, self.clock)
         if not math.isfinite(cost):
             raise DivergedError(
                 f"training diverged at epoch {epoch + 1} (train loss {cost}); the last good checkpoint is kept; "

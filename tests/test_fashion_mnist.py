@@ -211,7 +211,7 @@ def test_shard_clock_keeps_whichever_way_was_faster_at_the_last_probe() -> None:
     from tasks.training import ShardClock
 
     pool = object()
-    clock = ShardClock(pool, period=10, probe=3)  # type: ignore[arg-type]
+    clock = ShardClock(pool, period=10, probe=3, max_period=40)  # type: ignore[arg-type]
 
     def run(steps: int, threads: float, sequence: float) -> list[bool]:
         used = []
@@ -221,9 +221,16 @@ def test_shard_clock_keeps_whichever_way_was_faster_at_the_last_probe() -> None:
             clock.took(threads if p is pool else sequence, p)
         return used
 
-    # Each period: 3 steps in sequence, 3 on threads, then the faster way until the next period.
+    # A probe: 3 steps in sequence, 3 on threads, then the faster way until the next probe.
     assert run(10, threads=1.0, sequence=2.0) == [False] * 3 + [True] * 7
-    assert run(10, threads=3.0, sequence=2.0) == [False] * 3 + [True] * 3 + [False] * 4
+    # Threads win again and again: the next probe comes 20 steps on, then 40 (max_period).
+    assert run(20, threads=1.0, sequence=2.0) == [False] * 3 + [True] * 17
+    assert run(40, threads=1.0, sequence=2.0) == [False] * 3 + [True] * 37
+    assert run(40, threads=1.0, sequence=2.0) == [False] * 3 + [True] * 37
+    # The sequence wins (load): probes every 10 steps again, each keeping the sequence.
+    assert run(40, threads=3.0, sequence=2.0) == ([False] * 3 + [True] * 3 + [False] * 4) * 4
+    # Threads win again: back to threads at once, and the waits grow from 10 again.
+    assert run(30, threads=1.0, sequence=2.0) == [False] * 3 + [True] * 7 + [False] * 3 + [True] * 17
     assert ShardClock(None).pool() is None
 
 
