@@ -253,8 +253,8 @@ class ShardClock:
     doubles, up to ``max_period`` (a probe's steps in sequence cost ~60% more on an idle machine:
     ~1.4% of a LeNet epoch at a fixed 200). LeNet on 2 cores (before its batch-major conv1), ms per
     step: idle, threads 4.2 vs in sequence 6.3; with one other busy process, threads 7.2 vs 6.3
-    (the scheduler's time slices outlast a shard); with three, 11.6 vs 12.5+. Keep one clock for
-    all the epochs of a run (``shard_clock``)."""
+    (the scheduler's time slices outlast a shard); with three, 11.6 vs 12.5+. Keep one clock across
+    epochs (``Trainer.clock``, made by ``shard_clock``)."""
 
     def __init__(self, pool: ThreadPoolExecutor | None, period: int = 200, probe: int = 3, max_period: int = 1600):
         self._pool, self.period, self.probe, self.max_period = pool, period, probe, max_period
@@ -279,7 +279,8 @@ class ShardClock:
             if phase == 2 * self.probe - 1:  # median: robust to one slow step (first use of a shape)
                 threads, sequence = (sorted(self._times[k])[self.probe // 2] for k in (True, False))
                 parallel = threads <= sequence
-                # Sequence chosen, or the verdict changed: the load may change back soon.
+                # Threads won again: wait twice as long. Sequence, or a new verdict: the load
+                # changes, so the base period.
                 self._wait = min(2 * self._wait, self.max_period) if parallel and self._parallel else self.period
                 self._parallel = parallel
                 self._times = {True: [], False: []}
@@ -439,7 +440,7 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, self.model)
         self.steps_per_epoch = len(self.train) // cfg.batch_size
         self.scheduler = build_scheduler(cfg, self.optimizer, self.steps_per_epoch)
-        self.clock = shard_clock(cfg.shards or 1, self.device)  # one for all epochs: probes get rarer
+        self.clock = shard_clock(cfg.shards or 1, self.device)  # across this chunk's epochs: probes get rarer
         self.history: dict[str, list[float]] = {}
         self.next_epoch = 0
         self.stopped_early = False
