@@ -12,7 +12,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from prefect import task
@@ -322,10 +322,18 @@ def sharded_backward(
     # their sum. Scaling each shard's loss scales its gradients (exactly, for a power of two).
     scale = 1 / shards if getattr(loss_fn, "reduction", "mean") == "mean" else 1
 
-    def one(i: int) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+    # A model may compute its loss and gradients itself (the same floats as autograd, faster):
+    # ``model.loss_and_grads(x, y, loss_fn, params, scale)``, None where it does not apply.
+    own = getattr(model, "loss_and_grads", None)
+
+    def one(i: int) -> tuple[torch.Tensor, Sequence[torch.Tensor | None]]:
         if torch.get_num_threads() != threads:  # a pool thread may have run another config before
             torch.set_num_threads(threads)
-        loss = loss_fn(model(prepare(xs[i])), ys[i]) * scale
+        x_i = prepare(xs[i])
+        found = own(x_i, ys[i], loss_fn, params, scale) if own is not None else None
+        if found is not None:
+            return found
+        loss = loss_fn(model(x_i), ys[i]) * scale
         return loss.detach(), torch.autograd.grad(loss, params, allow_unused=True)
 
     futures = [pool.submit(one, i) for i in range(1, shards)] if pool is not None else []
@@ -368,12 +376,14 @@ def train_epoch(
     params = [p for group in optimizer.param_groups for p in group["params"]]
     plain = PlainSGD.wrap(optimizer)
     step = plain.step if plain else optimizer.step
-    # Shards run on parallel threads when that is faster, each preparing its own rows.
+    # Shards run on parallel threads when that is faster, each preparing its own rows. One shard
+    # goes the direct way unless the model computes its own gradients (see sharded_backward).
     clock = clock or shard_clock(shards, data.x.device)
-    for x, y in epoch_batches(data, order, batch_size, prepare if shards == 1 else lambda x: x):
+    direct = shards == 1 and getattr(model, "loss_and_grads", None) is None
+    for x, y in epoch_batches(data, order, batch_size, prepare if direct else lambda x: x):
         for p in params:
             p.grad = None
-        if shards == 1:
+        if direct:
             loss = loss_fn(model(x), y)
             loss.backward()
         else:

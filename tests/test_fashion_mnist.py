@@ -149,6 +149,80 @@ def test_lenet_computes_the_tutorials_outputs_and_gradients(monkeypatch) -> None
             assert same(a, b), name
 
 
+def test_lenet_graph_gives_autograds_loss_and_gradients_bit_for_bit() -> None:
+    """LeNet's TorchScript training graph runs autograd's kernels in its order: the same loss and
+    gradients bit for bit (pool ties included), for a whole batch and a half-batch shard's scaled
+    loss; anything it does not cover is left to autograd (None)."""
+    torch.manual_seed(0)
+    model = fm.build_model(fm.JOB.config(model="lenet"))
+    params = list(model.parameters())
+    images = torch.randint(0, 255, (64, 28, 28), dtype=torch.uint8)
+    images[:, :8] = 0  # ties in the pools
+    x, y = fm.prepare(images), torch.randint(0, 10, (64,))
+    for loss_fn, scale in ((nn.CrossEntropyLoss(), 1.0), (nn.CrossEntropyLoss(), 0.5),
+                           (nn.CrossEntropyLoss(ignore_index=3), 0.5)):
+        loss = loss_fn(model(x), y) * scale
+        expected = torch.autograd.grad(loss, params)
+        got_loss, got = model.loss_and_grads(x, y, loss_fn, params, scale)
+        assert torch.equal(got_loss, loss.detach())
+        for (name, _), a, b in zip(model.named_parameters(), got, expected, strict=True):
+            assert torch.equal(a, b), name
+
+    ce = nn.CrossEntropyLoss()
+    assert model.loss_and_grads(x, y, nn.CrossEntropyLoss(label_smoothing=0.1), params) is None
+    assert model.loss_and_grads(x, y, nn.CrossEntropyLoss(weight=torch.ones(10)), params) is None
+    assert model.loss_and_grads(x, y, nn.CrossEntropyLoss(reduction="sum"), params) is None
+    assert model.loss_and_grads(x, y, nn.MSELoss(), params) is None
+    assert model.loss_and_grads(x, y, ce, params[:-2]) is None  # fc3 frozen
+    with torch.no_grad():
+        assert model.loss_and_grads(x, y, ce, params) is None
+    handle = model.fc2.register_forward_hook(lambda *args: None)
+    assert model.loss_and_grads(x, y, ce, params) is None
+    handle.remove()
+    handle = params[4].register_hook(lambda grad: grad)
+    assert model.loss_and_grads(x, y, ce, params) is None
+    handle.remove()
+    assert model.loss_and_grads(x, y, ce, params) is not None
+
+
+def test_lenet_trains_to_the_same_floats_with_or_without_its_graph(tiny: Path, monkeypatch) -> None:
+    """Where TorchScript fails (or is gone from a later torch), LeNet trains through autograd, with
+    a warning, to the same weights bit for bit: in two shards on two threads and in one."""
+    from tasks import training
+
+    cfg = fm.JOB.config(model="lenet", optimizer="sgd", lr=0.05, momentum=0.9, schedule="constant", batch_size=32)
+    training.setup_torch(cfg)
+    train = fm.load(tiny).pool
+
+    def weights(shards: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = fm.build_model(cfg)
+        opt = training.build_optimizer(cfg, model)
+        clock = training.shard_clock(shards, torch.device("cpu"))
+        for epoch in range(2):
+            training.train_epoch(model, opt, None, nn.CrossEntropyLoss(), train,
+                                 training.epoch_order(0, epoch, len(train)), 32, fm.prepare, shards, clock)
+        return model.state_dict()
+
+    monkeypatch.setattr(training, "cpu_slots", lambda: 2)
+    with_graph = {shards: weights(shards) for shards in (2, 1)}
+
+    def broken(fn):
+        raise RuntimeError("no TorchScript here")
+
+    monkeypatch.setattr(torch.jit, "script", broken)
+    fm._script.cache_clear()
+    warnings = []
+    monkeypatch.setattr(fm.log, "warning", lambda msg, *args: warnings.append(msg % args))
+    try:
+        without = {shards: weights(shards) for shards in (2, 1)}
+    finally:
+        fm._script.cache_clear()
+    assert warnings == ["LeNet trains through autograd: TorchScript failed (RuntimeError: no TorchScript here)"]
+    for shards in (2, 1):
+        assert all(torch.equal(with_graph[shards][k], without[shards][k]) for k in without[shards]), shards
+
+
 def test_tutorial_recipe_is_reproducible_from_the_command_line() -> None:
     from flows.train_flow import build_configs
 
