@@ -290,6 +290,7 @@ class NeuralNet(nn.Module):
         return self.fc3(x)  # -> [B,10] logits
 
     def _trains_batch_major(self, x: torch.Tensor) -> bool:
+        """Whether this forward is a training step on the CPU (not evaluation, CUDA or export)."""
         return (self.batch_major and torch.is_grad_enabled() and x.device.type == "cpu"
                 and not torch.compiler.is_compiling())
 
@@ -297,7 +298,7 @@ class NeuralNet(nn.Module):
                        scale: float = 1.0) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
         """``loss_fn(self(x), y) * scale`` (detached) and its gradients for ``params``, the floats
         autograd gives, from one TorchScript graph that runs without Python or the GIL between its
-        ~60 ops, so two shards on two threads do not queue for the GIL (~20% of a 2-shard step);
+        ~60 ops, so two shards on two threads do not queue for the GIL (-12% per epoch, see README);
         None where that graph does not apply (then use autograd): a loss other than plain
         cross-entropy, other params, hooks, evaluation, CUDA."""
         if not (self._trains_batch_major(x) and x.dtype == torch.float32 and type(loss_fn) is nn.CrossEntropyLoss
@@ -310,8 +311,7 @@ class NeuralNet(nn.Module):
         # Run the graph as written, without the JIT's passes: they may rewrite ops (one splits
         # torch.addmm into mm + add, which rounds differently). The setting is per thread.
         with torch.no_grad(), torch.jit.optimized_execution(False):
-            loss, grads = scripted(x, y, *params, scale, loss_fn.ignore_index)
-        return loss, grads
+            return scripted(x, y, *params, float(scale), loss_fn.ignore_index)
 
     def _graph_applies(self, params: list[torch.Tensor]) -> bool:
         """``params`` are this model's parameters in order, all trained, and no hook would see the
