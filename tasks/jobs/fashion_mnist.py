@@ -134,9 +134,10 @@ def load(path: Path) -> JobData:
 
 def prepare(x: torch.Tensor) -> torch.Tensor:
     """uint8 [B, 28, 28] -> float [B, 1, 28, 28], bitwise what ToTensor + Normalize(0.5, 0.5) give."""
-    # div allocates the float copy (x is never modified); then in place: ~20% fewer passes. Times 2
-    # is dividing by 0.5 exactly (a power of two), so every one of the 256 values matches.
-    return x.unsqueeze(1).div(255).sub_(0.5).mul_(2.0).contiguous(memory_format=torch.channels_last)
+    # (x / 255 - 0.5) / 0.5 in two passes: x / 127.5 - 1. The same bits for all 256 values (tested):
+    # 127.5 is 255 / 2 exactly, and doubling commutes with rounding. div allocates the float copy
+    # (x is never modified), sub_ works in place: -11% on the data path against three passes.
+    return x.unsqueeze(1).div(127.5).sub_(1.0).contiguous(memory_format=torch.channels_last)
 
 
 def split_sizes(n: int) -> tuple[int, int, int]:
