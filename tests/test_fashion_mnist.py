@@ -149,6 +149,21 @@ def test_lenet_computes_the_tutorials_outputs_and_gradients(monkeypatch) -> None
             assert same(a, b), name
 
 
+def train_tiny_lenet(cfg, train, shards: int, epochs: int) -> tuple[list[float], nn.Module, torch.optim.Optimizer]:
+    """Train from seed 0 in batches of ``cfg.batch_size`` as a run's chunk does (one shard clock for
+    all its epochs); returns each epoch's loss, the model and its optimizer."""
+    from tasks import training
+
+    torch.manual_seed(0)
+    model = fm.build_model(cfg)
+    opt = training.build_optimizer(cfg, model)
+    clock = training.shard_clock(shards, torch.device("cpu"))
+    losses = [training.train_epoch(model, opt, None, nn.CrossEntropyLoss(), train,
+                                   training.epoch_order(0, epoch, len(train)), cfg.batch_size, fm.prepare, shards, clock)
+              for epoch in range(epochs)]
+    return losses, model, opt
+
+
 def test_lenet_graph_gives_autograds_loss_and_gradients_bit_for_bit() -> None:
     """LeNet's TorchScript training graph runs autograd's kernels in its order: the same loss and
     gradients bit for bit (pool ties included), for a whole batch and a half-batch shard's scaled
@@ -195,14 +210,7 @@ def test_lenet_trains_to_the_same_floats_with_or_without_its_graph(tiny: Path, m
     train = fm.load(tiny).pool
 
     def weights(shards: int) -> dict[str, torch.Tensor]:
-        torch.manual_seed(0)
-        model = fm.build_model(cfg)
-        opt = training.build_optimizer(cfg, model)
-        clock = training.shard_clock(shards, torch.device("cpu"))
-        for epoch in range(2):
-            training.train_epoch(model, opt, None, nn.CrossEntropyLoss(), train,
-                                 training.epoch_order(0, epoch, len(train)), 32, fm.prepare, shards, clock)
-        return model.state_dict()
+        return train_tiny_lenet(cfg, train, shards, epochs=2)[1].state_dict()
 
     monkeypatch.setattr(training, "cpu_slots", lambda: 2)
     with_graph = {shards: weights(shards) for shards in (2, 1)}
@@ -252,14 +260,9 @@ def test_sharded_training_gives_the_same_floats_in_parallel_and_in_sequence(tiny
     training.setup_torch(cfg)  # one intra-op thread, as in a run (the floats depend on it)
     train = fm.load(tiny).pool  # 600 images: 18 batches of 32 per epoch
 
-    def run(shards: int, cores: int, epochs: int = 3) -> tuple[list[float], dict, dict]:
+    def run(shards: int, cores: int) -> tuple[list[float], dict, dict]:
         monkeypatch.setattr(training, "cpu_slots", lambda: cores)
-        torch.manual_seed(0)
-        model = fm.build_model(cfg)
-        opt = training.build_optimizer(cfg, model)
-        losses = [training.train_epoch(model, opt, None, nn.CrossEntropyLoss(), train,
-                                       training.epoch_order(0, epoch, len(train)), 32, fm.prepare, shards)
-                  for epoch in range(epochs)]
+        losses, model, opt = train_tiny_lenet(cfg, train, shards, epochs=3)
         return losses, model.state_dict(), opt.state_dict()["state"]
 
     parallel, in_sequence = run(2, cores=2), run(2, cores=1)
