@@ -11,15 +11,15 @@ retry`` and reruns on another worker; the flow run id would too, but is meaningl
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from flows.options import config_parameters, parameter, with_parameters
 from flows.train_flow import train_flow
 from tasks.jobs.spec import UserError
 
@@ -46,42 +46,23 @@ def resolve_run_name(template: str, job: str, scheduled: datetime) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "-", name)
 
 
-@flow(name="scheduled-train", retries=FLOW_RETRIES, retry_delay_seconds=FLOW_RETRY_DELAY_S, persist_result=False)
-def scheduled_train(
-    job: str,
-    run_name: str = RUN_NAME_TEMPLATE,
-    data: str | None = None,
-    epochs: int | None = None,
-    chunk_epochs: int | None = None,
-    lr: float | None = None,
-    batch_size: int | None = None,
-    eval_batch_size: int | None = None,
-    seed: int | None = None,
-    artifacts_dir: str | None = None,
-    model: str | None = None,
-    optimizer: Literal["sgd", "adam", "adamw"] | None = None,
-    momentum: float | None = None,
-    weight_decay: float | None = None,
-    schedule: Literal["constant", "onecycle", "cosine"] | None = None,
-    label_smoothing: float | None = None,
-    threads: int | None = None,
-    device: Literal["auto", "cpu", "cuda"] | None = None,
-    options: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+def scheduled(job: str, run_name: str = RUN_NAME_TEMPLATE, **options: Any) -> dict[str, Any]:
     """Train ``job`` into ``<artifacts_dir>/<job>/<run_name>``, where ``run_name`` may use
     ``{job}`` and ``{scheduled:%Y%m%d...}``; a retry of this flow run resumes the same folder.
-    The other parameters are ``train``'s; ``options`` passes any further ``train`` parameter."""
+    The other parameters are ``train``'s, left None for the job's defaults."""
     logger = get_run_logger()
     if flow_run.run_count > MAX_RUNS:
         raise UserError(f"flow run attempted {flow_run.run_count - 1} times; giving up (start a new run to try again)")
-    params = {k: v for k, v in locals().items() if k not in ("job", "run_name", "logger", "options")}
-    accepted = set(inspect.signature(train_flow.fn).parameters) - {"job", "run_name", "fresh"}
-    unknown = sorted(set(options or {}) - accepted)
-    if unknown:
-        raise UserError(f"unknown options {', '.join(unknown)}; choose from: {', '.join(sorted(accepted))}")
-    params.update(options or {})
-    params["artifacts_dir"] = params["artifacts_dir"] or os.environ.get(ARTIFACTS_ENV) or None
+    options["artifacts_dir"] = options.get("artifacts_dir") or os.environ.get(ARTIFACTS_ENV) or None
     name = resolve_run_name(run_name, job, flow_run.scheduled_start_time)
-    logger.info("%s: run folder %s/%s/%s (attempt %d)", job, params["artifacts_dir"] or "artifacts", job, name,
+    logger.info("%s: run folder %s/%s/%s (attempt %d)", job, options["artifacts_dir"] or "artifacts", job, name,
                 flow_run.run_count)
-    return train_flow.fn(job=job, run_name=name, **params)
+    return train_flow.fn(job=job, run_name=name, **options)
+
+
+#: Parameters: ``job`` (required), the ``run_name`` template, then every TrainConfig field but
+#: ``fresh`` (a scheduled run never archives its own folder), as ``train`` has them.
+scheduled_train = flow(name="scheduled-train", retries=FLOW_RETRIES, retry_delay_seconds=FLOW_RETRY_DELAY_S,
+                       persist_result=False)(with_parameters(scheduled, [
+                           parameter("job", required=True), parameter("run_name", RUN_NAME_TEMPLATE),
+                           *config_parameters(exclude={"job", "run_name", "fresh"})]))

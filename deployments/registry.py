@@ -22,12 +22,6 @@ DEFAULT_TIMEZONE = "UTC"
 CRON_ENV, TIMEZONE_ENV = "TRAINFLOW_CRON", "TRAINFLOW_TIMEZONE"
 #: Deployment concurrency: one run of a job at a time; a run due while another runs waits.
 CONCURRENCY = {"limit": 1, "collision_strategy": "ENQUEUE"}
-#: Job defaults that become visible, editable deployment parameters (``data`` is a path on
-#: the machine that built the registry, so it stays the job's default instead).
-PARAMETERS = ("epochs", "chunk_epochs", "lr", "batch_size", "eval_batch_size", "seed", "model", "optimizer",
-              "momentum", "weight_decay", "schedule", "label_smoothing")
-
-
 def default_cron() -> str:
     return os.environ.get(CRON_ENV) or DEFAULT_CRON
 
@@ -37,9 +31,9 @@ def default_timezone() -> str:
 
 
 def job_parameters(job: str) -> dict[str, Any]:
-    """``{"job": job, **the job's defaults that are flow parameters}``."""
-    spec = JOBS[job]
-    values = {k: spec.defaults[k] for k in PARAMETERS if k in spec.defaults}
+    """``{"job": job, **the job's defaults}``: visible, editable deployment parameters. ``data``
+    stays the job's default: it is a path on the machine that built the registry."""
+    values = {k: v for k, v in JOBS[job].defaults.items() if k != "data"}
     return {"job": job, **{k: v for k, v in values.items() if isinstance(v, (bool, int, float, str))}}
 
 

@@ -16,10 +16,10 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +38,6 @@ REQUIRED_KEYS = frozenset(
 )
 FORMAT = 1
 _NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
-# mkstemp creates 0600 files; give ours the mode a plain open() would (shared storage, other users).
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-_FILE_MODE = 0o666 & ~_UMASK
 
 
 class CheckpointError(Exception):
@@ -57,21 +53,22 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes, before_replace: Callable[[], None] | None = None) -> None:
-    """Write ``data`` to ``path`` so that ``path`` is either the old file or the whole new one."""
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that ``path`` is either the old file or the whole new one.
+
+    The temp file is in the same folder (a rename is atomic only within one file system) and is
+    created by a plain open(), so it gets the usual mode (mkstemp's 0600 would hide files from the
+    other users of shared storage); its random name keeps concurrent writers apart."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), _FILE_MODE)
+        with open(tmp, "xb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        if before_replace is not None:
-            before_replace()
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
 
@@ -142,11 +139,7 @@ def manifest_path(ckpt: Path) -> Path:
     return ckpt.with_suffix(".json")
 
 
-def save_checkpoint(
-    folder: Path,
-    payload: dict[str, Any],
-    before_replace: Callable[[], None] | None = None,
-) -> Path:
+def save_checkpoint(folder: Path, payload: dict[str, Any]) -> Path:
     """Atomically write ``payload`` as ``checkpoint-<payload['chunk']>.pt`` plus its manifest.
 
     Order matters: the ``.pt`` is fsynced and renamed into place first, then the manifest;
@@ -159,12 +152,7 @@ def save_checkpoint(
     folder.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(folder, int(payload["chunk"]))
     data = torch_bytes(payload)
-    delay = float(os.environ.get("TRAINFLOW_TEST_WRITE_DELAY", "0"))
-    if delay and before_replace is None:
-        # Tests widen the window between "temp file written" and "renamed into place" so that a
-        # kill can be aimed at it; never set in normal use.
-        before_replace = lambda: time.sleep(delay)  # noqa: E731
-    atomic_write_bytes(path, data, before_replace=before_replace)
+    atomic_write_bytes(path, data)
     atomic_write_json(
         manifest_path(path),
         {
@@ -289,3 +277,29 @@ def latest_valid(
             else:
                 warn("skipping checkpoint: %s", reason)
     return Resume(None, None, tuple(rejected))
+
+
+# --- Retention -----------------------------------------------------------------------------
+
+
+def prune_checkpoints(folder: Path, keep_last: int | None, values: list[float], higher_is_better: bool) -> list[Path]:
+    """Keep the newest ``keep_last`` checkpoints plus the best one, judged by ``values`` (the
+    monitored metric per epoch, 0-based); call it only once the new checkpoint is safely written.
+    Never removes the newest or the best. Returns what was removed."""
+    if keep_last is None:
+        return []
+    found = [path for _, path in list_checkpoints(folder)]  # newest first
+    keep = set(found[:max(keep_last, 1)])
+
+    def value(path: Path) -> float:
+        epoch = int(json_manifest(path).get("epoch", -1))
+        return values[epoch] if 0 <= epoch < len(values) else float("nan")
+
+    scored = [(value(p), p) for p in found if math.isfinite(value(p))]
+    if scored:
+        keep.add((max if higher_is_better else min)(scored, key=lambda vp: vp[0])[1])
+    removed = [p for p in found if p not in keep]
+    for path in removed:
+        manifest_path(path).unlink(missing_ok=True)  # manifest first: a half-pruned pair reads as absent
+        path.unlink(missing_ok=True)
+    return removed

@@ -12,7 +12,7 @@ from tasks.checkpoint import atomic_write_json
 from tasks.data import load_job_data, read_split, split_tensors
 from tasks.jobs.spec import TrainConfig, UserError
 from tasks.policy import NO_RETRY_ON_USER_ERROR
-from tasks.training import Trainer, _to, evaluate_model
+from tasks.training import Trainer, evaluate_model, to_device
 
 METRICS_FILE = "metrics.json"
 
@@ -32,7 +32,7 @@ def evaluate_run(cfg: TrainConfig, run_dir: Path, fingerprint: str) -> dict[str,
     split = read_split(run_dir, data)
     metrics: dict[str, Any] = {"job": cfg.job, "epochs": cfg.epochs, "checkpoint": trainer.resumed_from.name}
     for part in ("val", "test"):
-        rows = _to(split_tensors(data, split, part), trainer.device)
+        rows = to_device(split_tensors(data, split, part), trainer.device)
         metrics[part] = {"rows": len(rows), **evaluate_model(trainer.model, trainer.loss_fn, rows, cfg.eval_batch_size, trainer.spec)}
     metrics["final_train_loss"] = trainer.history["train_loss"][-1]
     metrics["epochs_trained"] = trainer.next_epoch

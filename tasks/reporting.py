@@ -2,68 +2,50 @@
 
 Called from the flow body (``flows/train_flow.py`` ``run_job``), never with tensors:
 
-- :meth:`RunReport.start` once per attempt: ``run.json`` (config, data fingerprint, library
-  versions, device, git commit, resume events), the job's ``latest`` pointer, a Prefect
-  progress artifact, and a log line when the attempt resumes from a checkpoint.
-- :meth:`RunReport.chunk_done` after every chunk: TensorBoard events for the new epochs,
-  the progress artifact, the chunk's row in ``run.json``.
+- :meth:`RunReport.start` once per attempt: ``run.json`` (:mod:`tasks.record`), the job's
+  ``latest`` pointer, a Prefect progress artifact.
+- :meth:`RunReport.chunk_done` after every chunk: TensorBoard events for the new epochs, the
+  chunk's row (and the attempt's resume) in ``run.json``, the progress artifact.
 - :meth:`RunReport.finish` at the end: ``loss.png``, ``summary.md``, Prefect markdown and
   table artifacts, and ``run.json`` with status ``completed`` and the sha256 of every file.
 
 Everything is derived from what is on disk (``history.csv``, checkpoint manifests,
 ``run.json``), so a resumed or retried run reports exactly as an uninterrupted one would.
-Observability never breaks training: a failing Prefect API call or plot is logged as a warning.
+Observability never breaks training: a failing Prefect call, TensorBoard write or plot is a warning.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
-import math
 import os
-import platform
 import re
-import subprocess
-import sys
-import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from tasks.checkpoint import (
-    atomic_write_json,
-    atomic_write_text,
-    fsync_dir,
-    load_checkpoint,
-    sha256_file,
+from tasks.checkpoint import atomic_write_json, atomic_write_text, fsync_dir
+from tasks.history import duration, eta_seconds, read_history
+from tasks.jobs.spec import TrainConfig
+from tasks.record import (
+    begin_attempt,
+    chunk_row,
+    chunk_rows,
+    hash_files,
+    mark_interrupted,
+    resume_event,
+    verify_hashes,  # noqa: F401 - re-exported: tests and tools import it from here
 )
-from tasks.jobs.spec import ROOT, TrainConfig
-from tasks.run import LOCK_FILE, OWNER_FILE, RUN_FILE, read_json, utc_now
+from tasks.run import RUN_FILE, utc_now
 
 log = logging.getLogger("trainflow.reporting")
 
-HISTORY_FILE = "history.csv"
 SUMMARY_FILE = "summary.md"
 LOSS_PNG = "loss.png"
 TB_DIR = "tensorboard"
 LATEST = "latest"
-#: Not hashed into run.json: run.json itself and the lock files of whoever holds the folder.
-UNHASHED = frozenset({RUN_FILE, LOCK_FILE, OWNER_FILE})
-LIBRARIES = ("torch", "torchvision", "prefect", "numpy", "pandas", "pydantic", "matplotlib", "tensorboard")
 #: history column -> TensorBoard tag (other ``val_<m>`` columns become ``<M>/val``).
 TB_TAGS = {"train_loss": "Loss/train", "val_loss": "Loss/val", "val_accuracy": "Accuracy/val", "lr": "LearningRate"}
-# One events file per write, named by the epochs it holds: the names are the record of what is
-# written, so a crash at any point can neither lose nor duplicate a step.
-_TB_NAME = re.compile(r"^events\.out\.tfevents\.(\d{9})-(\d{9})\.trainflow$")
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-_FILE_MODE = 0o666 & ~_UMASK  # what a plain open() gives (mkstemp's 0600 would hide files from other users)
-
-
-# --- names -----------------------------------------------------------------------------------
 
 
 def slug(text: str) -> str:
@@ -76,118 +58,6 @@ def artifact_key(job: str, run_name: str, kind: str) -> str:
     return slug(f"{job}-{run_name}-{kind}")
 
 
-def duration(seconds: float | None) -> str:
-    """``'42s'``, ``'3m 05s'``, ``'1h 02m'``."""
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    s = round(seconds)
-    if s < 60:
-        return f"{seconds:.3g}s" if seconds < 10 else f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m {s % 60:02d}s"
-    return f"{s // 3600}h {s % 3600 // 60:02d}m"
-
-
-# --- environment -----------------------------------------------------------------------------
-
-
-def git_info(root: Path = ROOT) -> dict[str, Any] | None:
-    """Commit of the project's checkout and whether tracked files differ from it; None without git."""
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
-                                timeout=10)
-        if commit.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=False)
-        return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip()) if dirty.returncode == 0 else None}
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def environment(cfg: TrainConfig) -> dict[str, Any]:
-    """Python, library versions, device and git commit of this attempt."""
-    import torch
-
-    from tasks.training import resolve_device
-
-    versions = {}
-    for name in LIBRARIES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    device = resolve_device(cfg)
-    dev: dict[str, Any] = {"type": device.type, "threads": cfg.threads, "shards": cfg.shards, "cpu_count": os.cpu_count(),
-                           "processor": platform.processor() or platform.machine()}
-    if device.type == "cuda":
-        dev.update(name=torch.cuda.get_device_name(0), cuda=torch.version.cuda, count=torch.cuda.device_count())
-    return {
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "host": platform.node(),
-        "libraries": versions,
-        "device": dev,
-        "git": git_info(),
-    }
-
-
-# --- what is on disk -------------------------------------------------------------------------
-
-
-def manifests(run_dir: Path) -> list[dict[str, Any]]:
-    """Manifests of the checkpoints present (``.pt`` and ``.json``), oldest chunk first."""
-    found = []
-    for m in Path(run_dir, "checkpoints").glob("checkpoint-*.json"):
-        data = read_json(m)
-        if data and "chunk" in data and m.with_suffix(".pt").exists():
-            found.append(data)
-    return sorted(found, key=lambda d: int(d["chunk"]))
-
-
-def read_history_csv(path: Path) -> dict[str, list[float]]:
-    """``history.csv`` as columns of floats ({} when absent)."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError:
-        return {}
-    if not lines:
-        return {}
-    cols = lines[0].split(",")
-    out: dict[str, list[float]] = {c: [] for c in cols}
-    for line in lines[1:]:
-        for c, v in zip(cols, line.split(",")):
-            out[c].append(float(v))
-    return out
-
-
-def read_history(run_dir: Path) -> dict[str, list[float]]:
-    """The per-epoch history of the newest checkpoint. ``history.csv`` is written right after
-    each checkpoint; if the process died in between, the checkpoint's own history is used."""
-    history = read_history_csv(Path(run_dir) / HISTORY_FILE)
-    newest = manifests(run_dir)[-1:]
-    if newest and len(history.get("epoch", [])) < int(newest[0]["epoch"]) + 1:
-        try:
-            ckpt = load_checkpoint(Path(run_dir) / "checkpoints" / newest[0]["file"])
-            history = {k: [float(x) for x in v.tolist()] for k, v in ckpt["history"].items()}
-        except Exception as exc:  # noqa: BLE001 - a damaged checkpoint is training's business
-            log.warning("history: %s", exc)
-    return history
-
-
-def hash_files(run_dir: Path) -> dict[str, dict[str, Any]]:
-    """sha256 and size of every file in the run folder (relative POSIX paths), except
-    run.json, the lock files and hidden temp files."""
-    run_dir = Path(run_dir)
-    out = {}
-    for path in sorted(run_dir.rglob("*")):
-        rel = path.relative_to(run_dir)
-        if not path.is_file() or rel.as_posix() in UNHASHED or any(p.startswith(".") for p in rel.parts):
-            continue
-        out[rel.as_posix()] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-    return out
-
-
 # --- TensorBoard -----------------------------------------------------------------------------
 
 
@@ -195,62 +65,53 @@ def tb_tag(column: str) -> str | None:
     """TensorBoard tag for a history column (None for ``epoch``)."""
     if column in TB_TAGS:
         return TB_TAGS[column]
-    if column.startswith("val_"):
-        return f"{column[4:].capitalize()}/val"
-    return None
+    return f"{column[4:].capitalize()}/val" if column.startswith("val_") else None
 
 
-def tensorboard_written(tb_dir: Path) -> int:
-    """Last epoch (step) already in ``tb_dir``'s events files (0 when none)."""
-    last = 0
-    if Path(tb_dir).is_dir():
-        for p in Path(tb_dir).iterdir():
-            m = _TB_NAME.match(p.name)
-            if m:
-                last = max(last, int(m.group(2)))
-    return last
+def summary_writer(tb_dir: Path, purge_step: int) -> tuple[Any, Path]:
+    """A SummaryWriter whose new events file sorts after every file already in ``tb_dir``.
+
+    Readers load a folder's files in name order and a purge hides steps of the files read before
+    it, so the new file must come last. SummaryWriter names it ``...tfevents.<second>.<host>.<pid>.<n>``,
+    ``n`` counting writers in this process without zero padding (``.10`` sorts before ``.9``):
+    in that rare clash within one second, drop the file and wait for the next second."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    while True:
+        before = sorted(p.name for p in tb_dir.glob("*tfevents*"))
+        writer = SummaryWriter(str(tb_dir), purge_step=purge_step)  # creates its file at once
+        new = sorted({p.name for p in tb_dir.glob("*tfevents*")} - set(before))
+        if not before or new[-1] > before[-1]:
+            return writer, tb_dir / new[-1]
+        writer.close()
+        (tb_dir / new[-1]).unlink()
+        time.sleep(1.0 - time.time() % 1.0)
 
 
-def write_tensorboard(run_dir: Path, history: dict[str, list[float]]) -> Path | None:
-    """Append the epochs after the last step already written as one new events file in
-    ``<run>/tensorboard/`` (step = 1-based epoch). The file appears atomically under a name
-    holding its epoch range, so rewriting after any crash adds no duplicate steps."""
-    from tensorboard.compat.proto.event_pb2 import Event
-    from tensorboard.compat.proto.summary_pb2 import Summary
-    from tensorboard.summary.writer.record_writer import RecordWriter
+def write_tensorboard(run_dir: Path, history: dict[str, list[float]], first: int) -> int:
+    """Write epochs ``first``.. of ``history`` to ``<run>/tensorboard`` (step = 1-based epoch);
+    return the history's last epoch.
 
-    tb_dir = Path(run_dir) / TB_DIR
-    tb_dir.mkdir(exist_ok=True)
-    for stale in tb_dir.glob(".tb-*.tmp"):  # a writer killed mid-write (we hold the run folder)
-        stale.unlink(missing_ok=True)
-    epochs = history.get("epoch", [])
-    last = tensorboard_written(tb_dir)
-    rows = [i for i, e in enumerate(epochs) if int(e) > last]
-    if not rows:
-        return None
-    now = time.time()
-    buf = io.BytesIO()
-    writer = RecordWriter(buf)
-    writer.write(Event(wall_time=now, file_version="brain.Event:2").SerializeToString())
-    tags = {c: tb_tag(c) for c in history if tb_tag(c)}
-    for i in rows:
-        values = [Summary.Value(tag=tag, simple_value=history[c][i]) for c, tag in tags.items() if i < len(history[c])]
-        writer.write(Event(wall_time=now, step=int(epochs[i]), summary=Summary(value=values)).SerializeToString())
-    name = f"events.out.tfevents.{int(epochs[rows[0]]):09d}-{int(epochs[rows[-1]]):09d}.trainflow"
-    # The temp name must not contain "tfevents": TensorBoard would read a half-written file.
-    fd, tmp = tempfile.mkstemp(prefix=".tb-", suffix=".tmp", dir=tb_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), _FILE_MODE)
-            f.write(buf.getvalue())
-            f.flush()
+    ``purge_step=first`` makes TensorBoard drop steps >= ``first`` from the files before this
+    one, so epochs written again (after a kill between a checkpoint and its events, or a resume
+    from an older checkpoint) show once, with the history's values."""
+    epochs = [int(e) for e in history.get("epoch", [])]
+    rows = [i for i, e in enumerate(epochs) if e >= first]
+    if rows:
+        tb_dir = Path(run_dir) / TB_DIR
+        tb_dir.mkdir(exist_ok=True)
+        tags = {c: tb_tag(c) for c in history if tb_tag(c)}
+        writer, path = summary_writer(tb_dir, first)
+        try:
+            for i in rows:
+                for column, tag in tags.items():
+                    writer.add_scalar(tag, history[column][i], epochs[i])
+        finally:
+            writer.close()
+        with open(path, "rb") as f:  # on disk before run.json says these epochs are written
             os.fsync(f.fileno())
-        os.replace(tmp, tb_dir / name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(tb_dir)
-    return tb_dir / name
+        fsync_dir(tb_dir)
+    return epochs[-1] if epochs else 0
 
 
 # --- latest pointer --------------------------------------------------------------------------
@@ -297,275 +158,225 @@ def _fmt(v: Any) -> str:
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(c).replace("|", "\\|") for c in row) + " |" for row in rows]
-    return lines
+    return lines + ["| " + " | ".join(_fmt(c).replace("|", "\\|") for c in row) + " |" for row in rows]
 
 
 def resume_text(resumes: list[dict[str, Any]]) -> str:
     """One line on whether and from where the run resumed."""
     if not resumes:
         return "no (one uninterrupted attempt)"
-    parts = [f"attempt {r['attempt']} from `{r['from_checkpoint']}` ({r['epochs_saved']} of {r['epochs']} epochs kept)"
-             for r in resumes]
-    return "yes: " + "; ".join(parts)
+    return "yes: " + "; ".join(f"attempt {r['attempt']} from `{r['from_checkpoint']}` "
+                               f"({r['epochs_saved']} of {r['epochs']} epochs kept)" for r in resumes)
 
 
-def summary_markdown(record: dict[str, Any], metrics: dict[str, Any], chunks: list[dict[str, Any]],
-                     plots: list[str], images: bool) -> str:
-    """The run summary (``summary.md`` and the Prefect markdown artifact). ``images`` embeds
-    the PNGs by relative path (works in an editor or on a git host, not in the Prefect UI)."""
-    cfg = record.get("config", {})
+def chunk_table(chunks: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """Header and rows of the per-chunk history."""
+    acc = ["val_accuracy"] if any("val_accuracy" in c for c in chunks) else []
+    header = ["chunk", "epochs", "epoch", "train_loss", "val_loss", *acc, "seconds", "checkpoint"]
+    return header, [["" if c.get(h) is None else c[h] for h in header] for c in chunks]
+
+
+def overview(record: dict[str, Any], metrics: dict[str, Any], chunks: list[dict[str, Any]]) -> list[list[Any]]:
+    """The summary's first table: what ran, where, how long, whether it resumed."""
+    cfg, env = record.get("config", {}), record.get("environment") or {}
     timed = [c["seconds"] for c in chunks if c.get("seconds") is not None]
     per_chunk = (f"{duration(sum(timed))} for {len(timed)} timed chunks, {duration(sum(timed) / len(timed))} per chunk"
                  if timed else "?")
-    lines = [f"# {record['job']} · {record['run_name']}", ""]
-    lines += _table(["", ""], [
+    epochs = f"{metrics.get('epochs_trained', cfg.get('epochs'))} of {cfg.get('epochs')}"
+    return [
         ["job", record["job"]],
         ["run folder", f"`{record['run_dir']}`"],
         ["status", record.get("status")],
         ["started / finished", f"{record.get('started_at')} / {record.get('finished_at', '-')}"],
         ["attempts", record.get("attempts")],
         ["resumed", resume_text(record.get("resumes", []))],
-        ["epochs", f"{metrics.get('epochs_trained', cfg.get('epochs'))} of {cfg.get('epochs')}"
-                   + (" (stopped early)" if metrics.get("stopped_early") else "")],
+        ["epochs", epochs + (" (stopped early)" if metrics.get("stopped_early") else "")],
         ["training time", per_chunk],
-        ["device", (record.get("environment") or {}).get("device", {}).get("type")],
-        ["git commit", ((record.get("environment") or {}).get("git") or {}).get("commit", "-")],
-    ])
+        ["device", env.get("device", {}).get("type")],
+        ["git commit", (env.get("git") or {}).get("commit", "-")],
+    ]
+
+
+def summary_markdown(record: dict[str, Any], metrics: dict[str, Any], chunks: list[dict[str, Any]],
+                     plots: list[str], images: bool) -> str:
+    """The run summary (``summary.md`` and the Prefect markdown artifact). ``images`` embeds
+    the PNGs by relative path (works in an editor or on a git host, not in the Prefect UI)."""
+    lines = [f"# {record['job']} · {record['run_name']}", "", *_table(["", ""], overview(record, metrics, chunks))]
     parts = [p for p in ("val", "test") if isinstance(metrics.get(p), dict)]
     if parts:
         keys = sorted({k for p in parts for k in metrics[p]} - {"rows"})
-        lines += ["", "## Final metrics", ""]
-        lines += _table(["split", "rows", *keys], [[p, metrics[p].get("rows"), *(metrics[p].get(k, "") for k in keys)]
-                                                    for p in parts])
-    other = {k: v for k, v in metrics.items() if k not in ("val", "test", "job")}
-    if other:
-        lines += [""] + [f"- **{k}**: {_fmt(v)}" for k, v in other.items()]
-    lines += ["", "## Chunks", ""]
-    lines += _table(*chunk_table(chunks))
-    lines += ["", "## Config", ""]
-    lines += _table(["option", "value"], [[k, v] for k, v in cfg.items()])
+        rows = [[p, metrics[p].get("rows"), *(metrics[p].get(k, "") for k in keys)] for p in parts]
+        lines += ["", "## Final metrics", "", *_table(["split", "rows", *keys], rows)]
+    other = [f"- **{k}**: {_fmt(v)}" for k, v in metrics.items() if k not in ("val", "test", "job")]
+    lines += ["", *other] if other else []
+    lines += ["", "## Chunks", "", *_table(*chunk_table(chunks))]
+    lines += ["", "## Config", "", *_table(["option", "value"], list(record.get("config", {}).items()))]
     if plots:
-        lines += ["", "## Plots", ""]
-        lines += [f"![{p}]({p})" if images else f"- `{p}`" for p in plots]
+        lines += ["", "## Plots", "", *(f"![{p}]({p})" if images else f"- `{p}`" for p in plots)]
     lines += ["", f"TensorBoard: `tensorboard --logdir {record['run_dir']}/{TB_DIR}`", ""]
     return "\n".join(lines)
-
-
-def chunk_table(chunks: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
-    """Header and rows of the per-chunk history."""
-    acc = any("val_accuracy" in c for c in chunks)
-    header = ["chunk", "epochs", "epoch", "train_loss", "val_loss", *(["val_accuracy"] if acc else []), "seconds",
-              "checkpoint"]
-    rows = [[c.get(h, "") if c.get(h) is not None else "" for h in header] for c in chunks]
-    return header, rows
 
 
 # --- Prefect ---------------------------------------------------------------------------------
 
 
-def _prefect(what: str, fn, *args: Any, **kwargs: Any) -> Any:
-    """Call a Prefect artifact function; failures are warnings, never a failed training run."""
-    try:
-        return fn(*args, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - observability must not stop training
-        log.warning("could not %s: %s: %s", what, type(exc).__name__, exc)
-        return None
+class Artifacts:
+    """The run's Prefect artifacts (``<job>-<run>-progress``, ``-summary``, ``-history``).
+    A failing API call is a warning: observability must not stop training."""
 
+    def __init__(self, job: str, run_name: str, logger: Any = log):
+        self.job, self.run_name, self.log = job, run_name, logger
+        self.progress_id = None
 
-def _flow_run_id() -> str | None:
-    try:
-        from prefect.runtime import flow_run
+    def key(self, kind: str) -> str:
+        return artifact_key(self.job, self.run_name, kind)
 
-        return flow_run.id
-    except Exception:  # noqa: BLE001
-        return None
+    def call(self, what: str, fn, **kwargs: Any) -> Any:
+        try:
+            return fn(**kwargs)
+        except Exception as exc:  # noqa: BLE001
+            self.log.warning("could not %s: %s: %s", what, type(exc).__name__, exc)
+            return None
+
+    def create_progress(self, percent: float, text: str) -> None:
+        from prefect.artifacts import create_progress_artifact
+
+        self.progress_id = self.call("create the progress artifact", create_progress_artifact, progress=percent,
+                                     key=self.key("progress"), description=text)
+
+    def update_progress(self, percent: float, text: str) -> None:
+        from prefect.artifacts import update_progress_artifact
+
+        if self.progress_id is not None:
+            self.call("update the progress artifact", update_progress_artifact, artifact_id=self.progress_id,
+                      progress=percent, description=text)
+
+    def summary(self, markdown: str, chunks: list[dict[str, Any]]) -> None:
+        from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+        what = f"{self.job} run {self.run_name}"
+        self.call("create the summary artifact", create_markdown_artifact, markdown=markdown,
+                  key=self.key("summary"), description=f"{what}: summary")
+        header, rows = chunk_table(chunks)
+        self.call("create the history table artifact", create_table_artifact, key=self.key("history"),
+                  table=[dict(zip(header, row)) for row in rows], description=f"{what}: per-chunk history")
 
 
 # --- the report of one attempt ---------------------------------------------------------------
 
 
 class RunReport:
-    """Reporting state of one attempt at one run folder (see the module docstring)."""
+    """Reporting of one attempt at one run folder (see the module docstring)."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, data_fingerprint: str, fingerprint: str, logger: Any = log):
+    def __init__(self, cfg: TrainConfig, run_dir: Path, logger: Any = log):
+        from prefect.runtime import flow_run
+
         self.cfg, self.run_dir, self.log = cfg, Path(run_dir), logger
-        self.data_fingerprint, self.fingerprint = data_fingerprint, fingerprint
+        self.artifacts = Artifacts(cfg.job, self.run_dir.name, logger)
+        self.flow_run_id = flow_run.id  # None outside a flow run
         self.record: dict[str, Any] = {}
-        self.progress_id = None
         self.t0 = time.monotonic()
-        self.trained_epochs = 0  # epochs trained by this attempt, for the ETA
-        self.trained_seconds = 0.0
-
-    def key(self, kind: str) -> str:
-        return artifact_key(self.cfg.job, self.run_dir.name, kind)
-
-    def write_record(self) -> None:
-        atomic_write_json(self.run_dir / RUN_FILE, self.record)
+        self.trained_epochs, self.trained_seconds = 0, 0.0  # this attempt's, for the ETA
+        self.resume_known = False  # the attempt's first chunk tells whether and whence it resumed
 
     @classmethod
     def start(cls, cfg: TrainConfig, run_dir: Path, data_fingerprint: str, fingerprint: str,
               logger: Any = log) -> RunReport:
-        """Begin an attempt: run.json, latest pointer, resume log line, progress artifact."""
-        self = cls(cfg, run_dir, data_fingerprint, fingerprint, logger)
-        record = read_json(self.run_dir / RUN_FILE) or {"started_at": utc_now(), "attempts": 0}
-        attempt = int(record.get("attempts", 0)) + 1
-        newest = manifests(self.run_dir)[-1:]
-        record.update(
-            job=cfg.job, run_name=self.run_dir.name, run_dir=str(self.run_dir.resolve()), status="running",
-            attempts=attempt, attempt_started_at=utc_now(), fingerprint=fingerprint,
-            data_fingerprint=data_fingerprint, data=str(cfg.data), identity=cfg.identity(),
-            config=cfg.model_dump(mode="json"), environment=environment(cfg),
-        )
-        record.pop("finished_at", None)
-        record.pop("error", None)
-        record.setdefault("resumes", [])
-        record.setdefault("chunks", {})
-        flow_run_id = _flow_run_id()
-        record.setdefault("flow_runs", []).append({"attempt": attempt, "flow_run_id": flow_run_id, "at": utc_now()})
-        if newest:
-            m = newest[0]
-            saved = int(m["epoch"]) + 1
-            event = {"attempt": attempt, "at": utc_now(), "flow_run_id": flow_run_id, "from_checkpoint": m["file"],
-                     "epochs_saved": saved, "epochs": cfg.epochs}
-            record["resumes"].append(event)
-            logger.info("%s: resuming %s from %s: %d of %d epochs already done and not redone",
-                        cfg.job, self.run_dir.name, m["file"], saved, cfg.epochs)
-        self.record = record
-        self.write_record()
+        """Begin an attempt: run.json, latest pointer, progress artifact."""
+        self = cls(cfg, run_dir, logger)
+        self.record = begin_attempt(self.run_dir, cfg, data_fingerprint, fingerprint, self.flow_run_id)
+        self.save()
         update_latest(self.run_dir)
-        from prefect.artifacts import create_progress_artifact
-
-        history = read_history(self.run_dir) if newest else {}
-        self.progress_id = _prefect("create the progress artifact", create_progress_artifact,
-                                    progress=self._percent(history), key=self.key("progress"),
-                                    description=self._progress_text(history))
+        self.artifacts.create_progress(*self.progress(read_history(self.run_dir)))
         return self
 
-    def _percent(self, history: dict[str, list[float]]) -> float:
-        done = int(history["epoch"][-1]) if history.get("epoch") else 0
-        return round(100.0 * done / self.cfg.epochs, 2)
+    def save(self) -> None:
+        atomic_write_json(self.run_dir / RUN_FILE, self.record)
 
-    def _progress_text(self, history: dict[str, list[float]], finished: bool = False) -> str:
+    def progress(self, history: dict[str, list[float]], finished: bool = False) -> tuple[float, str]:
+        """Percent done and e.g. ``epoch 4000/10000, train loss 0.078, val loss 0.081, ETA 1m 05s``."""
         if not history.get("epoch"):
-            return f"epoch 0/{self.cfg.epochs}, starting"
-        i = -1
-        done = int(history["epoch"][i])
-        parts = [f"epoch {done}/{self.cfg.epochs}", f"train loss {history['train_loss'][i]:.4g}"]
+            return 0.0, f"epoch 0/{self.cfg.epochs}, starting"
+        done = int(history["epoch"][-1])
+        parts = [f"epoch {done}/{self.cfg.epochs}", f"train loss {history['train_loss'][-1]:.4g}"]
         if history.get("val_loss"):
-            parts.append(f"val loss {history['val_loss'][i]:.4g}")
+            parts.append(f"val loss {history['val_loss'][-1]:.4g}")
         if history.get("val_accuracy"):
-            parts.append(f"val accuracy {history['val_accuracy'][i]:.4f}")
-        if finished:
-            parts.append("done")
-        elif self.trained_epochs:
-            parts.append(f"ETA {duration((self.cfg.epochs - done) * self.trained_seconds / self.trained_epochs)}")
-        return ", ".join(parts)
+            parts.append(f"val accuracy {history['val_accuracy'][-1]:.4f}")
+        eta = eta_seconds(self.trained_epochs, self.trained_seconds, self.cfg.epochs - done)
+        if finished or eta is not None:
+            parts.append("done" if finished else f"ETA {duration(eta)}")
+        return (100.0 if finished else round(100.0 * done / self.cfg.epochs, 2)), ", ".join(parts)
 
     def chunk_done(self, result: dict[str, Any]) -> None:
-        """After each chunk: TensorBoard events for the new epochs, the chunk's row in run.json,
-        the progress artifact."""
+        """After each chunk: the resume and the chunk's row in run.json, TensorBoard events for
+        the new epochs, the progress artifact."""
         history = read_history(self.run_dir)
+        self.note_resume(result)
+        if result.get("skipped"):
+            start = int(result["epoch"])
+        else:
+            start = int(result["start_epoch"])
+            self.trained_epochs += int(result["end_epoch"]) - start
+            self.trained_seconds += float(result["seconds"])
+            self.record["chunks"][str(result["chunk"])] = chunk_row(self.record, result)
+        self.tensorboard(history, start)
+        self.save()
+        self.artifacts.update_progress(*self.progress(history))
+
+    def note_resume(self, result: dict[str, Any]) -> None:
+        """Record where this attempt resumed from: the checkpoint its first chunk loaded."""
+        if self.resume_known or (result.get("skipped") and not result.get("resumed_from")):
+            return
+        self.resume_known = True
+        if result.get("resumed_from"):
+            event = resume_event(self.record, result, self.flow_run_id)
+            self.record["resumes"].append(event)
+            self.log.info("%s: resumed %s from %s: %d of %d epochs already done and not redone", self.cfg.job,
+                          self.run_dir.name, event["from_checkpoint"], event["epochs_saved"], self.cfg.epochs)
+
+    def tensorboard(self, history: dict[str, list[float]], start: int | None = None) -> None:
+        """Events from the first epoch not known to be written: run.json records the last one
+        written, and ``start`` (epochs the checkpoint held) goes back further after a resume from
+        an older checkpoint. A kill before run.json is saved only means a rewrite, which purges."""
+        written = int(self.record.get("tensorboard_epochs", 0))
+        first = (written if start is None else min(written, start)) + 1
         try:
-            write_tensorboard(self.run_dir, history)
+            self.record["tensorboard_epochs"] = write_tensorboard(self.run_dir, history, first)
         except Exception as exc:  # noqa: BLE001
             self.log.warning("could not write TensorBoard events: %s: %s", type(exc).__name__, exc)
-        if not result.get("skipped"):
-            self.trained_epochs += int(result["end_epoch"]) - int(result["start_epoch"])
-            self.trained_seconds += float(result["seconds"])
-            row = {"epochs": f"{int(result['start_epoch']) + 1}-{int(result['end_epoch'])}",
-                   "epoch": int(result["end_epoch"]), "seconds": round(float(result["seconds"]), 3),
-                   "checkpoint": result.get("checkpoint"), "attempt": self.record["attempts"],
-                   "resumed_from": result.get("resumed_from"), "finished_at": utc_now()}
-            for k in ("train_loss", "val_loss", "val_accuracy"):
-                if k in result:
-                    row[k] = result[k]
-            self.record["chunks"][str(result["chunk"])] = row
-            self.write_record()
-        if self.progress_id is not None:
-            from prefect.artifacts import update_progress_artifact
 
-            _prefect("update the progress artifact", update_progress_artifact, artifact_id=self.progress_id,
-                     progress=self._percent(history), description=self._progress_text(history))
-
-    def chunks(self, history: dict[str, list[float]]) -> list[dict[str, Any]]:
-        """Per-chunk rows: what run.json recorded, completed from the checkpoint manifests for
-        chunks whose report was lost (killed right after the checkpoint)."""
-        rows = {int(k): dict(v) for k, v in self.record.get("chunks", {}).items()}
-        epochs = [int(e) for e in history.get("epoch", [])]
-        for m in manifests(self.run_dir):
-            k = int(m["chunk"])
-            if k not in rows:
-                rows[k] = {"epoch": int(m["epoch"]) + 1, "checkpoint": m["file"], "seconds": None}
-        previous = 0
-        for k in sorted(rows):
-            row = rows[k]
-            row.setdefault("epochs", f"{previous + 1}-{row['epoch']}")
-            if row["epoch"] in epochs:  # losses at the chunk's last epoch, from the history
-                i = epochs.index(row["epoch"])
-                for c in ("train_loss", "val_loss", "val_accuracy"):
-                    if c in history and c not in row:
-                        row[c] = history[c][i]
-            previous = row["epoch"]
-        return [{"chunk": k, **rows[k]} for k in sorted(rows)]
-
-    def finish(self, metrics: dict[str, Any]) -> dict[str, Any]:
-        """End of a completed run: loss.png, summary.md, Prefect summary + table artifacts,
-        and run.json (status completed, sha256 of every file) written last."""
-        from prefect.artifacts import (
-            create_markdown_artifact,
-            create_table_artifact,
-            update_progress_artifact,
-        )
-
+    def plot(self, history: dict[str, list[float]]) -> list[str]:
+        """``loss.png``; the names of all PNGs in the run folder (jobs add their own)."""
         from tasks.plots import plot_losses
 
-        history = read_history(self.run_dir)
-        try:
-            write_tensorboard(self.run_dir, history)
-        except Exception as exc:  # noqa: BLE001
-            self.log.warning("could not write TensorBoard events: %s: %s", type(exc).__name__, exc)
         try:
             plot_losses(history, self.run_dir / LOSS_PNG, f"{self.cfg.job} · {self.run_dir.name}: loss per epoch")
         except Exception as exc:  # noqa: BLE001
             self.log.warning("could not plot %s: %s: %s", LOSS_PNG, type(exc).__name__, exc)
-        plots = sorted(p.name for p in self.run_dir.glob("*.png"))
-        chunks = self.chunks(history)
+        return sorted(p.name for p in self.run_dir.glob("*.png"))
+
+    def finish(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """End of a completed run: loss.png, summary.md, Prefect summary + table artifacts,
+        and run.json (status completed, sha256 of every file) written last."""
+        history = read_history(self.run_dir)
+        self.tensorboard(history)  # catches up if a chunk's write failed
+        plots = self.plot(history)
+        chunks = chunk_rows(self.record, self.run_dir, history)
         self.record.update(status="completed", finished_at=utc_now(), duration_s=round(time.monotonic() - self.t0, 3))
         atomic_write_text(self.run_dir / SUMMARY_FILE, summary_markdown(self.record, metrics, chunks, plots, images=True))
-        markdown = summary_markdown(self.record, metrics, chunks, plots, images=False)
-        _prefect("create the summary artifact", create_markdown_artifact, markdown=markdown, key=self.key("summary"),
-                 description=f"{self.cfg.job} run {self.run_dir.name}: summary")
-        header, rows = chunk_table(chunks)
-        _prefect("create the history table artifact", create_table_artifact,
-                 table=[dict(zip(header, row)) for row in rows], key=self.key("history"),
-                 description=f"{self.cfg.job} run {self.run_dir.name}: per-chunk history")
-        if self.progress_id is not None:
-            _prefect("update the progress artifact", update_progress_artifact, artifact_id=self.progress_id,
-                     progress=100.0, description=self._progress_text(history, finished=True))
+        self.artifacts.summary(summary_markdown(self.record, metrics, chunks, plots, images=False), chunks)
+        self.artifacts.update_progress(*self.progress(history, finished=True))
         self.record["files"] = hash_files(self.run_dir)
-        self.write_record()  # last: "completed" means every output is in place
+        self.save()  # last: "completed" means every output is in place
         self.log.info("%s: summary in %s; TensorBoard: tensorboard --logdir %s", self.cfg.job,
                       self.run_dir / SUMMARY_FILE, self.run_dir / TB_DIR)
         return self.record
 
     def interrupted(self, exc: BaseException) -> None:
         """The attempt ended without finishing: record why (a rerun resumes)."""
-        stopped = not isinstance(exc, Exception)  # SIGTERM/Ctrl-C arrive as BaseException
-        self.record.update(status="stopped" if stopped else "failed", ended_at=utc_now(),
-                           error=f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
+        mark_interrupted(self.record, exc)
         try:
-            self.write_record()
+            self.save()
         except OSError as err:
             self.log.warning("could not update %s: %s", RUN_FILE, err)
-
-
-def verify_hashes(run_dir: Path) -> list[str]:
-    """Files whose sha256 differs from run.json's record (empty when all match)."""
-    record = read_json(Path(run_dir) / RUN_FILE) or {}
-    bad = []
-    for rel, info in record.get("files", {}).items():
-        path = Path(run_dir) / rel
-        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != info["sha256"]:
-            bad.append(rel)
-    return bad

@@ -12,7 +12,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from tasks.checkpoint import atomic_write_json
-from tasks.jobs.spec import TrainConfig, UserError
+from tasks.jobs.spec import TRAINING_FORMAT, TrainConfig, UserError
 
 CONFIG_FILE = "config.json"
 RUN_FILE = "run.json"
@@ -78,6 +78,7 @@ def config_record(cfg: TrainConfig, data_fingerprint: str) -> dict[str, Any]:
     """What ``config.json`` holds."""
     return {
         "job": cfg.job,
+        "format": TRAINING_FORMAT,
         "fingerprint": cfg.fingerprint(data_fingerprint),
         "data_fingerprint": data_fingerprint,
         "identity": cfg.identity(),
@@ -92,6 +93,12 @@ def check_compatible(run_dir: Path, cfg: TrainConfig, data_fingerprint: str) -> 
         return
     if old.get("fingerprint") == cfg.fingerprint(data_fingerprint):
         return
+    if old.get("format", 1) != TRAINING_FORMAT:
+        raise UserError(
+            f"run folder {run_dir} was made by an older trainflow that trained with other floats (format "
+            f"{old.get('format', 1)}), so it cannot be resumed exactly; use --fresh to archive it and start over, "
+            f"or another --run-name"
+        )
     diff = describe_difference(old.get("identity", {}), cfg.identity())
     if old.get("data_fingerprint") != data_fingerprint:
         diff = ", ".join(filter(None, [diff, "data content differs"]))

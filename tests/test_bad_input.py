@@ -83,15 +83,16 @@ def test_bad_csv(case: str, tmp_path: Path, existing_artifacts: Path, capsys) ->
         (["--lr", "-1"], "invalid --lr"),
         (["--epochs", "ten"], "invalid int value: 'ten'"),
         (["--run-name", "../escape"], "invalid --run-name"),
-        (["--shards", "0"], "invalid --shards"),
-        (["--job", "fashion_mnist", "--shards", "2"], "small_cnn has bn1 (BatchNorm2d), so use --shards 1"),
-        (["--job", "fashion_mnist", "--model", "lenet", "--batch-size", "100", "--shards", "3"],
-         "--batch-size 100 does not split into 3 equal shards"),
+        (["--lr", "inf"], "invalid --lr: Input should be a finite number"),
+        (["--job", "fashion_mnist", "--model", "resnet"], "unknown model 'resnet' for job 'fashion_mnist'"),
+        (["--optimizer", "lbfgs"], "argument --optimizer: invalid choice: 'lbfgs'"),
+        (["--nesterov"], "--nesterov needs a momentum: add --momentum"),
+        (["--optimizer", "adam", "--momentum", "0.9"], "--momentum and --nesterov apply to --optimizer sgd only"),
     ],
 )
 def test_bad_options(args: list[str], expected: str, existing_artifacts: Path, capsys) -> None:
     before = snapshot(existing_artifacts)
-    with pytest.raises(SystemExit) if "ten" in args else _nullcontext() as raised:
+    with pytest.raises(SystemExit) if {"ten", "lbfgs"} & set(args) else _nullcontext() as raised:
         code, err = run_main(capsys, [*args, "--artifacts-dir", str(existing_artifacts)])
     if raised is not None:  # argparse's own errors, also one line
         code, err = raised.value.code, capsys.readouterr().err.strip()
@@ -125,3 +126,23 @@ def test_bad_input_from_a_real_process(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "'oops' is not a number" in proc.stderr
     assert not (tmp_path / "a" / "nonlinear").exists() or not any((tmp_path / "a" / "nonlinear").iterdir())
+
+
+def test_run_folder_of_an_older_version_is_refused_not_mixed(existing_artifacts: Path, capsys) -> None:
+    """A run folder made by a version whose training gave other floats (format 1: LeNet in
+    shards) is never continued with today's floats: one line, exit 2, the folder untouched."""
+    import json
+
+    from tasks.data import load_job_data
+    from tasks.run import config_record
+
+    cfg = JOBS["nonlinear"].config(run_name="old-run", artifacts_dir=existing_artifacts)
+    old = config_record(cfg, load_job_data(cfg).fingerprint)
+    old.pop("format")
+    old["fingerprint"] = "f" * 64  # what the old code derived: another fingerprint
+    (existing_artifacts / "nonlinear" / "old-run" / "config.json").write_text(json.dumps(old))
+    before = snapshot(existing_artifacts)
+    code, err = run_main(capsys, ["--job", "nonlinear", "--run-name", "old-run", "--artifacts-dir",
+                                  str(existing_artifacts)])
+    assert_one_line_error(code, err, "was made by an older trainflow that trained with other floats (format 1)")
+    assert "use --fresh" in err and snapshot(existing_artifacts) == before

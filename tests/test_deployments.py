@@ -60,18 +60,28 @@ def test_prefect_yaml_is_generated_from_the_job_registry() -> None:
         assert (ROOT / d["entrypoint"].split(":")[0]).exists()
 
 
-def test_deployment_flow_takes_the_train_flow_parameters() -> None:
-    """A deployment's parameters are ``train``'s (plus ``options`` for the rarer ones), so they
-    pass straight through; the registry only puts such parameters on deployments."""
+def test_every_option_is_a_flag_and_a_parameter_of_both_flows() -> None:
+    """Options are defined once, as TrainConfig fields: each is a CLI flag, a ``train`` parameter
+    and a ``scheduled-train`` parameter (but ``fresh``), typed and described like the field, and
+    the deployments' parameters are among them."""
     import inspect
 
     from deployments.flow import scheduled_train
-    from deployments.registry import PARAMETERS
-    from flows.train_flow import train_flow
+    from flows.train_flow import parser, train_flow
+    from tasks.jobs.spec import TrainConfig
 
-    train = set(inspect.signature(train_flow.fn).parameters)
-    mine = set(inspect.signature(scheduled_train.fn).parameters) - {"options"}
-    assert mine <= train and set(PARAMETERS) <= mine
+    fields = set(TrainConfig.model_fields)
+    flags = {a.dest for a in parser()._actions} - {"help"}
+    assert flags == fields
+    assert set(inspect.signature(train_flow.fn).parameters) == fields
+    assert set(inspect.signature(scheduled_train.fn).parameters) == fields - {"fresh"}
+    schema = train_flow.parameters.model_dump()["properties"]
+    assert schema["nesterov"]["description"] == TrainConfig.model_fields["nesterov"].description
+    assert {"type": "boolean"} in schema["nesterov"]["anyOf"]
+    assert all(set(job_parameters(j)) <= fields for j in JOBS)
+    args = vars(parser().parse_args(["--job", "nonlinear", "--nesterov", "--momentum", "0.9", "--no-compile"]))
+    cfg = JOBS[args.pop("job")].config(**args)
+    assert cfg.nesterov is True and cfg.momentum == 0.9 and cfg.compile is False and cfg.epochs == 10_000
 
 
 def test_run_name_comes_from_the_scheduled_time() -> None:

@@ -15,7 +15,6 @@ from torch import nn
 import tasks.jobs.fashion_mnist as fm
 from flows.train_flow import main, train_flow
 from tasks.jobs.spec import UserError
-from tests.benchmark import TutorialNeuralNet
 from tests.conftest import run_cli
 
 
@@ -104,227 +103,82 @@ def test_damaged_files_get_a_clear_error(damage, expected: str, tiny: Path, tmp_
         fm.load(tmp_path)
 
 
-def test_lenet_state_dict_loads_into_the_tutorials_class() -> None:
-    ours = fm.NeuralNet()
-    theirs = TutorialNeuralNet()
-    theirs.load_state_dict(ours.state_dict())
-    x = fm.prepare(torch.randint(0, 255, (4, 28, 28), dtype=torch.uint8))
-    with torch.no_grad():
-        assert torch.allclose(ours(x), theirs(x.contiguous()), atol=1e-6)
+class TutorialNeuralNet(nn.Module):
+    """The tutorial's LeNet as published (shared/seeds/003), for comparison."""
+
+    def __init__(self):
+        super(TutorialNeuralNet, self).__init__()
+        self.conv1 = nn.Conv2d(1, 6, 3)
+        self.conv2 = nn.Conv2d(6, 16, 3)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), (2, 2))
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = x.view(-1, self.num_flat_features(x))
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        x = self.fc3(x)
+        return x
+
+    def num_flat_features(self, x):
+        size = x.size()[1:]
+        num_features = 1
+        for s in size:
+            num_features *= s
+        return num_features
 
 
-def test_lenet_computes_the_tutorials_outputs_and_gradients(monkeypatch) -> None:
-    """Our forward pools before its relus: outputs and every gradient identical to the tutorial's
-    bit for bit, including on flat background, where pooling windows are full of ties. Training
-    on the CPU (batch-major conv1 and pool) sums conv1's gradient in another order: equal up to
-    float rounding, and evaluation still gives the same bits."""
+def test_lenet_is_the_tutorials_class_in_training_and_in_evaluation() -> None:
+    """Our LeNet's state_dict loads into the tutorial's class, and both give the same outputs
+    and gradients bit for bit, with gradients on (training) and off (evaluation), including
+    pooling windows full of ties."""
     torch.manual_seed(0)
-    ours = fm.NeuralNet().to(memory_format=torch.channels_last)
-    theirs = TutorialNeuralNet().to(memory_format=torch.channels_last)
+    ours, theirs = fm.NeuralNet(), TutorialNeuralNet()
     theirs.load_state_dict(ours.state_dict())
     images = torch.randint(0, 255, (64, 28, 28), dtype=torch.uint8)
     images[:, :8] = 0  # blank rows: ties, and conv outputs that are just the bias
-    images[:, :, -6:] = 255
-    x, y = fm.prepare(images), torch.randint(0, 10, (64,))
-
-    def tutorial_order(x: torch.Tensor) -> torch.Tensor:  # its forward; reshape: x is channels_last
-        x = F.max_pool2d(F.relu(theirs.conv1(x)), (2, 2))
-        x = F.max_pool2d(F.relu(theirs.conv2(x)), 2)
-        x = F.relu(theirs.fc1(x.reshape(x.shape[0], -1)))
-        return theirs.fc3(F.relu(theirs.fc2(x)))
-
-    def outputs_and_grads(forward, model: nn.Module) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        out = forward(x)
-        return out, torch.autograd.grad(F.cross_entropy(out, y), list(model.parameters()))
-
-    theirs_out, theirs_grads = outputs_and_grads(tutorial_order, theirs)
+    x = fm.prepare(images).contiguous()  # the tutorial's view() needs the plain layout
+    y = torch.randint(0, 10, (64,))
+    grads = []
+    for model in (ours, theirs):
+        loss = F.cross_entropy(model(x), y)
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
     with torch.no_grad():
-        assert torch.equal(ours(x), theirs_out)
-    for batch_major in (False, True):
-        monkeypatch.setattr(fm.NeuralNet, "batch_major", batch_major)
-        out, ours_grads = outputs_and_grads(ours, ours)
-        same = (lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-7)) if batch_major else torch.equal
-        assert same(out, theirs_out)
-        for (name, _), a, b in zip(ours.named_parameters(), ours_grads, theirs_grads):
-            assert same(a, b), name
+        assert torch.equal(ours.eval()(x), theirs.eval()(x))
 
 
-def train_tiny_lenet(cfg, train, shards: int, epochs: int) -> tuple[list[float], nn.Module, torch.optim.Optimizer]:
-    """Train from seed 0 in batches of ``cfg.batch_size`` as a run's chunk does (one shard clock for
-    all its epochs); returns each epoch's loss, the model and its optimizer."""
+def test_tutorial_recipe_from_the_command_line_trains_like_the_tutorials_loop(tiny: Path) -> None:
+    """The README's command line for the tutorial's recipe gives its optimizer, and our epoch
+    gives the weights of the tutorial's loop (zero_grad, forward, loss, backward, step) over the
+    same batches, bit for bit."""
+    from flows.train_flow import build_configs, parser
     from tasks import training
 
-    torch.manual_seed(0)
-    model = fm.build_model(cfg)
-    opt = training.build_optimizer(cfg, model)
-    clock = training.shard_clock(shards, torch.device("cpu"))
-    losses = [training.train_epoch(model, opt, None, nn.CrossEntropyLoss(), train,
-                                   training.epoch_order(0, epoch, len(train)), cfg.batch_size, fm.prepare, shards, clock)
-              for epoch in range(epochs)]
-    return losses, model, opt
-
-
-def test_lenet_graph_gives_autograds_loss_and_gradients_bit_for_bit() -> None:
-    """LeNet's TorchScript training graph runs autograd's kernels in its order: the same loss and
-    gradients bit for bit (pool ties included), for a whole batch and a half-batch shard's scaled
-    loss; anything it does not cover is left to autograd (None)."""
-    torch.manual_seed(0)
-    model = fm.build_model(fm.JOB.config(model="lenet"))
-    params = list(model.parameters())
-    images = torch.randint(0, 255, (64, 28, 28), dtype=torch.uint8)
-    images[:, :8] = 0  # ties in the pools
-    x, y = fm.prepare(images), torch.randint(0, 10, (64,))
-    for loss_fn, scale in ((nn.CrossEntropyLoss(), 1.0), (nn.CrossEntropyLoss(), 0.5),
-                           (nn.CrossEntropyLoss(ignore_index=3), 0.5)):
-        loss = loss_fn(model(x), y) * scale
-        expected = torch.autograd.grad(loss, params)
-        got_loss, got = model.loss_and_grads(x, y, loss_fn, params, scale)
-        assert torch.equal(got_loss, loss.detach())
-        for (name, _), a, b in zip(model.named_parameters(), got, expected, strict=True):
-            assert torch.equal(a, b), name
-
-    ce = nn.CrossEntropyLoss()
-    assert model.loss_and_grads(x, y, nn.CrossEntropyLoss(label_smoothing=0.1), params) is None
-    assert model.loss_and_grads(x, y, nn.CrossEntropyLoss(weight=torch.ones(10)), params) is None
-    assert model.loss_and_grads(x, y, nn.CrossEntropyLoss(reduction="sum"), params) is None
-    assert model.loss_and_grads(x, y, nn.MSELoss(), params) is None
-    assert model.loss_and_grads(x, y, ce, params[:-2]) is None  # fc3 frozen
-    with torch.no_grad():
-        assert model.loss_and_grads(x, y, ce, params) is None
-    handle = model.fc2.register_forward_hook(lambda *args: None)
-    assert model.loss_and_grads(x, y, ce, params) is None
-    handle.remove()
-    handle = params[4].register_hook(lambda grad: grad)
-    assert model.loss_and_grads(x, y, ce, params) is None
-    handle.remove()
-    assert model.loss_and_grads(x, y, ce, params) is not None
-
-
-def test_lenet_trains_to_the_same_floats_with_or_without_its_graph(tiny: Path, monkeypatch) -> None:
-    """Where TorchScript fails (or is gone from a later torch), LeNet trains through autograd, with
-    a warning, to the same weights bit for bit: in two shards on two threads and in one."""
-    from tasks import training
-
-    cfg = fm.JOB.config(model="lenet", optimizer="sgd", lr=0.05, momentum=0.9, schedule="constant", batch_size=32)
-    training.setup_torch(cfg)
-    train = fm.load(tiny).pool
-
-    def weights(shards: int) -> dict[str, torch.Tensor]:
-        return train_tiny_lenet(cfg, train, shards, epochs=2)[1].state_dict()
-
-    monkeypatch.setattr(training, "cpu_slots", lambda: 2)
-    with_graph = {shards: weights(shards) for shards in (2, 1)}
-
-    def broken(fn):
-        raise RuntimeError("no TorchScript here")
-
-    monkeypatch.setattr(torch.jit, "script", broken)
-    fm._script.cache_clear()
-    warnings = []
-    monkeypatch.setattr(fm.log, "warning", lambda msg, *args: warnings.append(msg % args))
-    try:
-        without = {shards: weights(shards) for shards in (2, 1)}
-    finally:
-        fm._script.cache_clear()
-    assert warnings == ["LeNet trains through autograd: TorchScript failed (RuntimeError: no TorchScript here)"]
-    for shards in (2, 1):
-        assert all(torch.equal(with_graph[shards][k], without[shards][k]) for k in without[shards]), shards
-
-
-def test_tutorial_recipe_is_reproducible_from_the_command_line() -> None:
-    from flows.train_flow import build_configs
-
-    (cfg,) = build_configs("fashion_mnist", {"model": "lenet", "optimizer": "sgd", "lr": 1e-3, "momentum": 0.9,
-                                             "batch_size": 128, "epochs": 10, "schedule": "constant"})
-    assert (cfg.model, cfg.optimizer, cfg.lr, cfg.momentum, cfg.batch_size, cfg.epochs) == ("lenet", "sgd", 1e-3, 0.9, 128, 10)
-
-
-def test_lenet_trains_in_two_shards_by_default_and_batchnorm_models_in_one() -> None:
-    assert fm.JOB.config(model="lenet").shards == 2
-    assert fm.JOB.config().shards == 1 and fm.JOB.config(model="cnn").shards == 1
-    assert fm.JOB.config(model="lenet", shards=1).shards == 1
-    # One shard is how runs trained before shards existed: their identity (fingerprint) is unchanged.
-    assert "shards" not in fm.JOB.config(model="lenet", shards=1).identity()
-    assert fm.JOB.config(model="lenet").identity()["shards"] == 2
-    with pytest.raises(UserError, match=r"cnn has bn1 \(BatchNorm2d\), so use --shards 1"):
-        fm.JOB.config(model="cnn", shards=2)
-
-
-def test_sharded_training_gives_the_same_floats_in_parallel_and_in_sequence(tiny: Path, monkeypatch) -> None:
-    """Two shards on two threads, or one after the other (a 1-core machine, or CUDA): the same
-    weights, optimizer state and losses bit for bit, over 3 epochs; and a step's gradient is the
-    whole batch's up to float rounding (the gradient of a mean loss is the mean of the shards')."""
-    from tasks import training
-
-    cfg = fm.JOB.config(model="lenet", optimizer="sgd", lr=0.05, momentum=0.9, schedule="constant", batch_size=32)
-    training.setup_torch(cfg)  # one intra-op thread, as in a run (the floats depend on it)
-    train = fm.load(tiny).pool  # 600 images: 18 batches of 32 per epoch
-
-    def run(shards: int, cores: int) -> tuple[list[float], dict, dict]:
-        monkeypatch.setattr(training, "cpu_slots", lambda: cores)
-        losses, model, opt = train_tiny_lenet(cfg, train, shards, epochs=3)
-        return losses, model.state_dict(), opt.state_dict()["state"]
-
-    parallel, in_sequence = run(2, cores=2), run(2, cores=1)
-    assert parallel[0] == in_sequence[0]
-    for a, b in ((parallel[1], in_sequence[1]), *((parallel[2][k], in_sequence[2][k]) for k in parallel[2])):
-        assert all(torch.equal(a[k], b[k]) for k in a)
-    assert parallel[0][-1] < parallel[0][0]  # it learns
-
-    torch.manual_seed(0)
-    model = fm.build_model(cfg)
-    params = list(model.parameters())
-    x, y = train.x[:32], train.y[:32]
-    loss = training.sharded_backward(model, nn.CrossEntropyLoss(), x, y, params, 2, fm.prepare)
-    sharded = [p.grad for p in params]
-    whole_loss = nn.CrossEntropyLoss()(model(fm.prepare(x)), y)
-    whole = torch.autograd.grad(whole_loss, params)
-    assert loss.item() == pytest.approx(whole_loss.item(), rel=1e-6)
-    for (name, _), a, b in zip(model.named_parameters(), sharded, whole):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), name
-
-
-def test_shard_clock_keeps_whichever_way_was_faster_at_the_last_probe() -> None:
-    from tasks.training import ShardClock
-
-    pool = object()
-    clock = ShardClock(pool, period=10, probe=3, max_period=40)  # type: ignore[arg-type]
-
-    def run(steps: int, threads: float, sequence: float) -> list[bool]:
-        used = []
-        for _ in range(steps):
-            p = clock.pool()
-            used.append(p is pool)
-            clock.took(threads if p is pool else sequence, p)
-        return used
-
-    # A probe: 3 steps in sequence, 3 on threads, then the faster way until the next probe.
-    assert run(10, threads=1.0, sequence=2.0) == [False] * 3 + [True] * 7
-    # Threads win again and again: the next probe comes 20 steps on, then 40 (max_period).
-    assert run(20, threads=1.0, sequence=2.0) == [False] * 3 + [True] * 17
-    assert run(40, threads=1.0, sequence=2.0) == [False] * 3 + [True] * 37
-    assert run(40, threads=1.0, sequence=2.0) == [False] * 3 + [True] * 37
-    # The sequence wins (load): probes every 10 steps again, each keeping the sequence.
-    assert run(40, threads=3.0, sequence=2.0) == ([False] * 3 + [True] * 3 + [False] * 4) * 4
-    # Threads win again: back to threads at once, and the waits grow from 10 again.
-    assert run(30, threads=1.0, sequence=2.0) == [False] * 3 + [True] * 7 + [False] * 3 + [True] * 17
-    assert ShardClock(None).pool() is None
-
-
-def test_lenet_in_shards_resumes_bit_exact_after_an_exception_in_chunk_2(tiny: Path, prefect_api: str,
-                                                                          tmp_path: Path, monkeypatch) -> None:
-    from tests.conftest import assert_same_tensors, fail_once_at, state_dict
-
-    args = {"job": "fashion_mnist", "data": str(tiny), "model": "lenet", "optimizer": "sgd", "lr": 0.05,
-            "momentum": 0.9, "schedule": "constant", "batch_size": 32, "epochs": 4, "chunk_epochs": 2, "run_name": "r"}
-    ref = Path(train_flow(artifacts_dir=str(tmp_path / "ref"), **args)["fashion_mnist"]["run_dir"])
-    assert json.loads((ref / "config.json").read_text())["identity"]["shards"] == 2
-    calls = fail_once_at(monkeypatch, 3)
-    run_dir = Path(train_flow(artifacts_dir=str(tmp_path / "flaky"), **args)["fashion_mnist"]["run_dir"])
-    assert calls == [0, 1, 2, 3, 2, 3]
-    assert_same_tensors(state_dict(run_dir / "model_state_dict.pt"), state_dict(ref / "model_state_dict.pt"))
-    for name in ("metrics.json", "history.csv"):
-        assert (run_dir / name).read_text() == (ref / name).read_text(), name
+    args = vars(parser().parse_args(["--job", "fashion_mnist", *fm.TUTORIAL_RECIPE.split()]))
+    (cfg,) = build_configs(args.pop("job"), args)
+    data = fm.load(tiny).pool
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(fm.build_model(cfg))
+    ours, theirs = models
+    order = training.epoch_order(0, 0, len(data))
+    training.train_epoch(ours, training.build_optimizer(cfg, ours), None, nn.CrossEntropyLoss(), data, order,
+                         cfg.batch_size, fm.prepare)
+    optimizer = torch.optim.SGD(theirs.parameters(), lr=0.001, momentum=0.9)  # the tutorial's
+    criterion = nn.CrossEntropyLoss()
+    for start in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
+        idx = order[start : start + cfg.batch_size]
+        optimizer.zero_grad()
+        loss = criterion(theirs(fm.prepare(data.x[idx])), data.y[idx])
+        loss.backward()
+        optimizer.step()
+    assert cfg.batch_size == 128 and cfg.epochs == 10
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
 
 
 def test_run_on_tiny_data_writes_metrics_and_pngs(tiny: Path, prefect_api: str, tmp_path: Path) -> None:

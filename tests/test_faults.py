@@ -36,6 +36,8 @@ def start(args: list[str], prefect_api: str, **env: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+#: A sitecustomize that slows a checkpoint's fsync: kills can be aimed inside its write.
+SLOW_FSYNC = Path(__file__).parent / "slow_fsync"
 # The soak job: 24 chunks, so 22 kills cannot finish it however fast the machine is.
 SOAK = ["--job", "nonlinear", "--epochs", "6000", "--chunk-epochs", "250", "--seed", "3"]
 
@@ -51,7 +53,7 @@ def test_soak_random_sigkills(prefect_api: str, tmp_path: Path) -> None:
     ckpts = run_dir / "checkpoints"
     kills, in_write, progress = 0, 0, []
     while kills < 22:
-        proc = start(args, prefect_api, TRAINFLOW_TEST_WRITE_DELAY="0.25")
+        proc = start(args, prefect_api, PYTHONPATH=str(SLOW_FSYNC), SLOW_FSYNC_SECONDS="0.25")
         try:
             if kills % 3 == 0:
                 # Aim at the write window: the temp file exists, the rename has not happened yet.
@@ -168,7 +170,7 @@ def test_failed_checkpoint_write_keeps_previous_and_retry_takes_over(reference: 
     real = ck.atomic_write_bytes
     failures: list[str] = []
 
-    def flaky_disk(path, data, before_replace=None):
+    def flaky_disk(path, data):
         if Path(path).name == "checkpoint-3.pt" and not failures:
             failures.append(str(path))
             before = (Path(path).parent / "checkpoint-2.pt").read_bytes()
@@ -176,7 +178,7 @@ def test_failed_checkpoint_write_keeps_previous_and_retry_takes_over(reference: 
                 raise OSError(5, "Input/output error (simulated)")
             finally:
                 assert (Path(path).parent / "checkpoint-2.pt").read_bytes() == before
-        return real(path, data, before_replace)
+        return real(path, data)
 
     monkeypatch.setattr(ck, "atomic_write_bytes", flaky_disk)
     result = train_flow(**CFG, artifacts_dir=str(tmp_path), run_name="disk")

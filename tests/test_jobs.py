@@ -15,7 +15,7 @@ import torch
 
 from flows.train_flow import parser, train_flow
 from tasks.jobs import JOBS, default_jobs
-from tasks.training import chunk_ends
+from tasks.training import chunk_count
 from tests.conftest import assert_same_tensors, fail_once_at, state_dict
 
 #: 3 chunks of 2 epochs; the fault is injected in the second epoch of chunk 2.
@@ -54,7 +54,7 @@ def test_short_run_writes_every_artifact(reference: tuple[str, str | None, Path]
     for name in OUTPUTS:
         assert (run_dir / name).is_file(), f"{job}: {name} missing"
     cfg = spec.config(**SMALL)
-    chunks = len(chunk_ends(cfg))
+    chunks = chunk_count(cfg)
     for k in range(1, chunks + 1):
         assert (run_dir / "checkpoints" / f"checkpoint-{k}.pt").is_file()
     assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"

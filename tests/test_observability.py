@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -115,15 +116,65 @@ def test_tensorboard_events_hold_every_epoch_once(run_dir: Path) -> None:
     assert len(names) == 3 and all("tfevents" in n for n in names), names  # one file per chunk
 
 
-def test_tensorboard_rewrite_is_a_no_op(run_dir: Path, tmp_path: Path) -> None:
-    import shutil
-
+def test_tensorboard_rewrite_replaces_the_steps_it_writes_again(run_dir: Path, tmp_path: Path) -> None:
+    """Epochs written again (a rerun, a resume from an older checkpoint) show once, with the
+    history's new values: purge_step hides the earlier file's steps from TensorBoard's readers."""
+    from tasks.history import write_history_csv
     from tasks.reporting import read_history, write_tensorboard
 
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy)
-    assert write_tensorboard(copy, read_history(copy)) is None
+    files = sorted((copy / "tensorboard").iterdir())
+    hist = read_history(copy)
+    assert write_tensorboard(copy, hist, 31) == 30 and sorted((copy / "tensorboard").iterdir()) == files
+    hist["train_loss"][20:] = [2 * v for v in hist["train_loss"][20:]]  # epochs 21-30 trained differently
+    write_history_csv(copy / "history.csv", hist)
+    assert write_tensorboard(copy, hist, 21) == 30
     assert_tensorboard_matches_history(copy, 30)
+
+
+def report_on_copy(run_dir: Path, tmp_path: Path, events_kept: int, written: int):
+    """A copy of the finished run whose TensorBoard folder holds only the first ``events_kept``
+    files and whose run.json says ``written`` epochs are in TensorBoard; a RunReport on it."""
+    from tasks.jobs import get_job
+    from tasks.reporting import RunReport
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    for path in sorted((copy / "tensorboard").iterdir())[events_kept:]:
+        path.unlink()
+    report = RunReport(get_job("nonlinear").config(epochs=30, chunk_epochs=10, seed=3), copy)
+    report.record = json.loads((copy / "run.json").read_text()) | {"tensorboard_epochs": written}
+    return copy, report
+
+
+def test_tensorboard_catches_up_after_a_kill_between_checkpoint_and_events(run_dir: Path, tmp_path: Path) -> None:
+    """Killed after checkpoints 2 and 3 but before their events: the next attempt's first
+    chunk (skipped, all is trained) writes epochs 11-30 and records the resume."""
+    copy, report = report_on_copy(run_dir, tmp_path, events_kept=1, written=10)
+    report.chunk_done({"chunk": 1, "skipped": True, "epoch": 30, "resumed_from": "checkpoint-3.pt"})
+    assert_tensorboard_matches_history(copy, 30)
+    record = json.loads((copy / "run.json").read_text())
+    assert record["tensorboard_epochs"] == 30
+    assert [(r["from_checkpoint"], r["epochs_saved"]) for r in record["resumes"]] == [("checkpoint-3.pt", 30)]
+
+
+def test_resume_from_an_older_checkpoint_is_recorded_and_rewrites_its_epochs(run_dir: Path, tmp_path: Path) -> None:
+    """checkpoint-3 damaged, so training resumed from checkpoint-2 and trained epochs 21-30
+    again: run.json names checkpoint-2 (not the newest manifest), TensorBoard the new values."""
+    from tasks.history import write_history_csv
+    from tasks.reporting import read_history
+
+    copy, report = report_on_copy(run_dir, tmp_path, events_kept=3, written=30)
+    hist = read_history(copy)
+    hist["val_loss"][20:] = [v + 1 for v in hist["val_loss"][20:]]
+    write_history_csv(copy / "history.csv", hist)
+    report.chunk_done({"chunk": 3, "skipped": False, "start_epoch": 20, "end_epoch": 30, "seconds": 0.5,
+                       "resumed_from": "checkpoint-2.pt", "checkpoint": "checkpoint-3.pt", "train_loss": 1.0})
+    assert_tensorboard_matches_history(copy, 30)
+    record = json.loads((copy / "run.json").read_text())
+    assert [(r["from_checkpoint"], r["epochs_saved"]) for r in record["resumes"]] == [("checkpoint-2.pt", 20)]
+    assert record["chunks"]["3"]["resumed_from"] == "checkpoint-2.pt"
 
 
 def test_summary_md(run_dir: Path) -> None:
@@ -241,7 +292,7 @@ def test_failed_attempt_then_rerun_continues_the_same_curves(prefect_api: str, t
     run_dir = tmp_path / "nonlinear" / "r"
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "failed" and "epoch 15" in record["error"]
-    assert [p.name for p in (run_dir / "tensorboard").iterdir()] == ["events.out.tfevents.000000001-000000010.trainflow"]
+    assert [s for s, _ in scalars(run_dir)["Loss/train"]] == list(range(1, 11)) and record["tensorboard_epochs"] == 10
 
     monkeypatch.setattr(Trainer, "run_epoch", real)
     train_flow(**kwargs)
@@ -253,16 +304,23 @@ def test_failed_attempt_then_rerun_continues_the_same_curves(prefect_api: str, t
 
 
 def test_sigkill_then_rerun_continues_the_same_curves(prefect_api: str, tmp_path: Path) -> None:
-    """SIGKILL right after chunk 1's events are written; the same command resumes and the
-    TensorBoard curves continue with no duplicate step; run.json hashes still match."""
+    """SIGKILL right after chunk 1 is reported (its events written, run.json updated); the same
+    command resumes and the TensorBoard curves continue with no duplicate step; run.json hashes
+    still match."""
     args = ["--job", "nonlinear", "--epochs", "1500", "--chunk-epochs", "500", "--seed", "7",
             "--artifacts-dir", str(tmp_path), "--run-name", "k"]
     run_dir = tmp_path / "nonlinear" / "k"
-    first_events = run_dir / "tensorboard" / "events.out.tfevents.000000001-000000500.trainflow"
+
+    def chunk_1_reported() -> bool:
+        try:
+            return "1" in json.loads((run_dir / "run.json").read_text())["chunks"]
+        except (OSError, ValueError, KeyError):  # not there yet
+            return False
+
     proc = subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=ROOT, env=cli_env(prefect_api),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
-    while not first_events.exists():
+    while not chunk_1_reported():
         assert proc.poll() is None, proc.stderr.read()[-2000:]
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)

@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows.train_flow import train_flow
 from tasks.checkpoint import list_checkpoints
-from tests.conftest import ROOT, TRAIN, assert_same_tensors, cli_env, fail_once_at, run_cli, state_dict, train_cli
+from tests.conftest import ROOT, TRAIN, assert_same_tensors, cli_env, run_cli, state_dict, train_cli
 
 # Small but real: 200 rows, 3 chunks; each chunk is long enough (~0.3-1 s) to be killed inside.
 SMALL = ["--job", "nonlinear", "--epochs", "1500", "--chunk-epochs", "500", "--seed", "7"]
@@ -103,17 +102,6 @@ def test_without_a_server_the_command_boots_its_own_which_dies_with_it(reference
     bad = subprocess.run([*args, "--epochs", "0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == ["error: invalid --epochs: Input should be greater than 0 (got 0)"]
-
-
-def test_exception_in_chunk_is_retried_by_prefect_and_resumes(reference: Path, prefect_api: str, tmp_path: Path, monkeypatch) -> None:
-    """An exception inside chunk 2 (epoch 700 of 1500): Prefect retries the task, which resumes
-    from checkpoint-1 and ends bit-exact; at most one chunk of work is redone."""
-    calls = fail_once_at(monkeypatch, 699)
-    result = train_flow(job="nonlinear", epochs=1500, chunk_epochs=500, seed=7,
-                        artifacts_dir=str(tmp_path), run_name="r")
-    run_dir = Path(result["nonlinear"]["run_dir"])
-    assert calls.count(699) == 2 and calls.count(500) == 2 and calls.count(499) == 1  # retried from epoch 501 only
-    assert_same_run(run_dir, reference)
 
 
 def test_completed_run_is_not_retrained(reference: Path, prefect_api: str, tmp_path: Path) -> None:

@@ -17,24 +17,7 @@ def read_xy_csv(path: Path, columns: int = 2, header: str = "x,y") -> np.ndarray
     UserError naming the problem and the fix. ``header`` is the expected header line, named in
     the messages."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"data file {path} does not exist; pass --data PATH to a CSV with header '{header}'")
-    if path.is_dir():
-        raise UserError(f"data path {path} is a folder; pass --data PATH to a CSV file")
-    if path.stat().st_size == 0:
-        raise UserError(f"data file {path} is empty; it needs a header '{header}' and numeric rows")
-    try:
-        text: str | None = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not part of the header
-    except UnicodeDecodeError:
-        text = None
-    if text is None or "\x00" in text:
-        raise UserError(f"data file {path} is not a text CSV; expected header '{header}' and numeric rows")
-    # The standard csv module, not pandas: the same cells (read as text, converted by float()),
-    # and importing pandas cost 0.5 s of every run's start.
-    reader = csv.reader(text.splitlines())
-    rows = [(reader.line_num, row) for row in reader if row]  # (line number, cells); blank lines skipped
-    if not rows:
-        raise UserError(f"data file {path} is empty; it needs a header '{header}' and numeric rows")
+    rows = csv_rows(path, header)
     names = rows[0][1]
     if len(names) != columns:
         raise UserError(f"data file {path} has {len(names)} columns ({', '.join(names)}); "
@@ -48,15 +31,39 @@ def read_xy_csv(path: Path, columns: int = 2, header: str = "x,y") -> np.ndarray
         if len(row) != columns:
             raise UserError(f"data file {path} is not a valid CSV (line {line} has {len(row)} value{'s' * (len(row) != 1)}); "
                             f"every row needs exactly {columns} comma-separated values")
-        for j, (col, cell) in enumerate(zip(names, row)):
-            try:
-                v = float(cell)
-            except ValueError:
-                raise UserError(f"data file {path} line {line}, column {col!r}: {cell!r} is not a number; fix or remove that row") from None
-            if not math.isfinite(v):
-                raise UserError(f"data file {path} line {line}, column {col!r}: {cell!r} is not finite; fix or remove that row")
-            values[i, j] = v
+        values[i] = [number(path, line, col, cell) for col, cell in zip(names, row)]
     return values
+
+
+def csv_rows(path: Path, header: str) -> list[tuple[int, list[str]]]:
+    """The non-blank rows of a text CSV as ``(line number, cells)``, the header first."""
+    if not path.exists():
+        raise UserError(f"data file {path} does not exist; pass --data PATH to a CSV with header '{header}'")
+    if path.is_dir():
+        raise UserError(f"data path {path} is a folder; pass --data PATH to a CSV file")
+    try:
+        text: str | None = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not part of the header
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and not text.strip():
+        raise UserError(f"data file {path} is empty; it needs a header '{header}' and numeric rows")
+    if text is None or "\x00" in text:
+        raise UserError(f"data file {path} is not a text CSV; expected header '{header}' and numeric rows")
+    # The standard csv module, not pandas: the same cells (read as text, converted by float()),
+    # and importing pandas cost 0.5 s of every run's start.
+    reader = csv.reader(text.splitlines())
+    return [(reader.line_num, row) for row in reader if row]  # blank lines skipped
+
+
+def number(path: Path, line: int, column: str, cell: str) -> float:
+    """One finite number from a cell, or a UserError naming the line and column."""
+    try:
+        v = float(cell)
+    except ValueError:
+        raise UserError(f"data file {path} line {line}, column {column!r}: {cell!r} is not a number; fix or remove that row") from None
+    if not math.isfinite(v):
+        raise UserError(f"data file {path} line {line}, column {column!r}: {cell!r} is not finite; fix or remove that row")
+    return v
 
 
 def _is_number(text: str) -> bool:

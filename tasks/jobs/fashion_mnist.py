@@ -8,16 +8,13 @@ tutorial's ``ToTensor()`` + ``Normalize((0.5,), (0.5,))`` would, with no PIL and
 
 from __future__ import annotations
 
-import functools
 import gzip
 import hashlib
 import logging
 import struct
 import subprocess
-import threading
-import warnings
 from pathlib import Path
-from typing import Any, Callable, List, Tuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -171,105 +168,9 @@ def make_test_data(folder: Path, train: int = 600, test: int = 200, seed: int = 
 # --- models --------------------------------------------------------------------------------
 
 
-def _lenet_train_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-                         W1: torch.Tensor, c1: torch.Tensor, W2: torch.Tensor, c2: torch.Tensor, W3: torch.Tensor,
-                         c3: torch.Tensor) -> List[torch.Tensor]:
-    """LeNet's forward as it trains on the CPU, for x [B,1,H,W]: [logits [B,10], then what
-    ``_lenet_loss_and_grads`` needs for the backward]. Run by autograd (``NeuralNet.forward``) and
-    inside the TorchScript graph of ``_lenet_loss_and_grads``: one definition of the forward.
-
-    Two changes from the tutorial's order, each measured on this machine's CPU:
-    - relu(max_pool(conv)) instead of max_pool(relu(conv)): the same tensor with the same
-      gradients (relu is monotone and zero wherever it cuts), bit for bit, with relu on a quarter
-      of the elements: 5-8% of a step.
-    - conv1 and its pool run with the batch in the channel dimension. PyTorch's channels_last
-      max-pool runs scalar code for 6 channels (fewer than one AVX vector): 600 of the 2 700 us of
-      a 64-image step. With the images as channels (memory [H, W, B, 6]) it pools 6B channels in
-      vector code (35 us), and the one-input-channel conv1 becomes one grouped conv over the B
-      images (170 vs 320 us). The same math and the same pool tie rule, but oneDNN sums in another
-      order: outputs and conv1's gradient agree with the tutorial's to float rounding (tested at
-      1e-5), not bit for bit."""
-    B, H, W = x.shape[0], x.shape[2], x.shape[3]
-    C = w1.shape[0]
-    xt = x.reshape(B, H, W).permute(1, 2, 0).contiguous()  # memory [H, W, B]
-    xt = xt.view(1, H, W, B).permute(0, 3, 1, 2)  # [1, B, H, W] channels_last: image b is channel b
-    # Group b applies conv1's filters to image b: output channel 6b+k is filter k on image b.
-    w1r = w1.repeat(B, 1, 1, 1)  # [6B, 1, 3, 3]
-    h1 = F.conv2d(xt, w1r, b1.repeat(B), [1, 1], [0, 0], [1, 1], B)  # [1, 6B, H-2, W-2]
-    p1, i1 = torch.ops.aten.max_pool2d_with_indices(h1, [2, 2], [2, 2], [0, 0], [1, 1], False)  # [1, 6B, Hp, Wp]
-    Hp, Wp = p1.shape[2], p1.shape[3]
-    # Back to [B, 6, Hp, Wp] (memory [Hp, Wp, B, 6]), copied into channels_last for conv2 (a
-    # strided view would make relu's backward a slow mixed-layout op).
-    r1 = torch.relu(p1.permute(0, 2, 3, 1).view(Hp, Wp, B, C).permute(2, 3, 0, 1).contiguous(memory_format=torch.channels_last))
-    h2 = F.conv2d(r1, w2, b2)  # -> [B,16,11,11]
-    p2, i2 = torch.ops.aten.max_pool2d_with_indices(h2, [2, 2], [2, 2], [0, 0], [1, 1], False)  # -> [B,16,5,5]
-    r2 = torch.relu(p2)
-    f = r2.reshape(B, -1)  # -> [B,400]
-    r3 = torch.relu(F.linear(f, W1, c1))  # -> [B,120]
-    r4 = torch.relu(F.linear(r3, W2, c2))  # -> [B,84]
-    return [F.linear(r4, W3, c3), xt, w1r, h1, i1, r1, h2, i2, r2, f, r3, r4]  # logits [B,10] first
-
-
-def _lenet_loss_and_grads(x: torch.Tensor, y: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
-                          b2: torch.Tensor, W1: torch.Tensor, c1: torch.Tensor, W2: torch.Tensor, c2: torch.Tensor,
-                          W3: torch.Tensor, c3: torch.Tensor, scale: float,
-                          ignore_index: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-    """``cross_entropy(logits, y) * scale`` and its gradients for the ten parameters, by the aten
-    kernels autograd runs for ``NeuralNet.forward``, in its order on the same tensors: the same
-    floats (tests/test_fashion_mnist.py checks it bit for bit)."""
-    logits, xt, w1r, h1, i1, r1, h2, i2, r2, f, r3, r4 = _lenet_train_forward(x, w1, b1, w2, b2, W1, c1, W2, c2, W3, c3)
-    B, C, Hp, Wp = r1.shape[0], r1.shape[1], r1.shape[2], r1.shape[3]
-    aten = torch.ops.aten
-    logp = torch.log_softmax(logits, 1)
-    nll, total_weight = aten.nll_loss_forward(logp, y, None, 1, ignore_index)  # 1: mean
-    g = torch.full([], scale, dtype=logits.dtype)  # d(loss * scale)/d(loss)
-    g = aten.nll_loss_backward(g, logp, y, None, 1, ignore_index, total_weight)
-    g = aten._log_softmax_backward_data(g, logp, 1, logits.dtype)  # [B,10]
-    gW3, gc3 = g.t().mm(r4), g.sum(0)
-    g = aten.threshold_backward(g.mm(W3), r4, 0)  # [B,84]
-    gW2, gc2 = g.t().mm(r3), g.sum(0)
-    g = aten.threshold_backward(g.mm(W2), r3, 0)  # [B,120]
-    gW1, gc1 = g.t().mm(f), g.sum(0)
-    g = g.mm(W1).view(r2.shape).contiguous(memory_format=torch.channels_last)  # [B,16,5,5], r2's layout
-    g = aten.threshold_backward(g, r2, 0)
-    g = aten.max_pool2d_with_indices_backward(g, h2, [2, 2], [2, 2], [0, 0], [1, 1], False, i2)  # [B,16,11,11]
-    g, gw2, gb2 = aten.convolution_backward(g, r1, w2, [w2.shape[0]], [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-                                            [True, True, True])  # g: [B,6,Hp,Wp]
-    g = aten.threshold_backward(g, r1, 0)
-    g = g.permute(2, 3, 0, 1).reshape(1, Hp, Wp, B * C).permute(0, 3, 1, 2)  # [1, 6B, Hp, Wp], as the pool made it
-    g = aten.max_pool2d_with_indices_backward(g, h1, [2, 2], [2, 2], [0, 0], [1, 1], False, i1)  # [1, 6B, H-2, W-2]
-    _, gw1, gb1 = aten.convolution_backward(g, xt, w1r, [B * C], [1, 1], [0, 0], [1, 1], False, [0, 0], B,
-                                            [False, True, True])  # per image: [6B,1,3,3], [6B]
-    gw1, gb1 = gw1.view(B, C, 1, 3, 3).sum(0), gb1.view(B, C).sum(0)  # what repeat's backward sums
-    return nll * scale, [gw1, gb1, gw2, gb2, gW1, gc1, gW2, gc2, gW3, gc3]
-
-
-_script_lock = threading.Lock()
-
-
-def _scripted_loss_and_grads() -> Callable[..., Any] | None:
-    """``_lenet_loss_and_grads`` as a TorchScript function, or None where TorchScript is gone."""
-    with _script_lock:  # the shards' threads ask at once, and TorchScript compiles into one global unit
-        return _script()
-
-
-@functools.cache  # one graph for the process
-def _script() -> Callable[..., Any] | None:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated, still here in 2.14
-            return torch.jit.script(_lenet_loss_and_grads)
-    except Exception as exc:  # noqa: BLE001 - any failure: autograd gives the same floats, slower
-        log.warning("LeNet trains through autograd: TorchScript failed (%s: %s)", type(exc).__name__, exc)
-        return None
-
-
 class NeuralNet(nn.Module):
-    """The tutorial's LeNet, attribute names unchanged so its state_dict loads into the tutorial's class."""
-
-    #: Train on the CPU with the batch in the channel dimension for conv1 and its pool (see
-    #: ``_lenet_train_forward``), and compute a step's gradients in one TorchScript graph.
-    batch_major = True
+    """The tutorial's LeNet: its attribute names (its state_dict loads into the tutorial's class)
+    and its forward, op for op."""
 
     def __init__(self):
         super().__init__()
@@ -280,53 +181,12 @@ class NeuralNet(nn.Module):
         self.fc3 = nn.Linear(84, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Evaluation (no grad), CUDA and torch.export take the tutorial's path, relus after the pools.
-        if self._trains_batch_major(x):
-            return _lenet_train_forward(x, *self.parameters())[0]
-        x = F.relu(F.max_pool2d(self.conv1(x), (2, 2)))  # [B,1,28,28] -> [B,6,26,26] -> [B,6,13,13]
-        x = F.relu(F.max_pool2d(self.conv2(x), 2))  # -> [B,16,11,11] -> [B,16,5,5]
-        x = x.reshape(x.shape[0], -1)  # -> [B,400]
+        x = F.max_pool2d(F.relu(self.conv1(x)), (2, 2))  # [B,1,28,28] -> [B,6,26,26] -> [B,6,13,13]
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # -> [B,16,11,11] -> [B,16,5,5]
+        x = torch.flatten(x, 1)  # -> [B,400]; the tutorial's view(), which a channels_last x refuses
         x = F.relu(self.fc1(x))
         x = F.relu(self.fc2(x))
         return self.fc3(x)  # -> [B,10] logits
-
-    def _trains_batch_major(self, x: torch.Tensor) -> bool:
-        """Whether this forward is a training step on the CPU (not evaluation, CUDA or export)."""
-        return (self.batch_major and torch.is_grad_enabled() and x.device.type == "cpu"
-                and not torch.compiler.is_compiling())
-
-    def loss_and_grads(self, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, params: list[torch.Tensor],
-                       scale: float = 1.0) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
-        """``loss_fn(self(x), y) * scale`` (detached) and its gradients for ``params``, the floats
-        autograd gives, from one TorchScript graph that runs without Python or the GIL between its
-        ~60 ops, so two shards on two threads do not queue for the GIL (-12% per epoch, see README);
-        None where that graph does not apply (then use autograd): a loss other than plain
-        cross-entropy, other params, hooks, evaluation, CUDA."""
-        if not (self._trains_batch_major(x) and x.dtype == torch.float32 and type(loss_fn) is nn.CrossEntropyLoss
-                and loss_fn.weight is None and loss_fn.reduction == "mean" and loss_fn.label_smoothing == 0.0
-                and self._graph_applies(params)):
-            return None
-        scripted = _scripted_loss_and_grads()
-        if scripted is None:
-            return None
-        # Run the graph as written, without the JIT's passes: they may rewrite ops (one splits
-        # torch.addmm into mm + add, which rounds differently). The setting is per thread.
-        with torch.no_grad(), torch.jit.optimized_execution(False):
-            return scripted(x, y, *params, float(scale), loss_fn.ignore_index)
-
-    def _graph_applies(self, params: list[torch.Tensor]) -> bool:
-        """``params`` are this model's parameters in order, all trained, and no hook would see the
-        forward or the backward (the graph would skip it). ~5 us: it runs every shard."""
-        from torch.nn.modules import module as m
-
-        children = self._modules.values()  # the five layers, which have no children themselves
-        ours = [p for child in children for p in child._parameters.values()]
-        return (len(params) == len(ours) and all(p is q and p.requires_grad for p, q in zip(params, ours))
-                and not any(p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) for p in ours)
-                and not any(c._forward_hooks or c._forward_pre_hooks or c._backward_hooks or c._backward_pre_hooks
-                            for c in (self, *children))
-                and not any(getattr(m, n, None) for n in ("_global_forward_hooks", "_global_forward_pre_hooks",
-                                                          "_global_backward_hooks", "_global_backward_pre_hooks")))
 
 
 class BNCNN(nn.Module):
@@ -370,7 +230,9 @@ MODELS: dict[str, type[nn.Module]] = {"small_cnn": SmallCNN, "cnn": CNN, "lenet"
 
 
 def build_model(cfg: TrainConfig) -> nn.Module:
-    """The model named by ``cfg.model`` in channels_last layout (faster convolutions on CPU)."""
+    """The model named by ``cfg.model`` in channels_last layout: a training step on one CPU
+    thread took 0.74x (small_cnn), 0.87x (lenet) and 0.73x (cnn) the time of the plain layout
+    (medians of 5 interleaved rounds of 40 steps, batch 128). The same ops: only the layout."""
     return MODELS[cfg.model]().to(memory_format=torch.channels_last)
 
 
@@ -474,13 +336,16 @@ def _predict_format(labels: list[str], outputs: torch.Tensor) -> list[str]:
     return [f"{label}: {LABELS[int(p.argmax())]} ({float(p.max()):.1%})" for label, p in zip(labels, probs)]
 
 
+#: The tutorial's own recipe (its LeNet, SGD lr 1e-3, momentum 0.9, batch 128, 10 epochs), as
+#: options on top of this job's defaults.
+TUTORIAL_RECIPE = "--model lenet --optimizer sgd --lr 1e-3 --momentum 0.9 --schedule constant"
+
 JOB = JobSpec(
     name="fashion_mnist",
     description="FashionMNIST (real data, official test set), CNN, cross-entropy, accuracy",
-    # Measured (see README): small_cnn + Adam + OneCycle reaches >= 91% in 10 epochs at the least
-    # CPU time; the tutorial's recipe is `--model lenet --optimizer sgd --lr 1e-3 --momentum 0.9
-    # --schedule constant`, and `--model cnn --optimizer adamw --lr 3e-3 --weight-decay 1e-4
-    # --label-smoothing 0.1` is the stronger option.
+    # Measured (docs/performance.md): small_cnn + Adam + OneCycle reaches >= 91% in 10 epochs at
+    # the least CPU time; TUTORIAL_RECIPE is the tutorial's, and `--model cnn --optimizer adamw
+    # --lr 3e-3 --weight-decay 1e-4 --label-smoothing 0.1` is the stronger option.
     defaults=dict(
         data=DATA_DIR, model="small_cnn", epochs=10, chunk_epochs=2, lr=5e-3, batch_size=128, eval_batch_size=1000,
         optimizer="adam", schedule="onecycle",
@@ -497,8 +362,5 @@ JOB = JobSpec(
     model_label=lambda cfg: type(MODELS[cfg.model]()).__name__,
     data_help="folder with FashionMNIST/raw/*.gz (default data/)",
     make_test_data=make_test_data,
-    # LeNet's batch runs as two halves on two threads (3.8 vs 4.9 ms per step on 2 idle cores,
-    # see README); the BatchNorm/dropout models need the whole batch at once.
-    default_shards=lambda model: 2 if model == "lenet" else 1,
     predict=Predictor(add_arguments=_predict_arguments, inputs=_predict_inputs, format=_predict_format),
 )

@@ -23,42 +23,47 @@ class UserError(Exception):
 
 
 class TrainConfig(BaseModel):
-    """Everything that defines a training run. Frozen; validated on construction."""
+    """Everything that defines a training run. Frozen; validated on construction.
+
+    Each field is also a command-line option (``--chunk-epochs``), a parameter of the ``train``
+    and ``scheduled-train`` flows and of the deployments (``flows/options.py`` builds them all
+    from this class): adding an option is one line here. Fields without a default take the
+    job's (``JobSpec.defaults``)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    job: str
-    data: Path
-    epochs: int = Field(gt=0)
-    chunk_epochs: int = Field(gt=0, description="epochs per checkpointed chunk")
-    lr: float = Field(gt=0)
-    batch_size: int = Field(gt=0)
-    eval_batch_size: int = Field(gt=0)
-    seed: int = 0
-    model: str = "default"
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
-    momentum: float = Field(default=0.0, ge=0, lt=1)
-    nesterov: bool = False
-    weight_decay: float = Field(default=0.0, ge=0)
-    schedule: Literal["constant", "onecycle", "cosine"] = "constant"
-    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    job: str = Field(description="job to train")
+    data: Path = Field(description="the job's input: a CSV for the regression jobs, a folder for fashion_mnist")
+    epochs: int = Field(gt=0, description="total epochs")
+    chunk_epochs: int = Field(gt=0, description="epochs per checkpointed chunk (a Prefect task each)")
+    lr: float = Field(gt=0, allow_inf_nan=False, description="learning rate (the schedule's peak for onecycle)")
+    batch_size: int = Field(gt=0, description="training batch size")
+    eval_batch_size: int = Field(gt=0, description="validation/test batch size")
+    seed: int = Field(default=0, description="seed for the split, the initial weights and the shuffling")
+    model: str = Field(default="default", description="model variant of the job (fashion_mnist: small_cnn, cnn, lenet)")
+    optimizer: Literal["sgd", "adam", "adamw"] = Field(default="sgd", description="torch.optim optimizer")
+    momentum: float = Field(default=0.0, ge=0, lt=1, description="SGD momentum")
+    nesterov: bool = Field(default=False, description="SGD with Nesterov momentum")
+    weight_decay: float = Field(default=0.0, ge=0, allow_inf_nan=False, description="weight decay")
+    schedule: Literal["constant", "onecycle", "cosine"] = Field(
+        default="constant", description="learning-rate schedule, stepped every batch")
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1, description="label smoothing of a cross-entropy loss")
     early_stopping_patience: int | None = Field(
-        default=None, gt=0, description="stop after this many epochs without a better validation metric"
-    )
-    shards: int | None = Field(
-        default=None, gt=0, description="equal parts each training batch is computed in, gradients summed in "
-        "part order (on CPU, on parallel threads); None: the job's choice for the model"
-    )
+        default=None, gt=0, description="stop after this many epochs without a better validation metric (default off)")
+    compile: bool = Field(default=False, description="train the model through torch.compile (see docs/performance.md)")
+    threads: int = Field(default=1, gt=0, description="torch intra-op CPU threads (1: fastest on a shared 2-core machine)")
     # Execution details. Those that do not change the trained numbers are left out of the run's
-    # identity (IDENTITY_EXCLUDE); `threads` stays in: 1 and 2 CPU threads give different floats.
-    run_name: str | None = None
-    artifacts_dir: Path = ARTIFACTS_DIR
-    fresh: bool = False
-    threads: int = Field(default=1, gt=0, description="torch intra-op CPU threads")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    keep_last: int | None = Field(default=None, gt=0, description="checkpoints kept besides the best (None: all)")
-    save_best: bool = Field(default=False, description="also write model_best_state_dict.pt")
-    wait_lock: float = Field(default=0, ge=0, description="seconds to wait for a run folder held by another process")
+    # identity (IDENTITY_EXCLUDE); `threads` and `compile` stay in: they change the floats.
+    run_name: str | None = Field(
+        default=None, description="run folder name (default: derived from the config and data, so a rerun resumes)")
+    artifacts_dir: Path = Field(default=ARTIFACTS_DIR, description="root of the run folders")
+    fresh: bool = Field(default=False, description="start over; an existing run folder is moved aside, not deleted")
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: CUDA when available")
+    keep_last: int | None = Field(
+        default=None, gt=0, description="keep only the newest K checkpoints plus the best (default: all)")
+    save_best: bool = Field(default=False, description="also write model_best_state_dict.pt (best validation epoch)")
+    wait_lock: float = Field(default=0, ge=0, allow_inf_nan=False,
+                             description="seconds to wait for a run folder another process holds (default: refuse at once)")
 
     @field_validator("run_name")
     @classmethod
@@ -71,18 +76,19 @@ class TrainConfig(BaseModel):
 
     def identity(self) -> dict[str, Any]:
         """The fields that decide the trained result (a resumed run must match them)."""
-        identity = {k: v for k, v in self.model_dump(mode="json").items() if k not in IDENTITY_EXCLUDE}
-        if identity["shards"] in (None, 1):
-            # How every run trained before `shards` existed: leaving it out keeps those runs'
-            # fingerprints, so they still resume.
-            del identity["shards"]
-        return identity
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in IDENTITY_EXCLUDE}
 
     def fingerprint(self, data_fingerprint: str) -> str:
-        """sha256 of the identity fields plus the data's own fingerprint."""
-        blob = json.dumps({"config": self.identity(), "data": data_fingerprint}, sort_keys=True)
+        """sha256 of the identity fields, the data's own fingerprint and the training code's
+        format (a run made by a version that trained with other floats gets another one)."""
+        blob = json.dumps({"config": self.identity(), "data": data_fingerprint, "format": TRAINING_FORMAT},
+                          sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
+
+#: Raised when training changes its floats for an existing config. 2: the textbook step (LeNet
+#: trained in shards with a batch-major conv under format 1, so those runs cannot continue exactly).
+TRAINING_FORMAT = 2
 
 # `data` is identified by content (data fingerprint), not by where the file lives.
 IDENTITY_EXCLUDE = frozenset(
@@ -165,10 +171,6 @@ class JobSpec:
     #: Tests only: ``folder -> --data path`` that writes tiny data for this job into ``folder``
     #: (for data not available offline, e.g. a downloaded dataset); None: tests use ``defaults["data"]``.
     make_test_data: Callable[[Path], Path] | None = None
-    #: ``model name -> shards`` when the config leaves ``shards`` unset. Sharding suits models
-    #: that treat every sample on its own and whose steps are long enough to share: see
-    #: ``tasks.training.sharded_backward``.
-    default_shards: Callable[[str], int] = lambda model: 1
 
     def config(self, **overrides: Any) -> TrainConfig:
         """Validated TrainConfig: this job's defaults with ``overrides`` (None means default)."""
@@ -178,25 +180,9 @@ class JobSpec:
             raise UserError(
                 f"unknown model {cfg.model!r} for job {self.name!r}; choose one of: {', '.join(self.models)}"
             )
-        if cfg.shards is None:
-            cfg = cfg.model_copy(update={"shards": self.default_shards(cfg.model)})
-        if cfg.shards > 1:
-            if cfg.batch_size % cfg.shards:
-                raise UserError(f"--batch-size {cfg.batch_size} does not split into {cfg.shards} equal shards; "
-                                f"use a multiple of {cfg.shards} or another --shards")
-            with torch.device("meta"):  # no memory, no draw from the global RNG
-                mixing = batch_dependent_modules(self.build_model(cfg))
-            if mixing:
-                raise UserError(f"--shards {cfg.shards} needs a model that treats each sample on its own; "
-                                f"{cfg.model} has {mixing[0]}, so use --shards 1")
+        if (cfg.momentum or cfg.nesterov) and cfg.optimizer != "sgd":
+            raise UserError(f"--momentum and --nesterov apply to --optimizer sgd only (this run: {cfg.optimizer})")
+        if cfg.nesterov and not cfg.momentum:
+            raise UserError("--nesterov needs a momentum: add --momentum (e.g. 0.9)")
         return cfg
 
-
-def batch_dependent_modules(model: nn.Module) -> list[str]:
-    """Layers whose training output is not a function of each sample alone (batch statistics
-    and running averages, random masks), e.g. ``["bn1 (BatchNorm2d)"]``: such a model cannot be
-    trained in shards. Random draws made in ``forward`` itself cannot be seen here."""
-    def mixes(m: nn.Module) -> bool:
-        return isinstance(m, nn.modules.batchnorm._NormBase) or (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0)
-
-    return [f"{name} ({type(m).__name__})" for name, m in model.named_modules() if mixes(m)]

@@ -1,0 +1,76 @@
+"""Every option of a run, defined once (``TrainConfig``'s fields), as command-line flags and as
+the parameters of a Prefect flow: type, choices and description all come from the field."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import typing
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic.fields import FieldInfo
+
+from tasks.jobs import JOBS
+from tasks.jobs.spec import ROOT, TrainConfig
+
+#: Field name -> field, in TrainConfig's order.
+FIELDS: dict[str, FieldInfo] = dict(TrainConfig.model_fields)
+
+
+def base_type(field: FieldInfo) -> Any:
+    """The field's type without ``| None`` (``int | None`` -> ``int``)."""
+    args = [a for a in typing.get_args(field.annotation) if a is not type(None)]
+    return args[0] if typing.get_origin(field.annotation) in (typing.Union, type(int | None)) else field.annotation
+
+
+def job_defaults(name: str) -> str:
+    """``' (nonlinear: 10000, fashion_mnist: 10)'``: the jobs' own defaults for a field."""
+    values = [f"{job}: {shown(spec.defaults[name])}" for job, spec in JOBS.items() if name in spec.defaults]
+    return f" ({', '.join(values)})" if values else ""
+
+
+def shown(value: Any) -> str:
+    """A default as help text: paths relative to the repository, like the commands."""
+    return str(value.relative_to(ROOT) if isinstance(value, Path) and value.is_relative_to(ROOT) else value)
+
+
+def add_arguments(parser: argparse.ArgumentParser, exclude: Iterable[str] = ()) -> None:
+    """One ``--flag`` per field (``chunk_epochs`` -> ``--chunk-epochs``), default None: a flag
+    left out takes the job's default. Booleans get ``--x`` / ``--no-x``."""
+    for name, field in FIELDS.items():
+        if name in exclude:
+            continue
+        kind = base_type(field)
+        flag = "--" + name.replace("_", "-")
+        text = (field.description or "") + job_defaults(name)
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif typing.get_origin(kind) is Literal:
+            parser.add_argument(flag, choices=typing.get_args(kind), default=None, help=text)
+        else:
+            cast = kind if kind in (int, float) else str
+            parser.add_argument(flag, type=cast, default=None, metavar=name.upper(), help=text)
+
+
+def parameter(name: str, default: Any = None, required: bool = False) -> inspect.Parameter:
+    """A flow parameter for field ``name``: its type (``| None`` unless required) and a default."""
+    kind = base_type(FIELDS[name])
+    kind = str if kind is Path else kind  # a deployment parameter is JSON: a path is a string
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind if required else kind | None,
+                             **({} if required else {"default": default}))
+
+
+def with_parameters(fn: Callable[..., Any], parameters: list[inspect.Parameter]) -> Callable[..., Any]:
+    """Give ``fn(**options)`` the signature and docstring ``Args`` that Prefect reads for a
+    flow's parameters (their types and descriptions in the UI, and their validation)."""
+    fn.__signature__ = inspect.Signature(parameters, return_annotation=dict[str, Any])
+    lines = [f"    {p.name}: {(FIELDS[p.name].description if p.name in FIELDS else '') or p.name}" for p in parameters]
+    fn.__doc__ = f"{inspect.cleandoc(fn.__doc__ or '')}\n\nArgs:\n" + "\n".join(lines)
+    return fn
+
+
+def config_parameters(exclude: Iterable[str] = ()) -> list[inspect.Parameter]:
+    """One optional parameter per field (default None: the job's default), in field order."""
+    return [parameter(name) for name in FIELDS if name not in exclude]
