@@ -139,28 +139,48 @@ class _HideUserErrorTracebacks(logging.Filter):
         return True
 
 
+def refused(job: str | None, args: dict[str, Any]) -> str | None:
+    """The one-line error for input that cannot run, or None (see :func:`preflight`)."""
+    try:
+        preflight(build_configs(job, args))
+    except ValidationError as exc:
+        return f"error: {one_line(exc)}"
+    except UserError as exc:
+        return f"error: {exc}"
+    return None
+
+
+def flow_settings() -> contextlib.AbstractContextManager:
+    """Once the command's own server answers: the settings its flow runs under."""
+    if SERVER is None:
+        return contextlib.nullcontext()
+    from tasks.server import temporary_server_settings
+
+    SERVER.wait_ready()  # RuntimeError in one line if it cannot start
+    return temporary_server_settings()
+
+
+def print_results(results: dict[str, dict[str, Any]]) -> None:
+    """One line per job: status, test (or train) metrics, run folder."""
+    for name, result in results.items():
+        metrics = result["metrics"] or {}
+        shown = ", ".join(f"{part} {k} {v:.6g}" for part in ("test", "train") for k, v in metrics.get(part, {}).items()
+                          if k != "rows" and isinstance(v, float))
+        print(f"{name}: {result['status']}: {shown} -> {result['run_dir']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status."""
     args = vars(parser().parse_args(argv))
     job = args.pop("job")
+    if error := refused(job, args):
+        print(error, file=sys.stderr)
+        return 2
     try:
-        preflight(build_configs(job, args))
-    except ValidationError as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 2
-    except UserError as exc:
+        settings = flow_settings()
+    except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    settings = contextlib.nullcontext()
-    if SERVER is not None:
-        from tasks.server import temporary_server_settings
-
-        try:
-            SERVER.wait_ready()
-        except RuntimeError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        settings = temporary_server_settings()
+        return 1
     for name in ("prefect.task_runs", "prefect.flow_runs"):
         logging.getLogger(name).addFilter(_HideUserErrorTracebacks())
     try:
@@ -178,11 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - Prefect already logged the details
         print(f"error: {type(exc).__name__}: {exc}".splitlines()[0] + "; rerun the same command to resume", file=sys.stderr)
         return 1
-    for name, result in results.items():
-        metrics = result["metrics"] or {}
-        shown = ", ".join(f"{part} {k} {v:.6g}" for part in ("test", "train") for k, v in metrics.get(part, {}).items()
-                          if k != "rows" and isinstance(v, float))
-        print(f"{name}: {result['status']}: {shown} -> {result['run_dir']}")
+    print_results(results)
     return 0
 
 
