@@ -89,3 +89,26 @@ def test_help_lists_the_job(job: str) -> None:
     help_text = parser().format_help()
     assert f"  {job} " in help_text
     assert ("(default)" in help_text.split(f"  {job} ", 1)[1].splitlines()[0]) == (job in default_jobs())
+
+
+def test_compile_trains_through_torch_compile_and_keeps_the_tutorials_files(prefect_api: str, tmp_path: Path,
+                                                                           monkeypatch) -> None:
+    """--compile: each chunk's model goes through torch.compile, the run is its own (another
+    fingerprint, so never mixed with an eager run), and the files keep the model's own state_dict
+    keys, so the tutorial's class still loads them."""
+    from tasks.jobs.nonlinear import CustomModel
+
+    compiled: list[str] = []
+    real = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, *a, **k: (compiled.append(type(self).__name__), real(self, *a, **k))[1])
+    result = train_flow(job="nonlinear", epochs=4, chunk_epochs=2, compile=True, artifacts_dir=str(tmp_path))
+    run_dir = Path(result["nonlinear"]["run_dir"])
+    assert compiled == ["CustomModel", "CustomModel"]  # one per chunk
+    record = json.loads((run_dir / "config.json").read_text())
+    eager = JOBS["nonlinear"].config(epochs=4, chunk_epochs=2)
+    assert record["identity"]["compile"] is True
+    assert record["fingerprint"] != eager.fingerprint(record["data_fingerprint"])
+    CustomModel().load_state_dict(state_dict(run_dir / "model_state_dict.pt"))  # strict: the same keys
+    ckpt = torch.load(run_dir / "checkpoints" / "checkpoint-2.pt", weights_only=True)
+    assert list(ckpt["model_state_dict"]) == ["layer.weight", "layer.bias"]
