@@ -38,8 +38,13 @@ def start(args: list[str], prefect_api: str, **env: str) -> subprocess.Popen:
 
 #: A sitecustomize that slows a checkpoint's fsync: kills can be aimed inside its write.
 SLOW_FSYNC = Path(__file__).parent / "slow_fsync"
-# The soak job: 24 chunks, so 22 kills cannot finish it however fast the machine is.
-SOAK = ["--job", "nonlinear", "--epochs", "6000", "--chunk-epochs", "250", "--seed", "3"]
+# The soak job: 32 chunks, so 22 kills cannot finish it however fast the machine is.
+SOAK = ["--job", "nonlinear", "--epochs", "8000", "--chunk-epochs", "250", "--seed", "3"]
+
+
+def newest_chunk(folder: Path) -> int:
+    """The highest checkpoint number in ``folder`` (0 when none)."""
+    return max((k for k, _ in ck.list_checkpoints(folder)), default=0)
 
 
 @pytest.mark.slow
@@ -60,11 +65,17 @@ def test_soak_random_sigkills(prefect_api: str, tmp_path: Path) -> None:
                 wait_for(lambda: any(p.name.endswith(".tmp") and p.name.startswith(".checkpoint-")
                                      for p in ckpts.glob(".*")), timeout=60, proc=proc)
                 in_write += 1
-            else:
+            elif kills % 3 == 1:
                 # A random moment once this process holds the run folder (past its imports), so the
                 # kills land in chunks, between them and after them on fast and slow machines alike.
                 wait_for(lambda: (read_json(run_dir / OWNER_FILE) or {}).get("pid") == proc.pid, proc=proc)
                 time.sleep(rng.uniform(0.0, 3.5))
+            else:
+                # A random moment after this attempt's first new checkpoint: progress, however
+                # long the start takes on a busy machine.
+                newest = newest_chunk(ckpts)
+                wait_for(lambda: newest_chunk(ckpts) > newest, timeout=120, proc=proc)
+                time.sleep(rng.uniform(0.0, 1.0))
         except AssertionError:
             pass  # finished or died first; checked below
         if proc.poll() is not None:
@@ -73,7 +84,7 @@ def test_soak_random_sigkills(prefect_api: str, tmp_path: Path) -> None:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         kills += 1
-        progress.append(max((k for k, _ in ck.list_checkpoints(ckpts)), default=0))
+        progress.append(newest_chunk(ckpts))
     final = run_cli(args, prefect_api)
     assert final.returncode == 0, final.stderr[-3000:]
     assert kills == 22 and in_write >= 5 and progress[-1] >= 3, (kills, in_write, progress)
