@@ -25,7 +25,7 @@ from tasks.checkpoint import (
     save_checkpoint,
 )
 from tasks.data import load_job_data, read_split, split_tensors
-from tasks.history import duration, eta_seconds, write_history_csv
+from tasks.history import HISTORY_FILE, duration, eta_seconds, write_history_csv
 from tasks.jobs import get_job
 from tasks.jobs.spec import JobSpec, Tensors, TrainConfig, UserError
 from tasks.policy import NO_RETRY_ON_USER_ERROR
@@ -359,7 +359,7 @@ def run_chunk(cfg: TrainConfig, run_dir: Path, fingerprint: str, chunk: int, log
         trainer.train_until(end, stop)
         seconds = time.perf_counter() - t0
         path = trainer.save(chunk)
-        write_history_csv(Path(run_dir) / "history.csv", trainer.history)
+        write_history_csv(Path(run_dir) / HISTORY_FILE, trainer.history)
     signum = stop.signum
     result = {"chunk": chunk, "skipped": False, "start_epoch": start, "end_epoch": trainer.next_epoch,
               "seconds": seconds, "resumed_from": resumed, "checkpoint": path.name,

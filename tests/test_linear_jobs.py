@@ -11,8 +11,7 @@ import torch
 from torch import nn
 
 from flows.train_flow import main, train_flow
-from tasks.jobs import JOBS, default_jobs
-from tasks.jobs import linear, multi_linear
+from tasks.jobs import JOBS, default_jobs, linear, multi_linear
 from tests.conftest import state_dict
 
 
