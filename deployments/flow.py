@@ -21,6 +21,7 @@ from prefect.runtime import flow_run
 
 from flows.options import config_parameters, parameter, with_parameters
 from flows.train_flow import train_flow
+from tasks.jobs import get_job
 from tasks.jobs.spec import UserError
 
 #: Default ``run_name`` of a deployment run: ``artifacts/<job>/scheduled-20250101T020000Z``.
@@ -54,6 +55,7 @@ def scheduled(job: str, run_name: str = RUN_NAME_TEMPLATE, **options: Any) -> di
     if flow_run.run_count > MAX_RUNS:
         raise UserError(f"flow run attempted {flow_run.run_count - 1} times; giving up (start a new run to try again)")
     options["artifacts_dir"] = options.get("artifacts_dir") or os.environ.get(ARTIFACTS_ENV) or None
+    job = get_job(job).name  # an import path (my_job:JOB) -> its folder name (my_job.JOB); checks it too
     name = resolve_run_name(run_name, job, flow_run.scheduled_start_time)
     logger.info("%s: run folder %s/%s/%s (attempt %d)", job, options["artifacts_dir"] or "artifacts", job, name,
                 flow_run.run_count)

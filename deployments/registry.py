@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from tasks.jobs import JOBS
+from tasks.jobs import JOBS, get_job
 
 HERE = Path(__file__).resolve().parent
 PREFECT_YAML = HERE / "prefect.yaml"
@@ -32,17 +32,20 @@ def default_timezone() -> str:
 
 def job_parameters(job: str) -> dict[str, Any]:
     """``{"job": job, **the job's defaults}``: visible, editable deployment parameters. ``data``
-    stays the job's default: it is a path on the machine that built the registry."""
-    values = {k: v for k, v in JOBS[job].defaults.items() if k != "data"}
-    return {"job": job, **{k: v for k, v in values.items() if isinstance(v, (bool, int, float, str))}}
+    stays the job's default: it is a path on the machine that built the registry. ``job`` may be
+    an import path (``my_job:JOB``, docs/jobs.md)."""
+    spec = get_job(job)
+    values = {k: v for k, v in spec.defaults.items() if k != "data"}
+    return {"job": spec.name, **{k: v for k, v in values.items() if isinstance(v, (bool, int, float, str))}}
 
 
 def deployments(cron: str | None = None, timezone: str | None = None, jobs: list[str] | None = None) -> list[dict[str, Any]]:
-    """Deployment definitions (prefect.yaml's shape) for ``jobs`` (default: every registered job)."""
+    """Deployment definitions (prefect.yaml's shape) for ``jobs`` (default: every registered job;
+    an import path names the user's own, see docs/jobs.md)."""
     cron, timezone = cron or default_cron(), timezone or default_timezone()
     out = []
-    for name in jobs or list(JOBS):
-        spec = JOBS[name]
+    for spec in map(get_job, jobs or list(JOBS)):
+        name = spec.name  # an import path's dotted form (my_job.JOB), as its run folders
         out.append({
             "name": name,
             "description": spec.description,

@@ -24,6 +24,7 @@ from deployments.registry import (
     prefect_yaml,
 )
 from tasks.jobs import JOBS
+from tasks.jobs.spec import UserError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -34,7 +35,8 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cron", default=None, help=f"cron schedule for every job (default ${CRON_ENV} or '{default_cron()}')")
     p.add_argument("--timezone", default=None, help=f"schedule time zone (default ${TIMEZONE_ENV} or {default_timezone()})")
-    p.add_argument("--job", action="append", choices=list(JOBS), help="serve only this job (repeatable; default: all)")
+    p.add_argument("--job", action="append", metavar="JOB", help=f"serve only this job: {', '.join(JOBS)}, or your own "
+                   "as module.path:NAME (docs/jobs.md) (repeatable; default: every built-in job)")
     p.add_argument("--artifacts-dir", help="root of run folders, passed as a parameter "
                    "(default $TRAINFLOW_ARTIFACTS_DIR of the process running the flow, else artifacts/)")
     p.add_argument("--limit", type=int, default=None, help="at most this many flow runs at once (default: no limit)")
@@ -74,7 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from prefect import serve
 
-    deps = to_deployments(args)
+    try:
+        deps = to_deployments(args)
+    except UserError as exc:  # an unknown --job or an import path that does not load
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if not args.no_automation:
         from deployments.automations import register
 
