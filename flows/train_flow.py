@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +21,21 @@ if __name__ == "__main__" and not {"-h", "--help"} & set(sys.argv[1:]):
     SERVER = launch()
 
 from prefect import flow, get_run_logger
+from prefect.utilities.annotations import opaque, quote
 from pydantic import ValidationError
 
 from flows.options import add_arguments, config_parameters, with_parameters
+from tasks.checkpoint import remove_debris
 from tasks.data import load_data, load_job_data, make_split, split_data
 from tasks.evaluation import METRICS_FILE, evaluate
 from tasks.export import save_model
 from tasks.jobs import JOBS, default_jobs, get_job
 from tasks.jobs.spec import TrainConfig, UserError
+from tasks.policy import fix_first
 from tasks.reporting import RunReport
 from tasks.run import (
     check_compatible,
+    check_run_writable,
     check_writable,
     hold,
     is_complete,
@@ -54,24 +61,38 @@ def run_job(cfg: TrainConfig) -> dict[str, Any]:
     if archived is not None:
         logger.info("--fresh: moved the previous run to %s", archived)
     with hold(run_dir, wait=cfg.wait_lock):
+        if debris := remove_debris([run_dir, run_dir / "checkpoints"]):
+            logger.info("removed %d temp files left by writes that a kill interrupted", len(debris))
         if is_complete(run_dir):
             metrics = read_json(run_dir / METRICS_FILE)
             logger.info("%s is already complete; not retraining (use --fresh to start over)", run_dir)
             return {"job": cfg.job, "run_dir": str(run_dir), "status": "already complete", "metrics": metrics}
-        report = RunReport.start(cfg, run_dir, info["fingerprint"], fingerprint, logger)  # run.json, progress
+        report = RunReport.start(cfg, run_dir, info, fingerprint, logger)  # run.json, progress
         try:
-            split_data(cfg, run_dir)
-            for chunk in range(1, chunk_count(cfg) + 1):
-                result = train_chunk(cfg, run_dir, fingerprint, chunk)
-                report.chunk_done(result)  # TensorBoard, progress artifact, run.json
-            metrics = evaluate(cfg, run_dir, fingerprint)
-            save_model(cfg, run_dir, fingerprint)
+            metrics = pipeline(cfg, run_dir, fingerprint, info, report)
+            report.finish(metrics)  # plots, summary.md + artifacts, run.json "completed" with file hashes
         except BaseException as exc:
-            report.interrupted(exc)
+            report.interrupted(exc)  # run.json "failed" (or "stopped") with the error
             raise
-        report.finish(metrics)  # plots, summary.md + artifacts, run.json "completed" with file hashes
     logger.info("%s: done, test loss %.6g, outputs in %s", cfg.job, metrics["test"].get("loss", float("nan")), run_dir)
     return {"job": cfg.job, "run_dir": str(run_dir), "status": "completed", "metrics": metrics}
+
+
+def pipeline(cfg: TrainConfig, run_dir: Path, fingerprint: str, info: dict[str, Any], report: RunReport) -> dict[str, Any]:
+    """split -> train_chunk x N -> evaluate -> save_model; returns the metrics.
+
+    The UI's graph is one chain: each task waits for the one before. Prefect links inputs to
+    tasks by object identity, so cfg (quote) and the previous result's contents (opaque) are not
+    searched: they share objects (cfg.lr, say) with other tasks' results."""
+    previous = split_data(quote(cfg), run_dir, wait_for=[opaque(info)])
+    resuming = True  # until a chunk of this attempt trains, the checkpoints are an earlier attempt's
+    for chunk in range(1, chunk_count(cfg) + 1):
+        result = previous = train_chunk(quote(cfg), run_dir, fingerprint, chunk, resuming, wait_for=[opaque(previous)])
+        resuming = resuming and result["skipped"]
+        report.chunk_done(result)  # TensorBoard, progress artifact, run.json
+    metrics = evaluate(quote(cfg), run_dir, fingerprint, wait_for=[opaque(previous)])
+    save_model(quote(cfg), run_dir, fingerprint, wait_for=[opaque(metrics)])
+    return metrics
 
 
 def train(job: str | None = None, **options: Any) -> dict[str, Any]:
@@ -99,7 +120,8 @@ def parser() -> argparse.ArgumentParser:
         prog="python flows/train_flow.py",
         description="Train a job resumably: chunks of epochs, each ending with a checkpoint. Rerunning the "
         "same command resumes from the latest valid checkpoint, or reports the result if the run is complete.",
-        epilog=f"jobs:\n{jobs}\n\nWith no --job: {', '.join(default_jobs())}. Options left out take the job's "
+        epilog=f"jobs:\n{jobs}\n  {'module:NAME':<14}your own JobSpec, importable from the current folder or "
+        f"PYTHONPATH (docs/jobs.md)\n\nWith no --job: {', '.join(default_jobs())}. Options left out take the job's "
         "defaults. Outputs go to "
         "<artifacts-dir>/<job>/<run-name>/ (see artifacts/README.md).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -112,7 +134,7 @@ def one_line(exc: ValidationError) -> str:
     """First pydantic error as ``--option: message (got value)``."""
     err = exc.errors()[0]
     field = "--" + "-".join(str(p) for p in err["loc"]).replace("_", "-")
-    return f"invalid {field}: {err['msg']} (got {err.get('input')!r})"
+    return f"invalid {field}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})"
 
 
 def preflight(configs: list[TrainConfig]) -> None:
@@ -125,6 +147,7 @@ def preflight(configs: list[TrainConfig]) -> None:
         run_dir = run_dir_for(cfg, cfg.fingerprint(data.fingerprint))
         if not cfg.fresh:
             check_compatible(run_dir, cfg, data.fingerprint)
+            check_run_writable(run_dir)
         if run_dir.exists():
             with hold(run_dir, wait=cfg.wait_lock):
                 pass
@@ -137,6 +160,14 @@ class _HideUserErrorTracebacks(logging.Filter):
         if record.exc_info and isinstance(record.exc_info[1], UserError):
             record.exc_info, record.exc_text = None, None
         return True
+
+
+class _OneCrashLine(logging.Filter):
+    """A crashed task (Ctrl-C, SIGTERM) crashes the flow run, which logs the same "Crash detected!"
+    line: the task's copy only repeats it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Crash detected!")
 
 
 def refused(job: str | None, args: dict[str, Any]) -> str | None:
@@ -183,23 +214,67 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for name in ("prefect.task_runs", "prefect.flow_runs"):
         logging.getLogger(name).addFilter(_HideUserErrorTracebacks())
+    logging.getLogger("prefect.task_runs").addFilter(_OneCrashLine())
+    with settings:
+        status = run_flow(job, args)
+        if not api_answers():
+            # Prefect's exit handlers would try to deliver every queued event to the dead API, for
+            # minutes; the run folder already holds the whole record, flushed to disk.
+            print("warning: the Prefect API stopped answering during the run; the run folder has the whole "
+                  "record, the Prefect UI misses the end of this run", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(status)
+        return status
+
+
+def api_answers(timeout: float = 2.0) -> bool:
+    """Whether the Prefect API still answers at all (any HTTP response counts)."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
     try:
-        with settings:
-            results = train_flow(job=job, **args)
+        urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):
+        return not url
+    return True
+
+
+def run_flow(job: str | None, args: dict[str, Any]) -> int:
+    """Run the flow; print its results, or one line on why it stopped and what to do; the exit status."""
+    try:
+        results = train_flow(job=job, **args)
     except StopRequested as exc:
         print(f"stopped: {exc}", file=sys.stderr)
         return 128 + exc.signum
     except KeyboardInterrupt:
-        print("stopped at once (second signal); rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        # A second signal, or the first outside a chunk's epochs: the last checkpoint is the latest state.
+        print("stopped at once; rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - Prefect already logged the details
-        print(f"error: {type(exc).__name__}: {exc}".splitlines()[0] + "; rerun the same command to resume", file=sys.stderr)
-        return 1
+        what, fix = f"{type(exc).__name__}: {exc}".splitlines()[0], fix_first(exc)
+        if (results := results_on_disk(job, args)) is None:
+            print(f"error: {what}; {fix + ', then r' if fix else 'r'}erun the same command to resume", file=sys.stderr)
+            return 1
+        # The runs completed; Prefect failed after them (recording the flow run's final state).
+        print(f"warning: every run completed, but Prefect then failed: {what}", file=sys.stderr)
     print_results(results)
     return 0
+
+
+def results_on_disk(job: str | None, args: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
+    """The flow's results as the run folders record them; None unless every run is complete."""
+    results = {}
+    for cfg in build_configs(job, {**args, "fresh": False}):
+        run_dir = run_dir_for(cfg, cfg.fingerprint(load_job_data(cfg).fingerprint))
+        if not is_complete(run_dir):
+            return None
+        results[cfg.job] = {"run_dir": str(run_dir), "status": "completed", "metrics": read_json(run_dir / METRICS_FILE)}
+    return results
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     created by a plain open(), so it gets the usual mode (mkstemp's 0600 would hide files from the
     other users of shared storage); its random name keeps concurrent writers apart."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")  # TEMP_NAME
     try:
         with open(tmp, "xb") as f:
             f.write(data)
@@ -71,6 +71,22 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+#: The temp files of :func:`atomic_write_bytes`: debris once the writer was killed mid-write.
+TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
+
+
+def remove_debris(folders: list[Path]) -> list[Path]:
+    """Delete the temp files that killed writers left in ``folders``. Call it only while holding
+    the folder's lock: then no live writer owns one of them."""
+    removed = []
+    for folder in folders:
+        for path in Path(folder).glob(".*.tmp"):
+            if TEMP_NAME.match(path.name) and path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -270,12 +286,13 @@ def latest_valid(
         except CheckpointError as exc:
             reason = str(exc)
             rejected.append(reason)
-            finished = manifest_path(path).exists()
-            if move_aside and finished:
-                moved = quarantine(path, reason)
-                warn("skipping damaged checkpoint: %s; moved to %s", reason, moved)
-            else:
+            if not (move_aside and manifest_path(path).exists()):
                 warn("skipping checkpoint: %s", reason)
+                continue
+            try:
+                warn("skipping damaged checkpoint: %s; moved to %s", reason, quarantine(path, reason))
+            except OSError as err:  # a read-only folder: leave it where it is
+                warn("skipping damaged checkpoint: %s; left in place (%s)", reason, err.strerror or err)
     return Resume(None, None, tuple(rejected))
 
 

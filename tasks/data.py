@@ -87,10 +87,14 @@ def read_split(run_dir: Path, data: JobData) -> dict[str, torch.Tensor]:
 
 @task(name="load_data", retries=1, retry_delay_seconds=1, retry_condition_fn=NO_RETRY_ON_USER_ERROR)
 def load_data(cfg: TrainConfig) -> dict[str, Any]:
-    """Parse and check the job's data; returns its fingerprint and row counts."""
+    """Parse and check the job's data; returns its fingerprint, source and row counts."""
+    from prefect import get_run_logger
+
     data = load_job_data(cfg)
+    get_run_logger().info("%s: data from %s", cfg.job, data.source or cfg.data)
     return {
         "fingerprint": data.fingerprint,
+        "source": data.source or str(cfg.data),
         "pool_rows": len(data.pool),
         "test_rows": len(data.test) if data.test is not None else None,
     }

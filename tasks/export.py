@@ -7,6 +7,7 @@ import copy
 import io
 import logging
 from pathlib import Path
+from typing import Callable
 
 import torch
 from prefect import task
@@ -21,10 +22,23 @@ log = logging.getLogger("trainflow.export")
 EXPORTED_FILE = "model.pt2"
 
 
+class Prepared(torch.nn.Module):
+    """The job's ``prepare`` then the model: what ``model.pt2`` runs, so that it takes the data as
+    the job stores it (fashion_mnist: uint8 images [N, 28, 28], 0..255), not a normalised copy that
+    a user would have to reproduce exactly."""
+
+    def __init__(self, prepare: Callable[[torch.Tensor], torch.Tensor], model: torch.nn.Module):
+        super().__init__()
+        self.prepare, self.model = prepare, model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self.prepare(x))
+
+
 def export_program(model: torch.nn.Module, example: torch.Tensor, path: Path) -> str | None:
-    """``torch.export`` the model (input: a batch as the model takes it, after the job's
-    ``prepare``; any batch size) and ``torch.export.save`` it: loads with
-    ``torch.export.load(path).module()``, with no project code and no pickled classes."""
+    """``torch.export`` the model (input: a batch like ``example``; any batch size) and
+    ``torch.export.save`` it: loads with ``torch.export.load(path).module()``, with no project
+    code and no pickled classes."""
     try:
         batch = torch.export.Dim("batch", min=1)
         # Plain (contiguous) weights: torch.export.save warns about channels_last ones ("No
@@ -49,8 +63,8 @@ def save_model_files(cfg: TrainConfig, run_dir: Path, fingerprint: str) -> dict[
     atomic_torch_save(run_dir / "model.pt", model)
     atomic_torch_save(run_dir / "model_state_dict.pt", model.state_dict())
     files = {"model": str(run_dir / "model.pt"), "state_dict": str(run_dir / "model_state_dict.pt")}
-    example = trainer.spec.prepare(trainer.train.x[:2].cpu())  # two rows: a batch size export keeps dynamic
-    if exported := export_program(model, example, run_dir / EXPORTED_FILE):
+    example = trainer.train.x[:2].cpu()  # stored form; two rows: a batch size export keeps dynamic
+    if exported := export_program(Prepared(trainer.spec.prepare, model), example, run_dir / EXPORTED_FILE):
         files["exported"] = exported
     if cfg.save_best and trainer.best is not None:
         best = {k: v.cpu() for k, v in trainer.best["model_state_dict"].items()}

@@ -73,7 +73,9 @@ def duration(seconds: float | None) -> str:
         return f"{seconds:.3g}s" if seconds < 10 else f"{s}s"
     if s < 3600:
         return f"{s // 60}m {s % 60:02d}s"
-    return f"{s // 3600}h {s % 3600 // 60:02d}m"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60:02d}m"
+    return f"{s // 86400}d {s % 86400 // 3600:02d}h"
 
 
 def eta_seconds(epochs_done: int, seconds: float, epochs_left: int) -> float | None:

@@ -61,13 +61,14 @@ def environment(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def begin_attempt(run_dir: Path, cfg: TrainConfig, data_fingerprint: str, fingerprint: str,
-                  flow_run_id: str | None) -> dict[str, Any]:
+                  flow_run_id: str | None, data_source: str | None = None) -> dict[str, Any]:
     """run.json as it was, marked ``running`` for one more attempt."""
     record = read_json(run_dir / RUN_FILE) or {"started_at": utc_now(), "attempts": 0}
     attempt = int(record.get("attempts", 0)) + 1
     record.update(
         job=cfg.job, run_name=run_dir.name, run_dir=str(run_dir.resolve()), status="running", attempts=attempt,
         attempt_started_at=utc_now(), fingerprint=fingerprint, data_fingerprint=data_fingerprint, data=str(cfg.data),
+        data_source=data_source or str(cfg.data),
         identity=cfg.identity(), config=cfg.model_dump(mode="json"), environment=environment(cfg),
     )
     record.pop("finished_at", None)
@@ -79,11 +80,13 @@ def begin_attempt(run_dir: Path, cfg: TrainConfig, data_fingerprint: str, finger
 
 
 def resume_event(record: dict[str, Any], result: dict[str, Any], flow_run_id: str | None) -> dict[str, Any]:
-    """The attempt's resume, from the checkpoint training actually loaded (``result`` of the
-    attempt's first chunk: a damaged newer checkpoint was skipped, so no manifest can tell)."""
+    """How the attempt began, from what training actually loaded (``result`` of the attempt's
+    first chunk): the checkpoint (None: it started over), the epochs it kept, and the newer
+    checkpoints it skipped as damaged or unfinished (no manifest could tell any of this)."""
     saved = int(result["epoch"] if result.get("skipped") else result["start_epoch"])
     return {"attempt": record["attempts"], "at": utc_now(), "flow_run_id": flow_run_id,
-            "from_checkpoint": result["resumed_from"], "epochs_saved": saved, "epochs": record["config"]["epochs"]}
+            "from_checkpoint": result.get("loaded"), "epochs_saved": saved, "epochs": record["config"]["epochs"],
+            "skipped_checkpoints": result.get("skipped_checkpoints", [])}
 
 
 def chunk_row(record: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
@@ -91,7 +94,9 @@ def chunk_row(record: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
     row = {"epochs": f"{int(result['start_epoch']) + 1}-{int(result['end_epoch'])}",
            "epoch": int(result["end_epoch"]), "seconds": round(float(result["seconds"]), 3),
            "checkpoint": result.get("checkpoint"), "attempt": record["attempts"],
-           "resumed_from": result.get("resumed_from"), "finished_at": utc_now()}
+           "finished_at": utc_now()}
+    if result.get("resumed_from"):  # only a chunk that resumed: an attempt's first, or a retry
+        row["resumed_from"] = result["resumed_from"]
     return row | {k: result[k] for k in LOSSES if k in result}
 
 

@@ -16,13 +16,16 @@ Observability never breaks training: a failing Prefect call, TensorBoard write o
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import os
+import queue
 import re
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tasks.checkpoint import atomic_write_json, atomic_write_text, fsync_dir
 from tasks.history import duration, eta_seconds, read_history
@@ -44,6 +47,7 @@ SUMMARY_FILE = "summary.md"
 LOSS_PNG = "loss.png"
 TB_DIR = "tensorboard"
 LATEST = "latest"
+PROGRESS = "create the progress artifact"
 #: history column -> TensorBoard tag (other ``val_<m>`` columns become ``<M>/val``).
 TB_TAGS = {"train_loss": "Loss/train", "val_loss": "Loss/val", "val_accuracy": "Accuracy/val", "lr": "LearningRate"}
 
@@ -150,12 +154,19 @@ def resolve_run(path: Path) -> Path:
 
 
 def _fmt(v: Any) -> str:
+    """A value for a markdown cell: floats to 6 significant digits, dicts as ``key value, ...``."""
     if isinstance(v, float):
         return f"{v:.6g}"
-    if isinstance(v, (dict, list)):
-        text = json.dumps(v, default=str)
-        return text if len(text) <= 300 else text[:297] + "..."
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_fmt(x)}" for k, x in v.items())
+    if isinstance(v, list):
+        return json.dumps(v, default=str)
     return str(v)
+
+
+def is_matrix(value: Any) -> bool:
+    """A confusion matrix as jobs report it: ``{"labels": [...], "rows_true_cols_predicted": [[...]]}``."""
+    return isinstance(value, dict) and {"labels", "rows_true_cols_predicted"} <= value.keys()
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
@@ -167,8 +178,16 @@ def resume_text(resumes: list[dict[str, Any]]) -> str:
     """One line on whether and from where the run resumed."""
     if not resumes:
         return "no (one uninterrupted attempt)"
-    return "yes: " + "; ".join(f"attempt {r['attempt']} from `{r['from_checkpoint']}` "
-                               f"({r['epochs_saved']} of {r['epochs']} epochs kept)" for r in resumes)
+    return "; ".join(one_resume(r) for r in resumes)
+
+
+def one_resume(r: dict[str, Any]) -> str:
+    """``attempt 2 from `checkpoint-2.pt` (500 of 1500 epochs kept, 1 checkpoint skipped: ...)``."""
+    skipped = r.get("skipped_checkpoints") or []
+    note = f", {len(skipped)} skipped: " + "; ".join(skipped) if skipped else ""
+    if r["from_checkpoint"] is None:
+        return f"attempt {r['attempt']} started over from epoch 1 (no valid checkpoint{note})"
+    return f"attempt {r['attempt']} from `{r['from_checkpoint']}` ({r['epochs_saved']} of {r['epochs']} epochs kept{note})"
 
 
 def chunk_table(chunks: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
@@ -209,8 +228,12 @@ def summary_markdown(record: dict[str, Any], metrics: dict[str, Any], chunks: li
         keys = sorted({k for p in parts for k in metrics[p]} - {"rows"})
         rows = [[p, metrics[p].get("rows"), *(metrics[p].get(k, "") for k in keys)] for p in parts]
         lines += ["", "## Final metrics", "", *_table(["split", "rows", *keys], rows)]
-    other = [f"- **{k}**: {_fmt(v)}" for k, v in metrics.items() if k not in ("val", "test", "job")]
+    matrices = {k: v for k, v in metrics.items() if is_matrix(v)}
+    other = [f"- **{k}**: {_fmt(v)}" for k, v in metrics.items() if k not in ("val", "test", "job", *matrices)]
     lines += ["", *other] if other else []
+    for name, m in matrices.items():  # whole, as a table: a long JSON line would be cut
+        lines += ["", f"## {name} (rows: true, columns: predicted)", "",
+                  *_table(["", *m["labels"]], [[label, *row] for label, row in zip(m["labels"], m["rows_true_cols_predicted"])])]
     lines += ["", "## Chunks", "", *_table(*chunk_table(chunks))]
     lines += ["", "## Config", "", *_table(["option", "value"], list(record.get("config", {}).items()))]
     if plots:
@@ -222,36 +245,67 @@ def summary_markdown(record: dict[str, Any], metrics: dict[str, Any], chunks: li
 # --- Prefect ---------------------------------------------------------------------------------
 
 
+def FLUSHED(done: threading.Event) -> None:  # noqa: N802 - a marker, compared by identity
+    """The artifact queue's marker: everything queued before it has been sent or dropped."""
+    done.set()
+
+
 class Artifacts:
     """The run's Prefect artifacts (``<job>-<run>-progress``, ``-summary``, ``-history``).
-    A failing API call is a warning: observability must not stop training."""
+
+    Training never waits on them: calls run in order on one daemon thread. Prefect's client
+    retries a dead API for about a minute per call, so after the first failure the run logs once
+    that the UI can't be reached and sends nothing more; the run folder keeps the whole record."""
 
     def __init__(self, job: str, run_name: str, logger: Any = log):
         self.job, self.run_name, self.log = job, run_name, logger
         self.progress_id = None
+        self.unreachable = False
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self.sender, name="trainflow-artifacts", daemon=True).start()
 
     def key(self, kind: str) -> str:
         return artifact_key(self.job, self.run_name, kind)
 
-    def call(self, what: str, fn, **kwargs: Any) -> Any:
-        try:
-            return fn(**kwargs)
-        except Exception as exc:  # noqa: BLE001
-            self.log.warning("could not %s: %s: %s", what, type(exc).__name__, exc)
-            return None
+    def call(self, what: str, fn: Callable[..., Any], **kwargs: Any) -> None:
+        """Queue ``fn(**kwargs)``, to run in this flow run's context (Prefect links artifacts through it)."""
+        if not self.unreachable:
+            self.queue.put((contextvars.copy_context(), what, fn, kwargs))
+
+    def sender(self) -> None:
+        while True:
+            ctx, what, fn, kwargs = self.queue.get()
+            if self.unreachable and fn is not FLUSHED:
+                continue
+            try:
+                result = ctx.run(fn, **kwargs)
+            except Exception as exc:  # noqa: BLE001
+                self.unreachable = True
+                self.log.warning("could not %s (%s: %s); the Prefect UI won't show the rest of this run; training "
+                                 "goes on, and the run folder keeps the whole record", what, type(exc).__name__, exc)
+            else:
+                if what == PROGRESS:
+                    self.progress_id = result
+
+    def flush(self, timeout: float) -> bool:
+        """Wait at most ``timeout`` seconds for what was queued; True when it was all sent."""
+        done = threading.Event()
+        self.queue.put((contextvars.copy_context(), "flush", FLUSHED, {"done": done}))
+        return done.wait(timeout) and not self.unreachable
 
     def create_progress(self, percent: float, text: str) -> None:
         from prefect.artifacts import create_progress_artifact
 
-        self.progress_id = self.call("create the progress artifact", create_progress_artifact, progress=percent,
-                                     key=self.key("progress"), description=text)
+        self.call(PROGRESS, create_progress_artifact, progress=percent, key=self.key("progress"), description=text)
 
     def update_progress(self, percent: float, text: str) -> None:
         from prefect.artifacts import update_progress_artifact
 
-        if self.progress_id is not None:
-            self.call("update the progress artifact", update_progress_artifact, artifact_id=self.progress_id,
-                      progress=percent, description=text)
+        def update(**kwargs: Any) -> None:  # runs after the create, on the same thread
+            if self.progress_id is not None:
+                update_progress_artifact(artifact_id=self.progress_id, **kwargs)
+
+        self.call("update the progress artifact", update, progress=percent, description=text)
 
     def summary(self, markdown: str, chunks: list[dict[str, Any]]) -> None:
         from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -261,7 +315,8 @@ class Artifacts:
                   key=self.key("summary"), description=f"{what}: summary")
         header, rows = chunk_table(chunks)
         self.call("create the history table artifact", create_table_artifact, key=self.key("history"),
-                  table=[dict(zip(header, row)) for row in rows], description=f"{what}: per-chunk history")
+                  table=[{h: float(f"{c:.6g}") if isinstance(c, float) else c for h, c in zip(header, row)}
+                         for row in rows], description=f"{what}: per-chunk history")
 
 
 # --- the report of one attempt ---------------------------------------------------------------
@@ -282,11 +337,12 @@ class RunReport:
         self.resume_known = False  # the attempt's first chunk tells whether and whence it resumed
 
     @classmethod
-    def start(cls, cfg: TrainConfig, run_dir: Path, data_fingerprint: str, fingerprint: str,
+    def start(cls, cfg: TrainConfig, run_dir: Path, data: dict[str, Any], fingerprint: str,
               logger: Any = log) -> RunReport:
         """Begin an attempt: run.json, latest pointer, progress artifact."""
         self = cls(cfg, run_dir, logger)
-        self.record = begin_attempt(self.run_dir, cfg, data_fingerprint, fingerprint, self.flow_run_id)
+        self.record = begin_attempt(self.run_dir, cfg, data["fingerprint"], fingerprint, self.flow_run_id,
+                                    data.get("source"))
         self.save()
         update_latest(self.run_dir)
         self.artifacts.create_progress(*self.progress(read_history(self.run_dir)))
@@ -327,15 +383,13 @@ class RunReport:
         self.artifacts.update_progress(*self.progress(history))
 
     def note_resume(self, result: dict[str, Any]) -> None:
-        """Record where this attempt resumed from: the checkpoint its first chunk loaded."""
-        if self.resume_known or (result.get("skipped") and not result.get("resumed_from")):
+        """Record how this attempt began, from its first chunk: a resume from the checkpoint it
+        loaded, or (a later attempt that found no valid checkpoint) a start from scratch."""
+        if self.resume_known:
             return
         self.resume_known = True
-        if result.get("resumed_from"):
-            event = resume_event(self.record, result, self.flow_run_id)
-            self.record["resumes"].append(event)
-            self.log.info("%s: resumed %s from %s: %d of %d epochs already done and not redone", self.cfg.job,
-                          self.run_dir.name, event["from_checkpoint"], event["epochs_saved"], self.cfg.epochs)
+        if result.get("loaded") or self.record["attempts"] > 1:
+            self.record["resumes"].append(resume_event(self.record, result, self.flow_run_id))
 
     def tensorboard(self, history: dict[str, list[float]], start: int | None = None) -> None:
         """Events from the first epoch not known to be written: run.json records the last one
@@ -371,6 +425,7 @@ class RunReport:
         self.artifacts.update_progress(*self.progress(history, finished=True))
         self.record["files"] = hash_files(self.run_dir)
         self.save()  # last: "completed" means every output is in place
+        self.settle()
         self.log.info("%s: summary in %s; TensorBoard: tensorboard --logdir %s", self.cfg.job,
                       self.run_dir / SUMMARY_FILE, self.run_dir / TB_DIR)
         return self.record
@@ -381,4 +436,10 @@ class RunReport:
         try:
             self.save()
         except OSError as err:
-            self.log.warning("could not update %s: %s", RUN_FILE, err)
+            self.log.warning("could not record the failure in %s (%s); it still says %r", RUN_FILE, err, "running")
+        self.settle()
+
+    def settle(self, timeout: float = 10.0) -> None:
+        """Give the Prefect artifacts a moment to reach the API as the attempt ends."""
+        if not self.artifacts.flush(timeout) and not self.artifacts.unreachable:
+            self.log.warning("the Prefect API took over %.0f s: its artifacts for this run may be incomplete", timeout)

@@ -36,17 +36,27 @@ def run_dir_for(cfg: TrainConfig, fingerprint: str) -> Path:
     return Path(cfg.artifacts_dir) / cfg.job / run_name_for(cfg, fingerprint)
 
 
-def check_writable(folder: Path) -> None:
-    """Fail early, in one line, when the artifacts folder cannot be written."""
+def check_writable(folder: Path, what: str = "artifacts dir",
+                   fix: str = "pass --artifacts-dir to a writable folder") -> None:
+    """Fail early, in one line, when ``folder`` cannot be written (before any training)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise UserError(
-            f"artifacts dir {folder} is not writable ({exc.strerror or exc}); pass --artifacts-dir to a writable folder"
-        ) from None
+        raise UserError(f"{what} {folder} is not writable ({exc.strerror or exc}); {fix}") from None
+
+
+def check_run_writable(run_dir: Path) -> None:
+    """An existing run folder and its checkpoints folder take writes (a read-only one would only
+    be found after a chunk has trained, three times over with the retries)."""
+    if is_complete(run_dir):
+        return  # only read: a finished run on a read-only share still reports its result
+    for folder in (run_dir, run_dir / "checkpoints"):
+        if folder.is_dir():
+            check_writable(folder, "run folder" if folder == run_dir else "checkpoints folder",
+                           "make it writable, then rerun the same command to resume (nothing was trained)")
 
 
 def describe_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -121,6 +131,7 @@ def prepare_run_dir(cfg: TrainConfig, data_fingerprint: str) -> tuple[Path, Path
     else:
         check_compatible(run_dir, cfg, data_fingerprint)
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    check_run_writable(run_dir)
     if not (run_dir / CONFIG_FILE).exists():
         atomic_write_json(run_dir / CONFIG_FILE, config_record(cfg, data_fingerprint))
     return run_dir, archived

@@ -4,7 +4,8 @@ With no Prefect server configured, Prefect itself starts a temporary server at t
 call, i.e. only after this process has imported Prefect and torch and checked its input, waits
 for it doing nothing, and leaves it running if the command is killed with SIGKILL.
 :func:`launch` instead starts Prefect's documented command, ``prefect server start --host
-127.0.0.1 --port <free port> --no-ui --no-services``, before Prefect is even imported, and points
+127.0.0.1 --port <free port> --no-ui --no-scheduler --no-late-runs`` (services that act on
+deployments and workers off: :data:`SERVICES_OFF`), before Prefect is even imported, and points
 this process at it with the documented ``PREFECT_API_URL`` environment variable (read when Prefect
 is imported, so no setting is changed afterwards). The server boots on the other core while this
 process imports, checks its input and does training's one-off set-up (:func:`warm_up`); a thread
@@ -72,6 +73,12 @@ WARM_UP_REQUESTS = (("/admin/version", None), ("/flows/filter", b'{"limit": 1}')
 LATER_IMPORTS = ("torch.utils.tensorboard", "matplotlib.backends.backend_agg")
 
 FALSE = ("0", "false", "off", "no")
+MIN_STARTUP_SECONDS = 90
+#: The server's services stay on where they record what a run did (task runs and events, which
+#: --no-services would drop from the UI); those that act on deployments, workers and schedules
+#: are off, as in Prefect's own temporary server. Documented settings (server.services.*).
+SERVICES_OFF = {f"PREFECT_SERVER_SERVICES_{name}_ENABLED": "false" for name in (
+    "CANCELLATION_CLEANUP", "FOREMAN", "PAUSE_EXPIRATIONS", "REPOSSESSOR", "TRIGGERS")}
 
 
 def reserve_port() -> socket.socket:
@@ -118,8 +125,8 @@ class TemporaryServer:
         env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_UI_URL")}
         self.process = subprocess.Popen(
             [sys.executable, "-c", CHILD, str(os.getpid()), "server", "start", "--host", "127.0.0.1",
-             "--port", str(self.port), "--no-ui", "--no-services", "--log-level", "WARNING"],
-            stdin=subprocess.DEVNULL, stdout=self.output, stderr=subprocess.STDOUT, env=env,
+             "--port", str(self.port), "--no-ui", "--no-scheduler", "--no-late-runs", "--log-level", "WARNING"],
+            stdin=subprocess.DEVNULL, stdout=self.output, stderr=subprocess.STDOUT, env={**env, **SERVICES_OFF},
             start_new_session=True)  # Ctrl-C in the terminal is for this command, which stops gracefully
 
     def save_output(self) -> str:
@@ -207,7 +214,9 @@ class TemporaryServer:
                           "set PREFECT_API_URL to use a server of your own)", self.port)
         if not self.answering():
             warm_up()
-        timeout = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+        # Prefect's default (20 s) is too short for a busy 2-core machine, and pyproject.toml's 90 s
+        # is read only in the project's folder; a server that dies is noticed at once anyway.
+        timeout = max(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), MIN_STARTUP_SECONDS)
         deadline = self.started + timeout
         try:
             while time.monotonic() < deadline:

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import task_run
 from torch import nn
 
 from tasks.checkpoint import (
@@ -37,9 +38,10 @@ class DivergedError(UserError):
     """The loss became NaN/inf: deterministic, so retrying would only fail again."""
 
 
-class StopRequested(BaseException):
+class StopRequested(KeyboardInterrupt):
     """SIGTERM/SIGINT arrived; a checkpoint was saved at the end of the current epoch.
-    A BaseException, so Prefect records a crash and does not retry."""
+    Not an Exception, so Prefect records a crash and does not retry; a KeyboardInterrupt, so
+    Prefect calls it "aborted by an interrupt signal", not an "unexpected exception"."""
 
     def __init__(self, signum: int, message: str):
         super().__init__(message)
@@ -113,6 +115,14 @@ def chunk_count(cfg: TrainConfig) -> int:
 def chunk_end(cfg: TrainConfig, chunk: int) -> int:
     """Exclusive end epoch of chunk ``chunk`` (1-based): it covers epochs up to this one."""
     return min(chunk * cfg.chunk_epochs, cfg.epochs)
+
+
+def likely_cause(cfg: TrainConfig) -> str:
+    """Advice for a diverged run, naming the option most likely at fault: each step scales the
+    weights by (1 - lr * weight_decay), which flips and grows them once that product reaches 1."""
+    if cfg.weight_decay * cfg.lr >= 1:
+        return f"lower --weight-decay (now {cfg.weight_decay}; lr x weight decay must stay well below 1)"
+    return f"lower --lr (now {cfg.lr})"
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -221,6 +231,23 @@ def to_device(t: Tensors, device: torch.device) -> Tensors:
     return Tensors(t.x.to(device), t.y.to(device))
 
 
+#: Seconds between progress lines inside a chunk.
+PROGRESS_EVERY = 10.0
+
+#: Checkpoint problems this process has reported, by run folder. Every chunk looks for the latest
+#: valid checkpoint again; a problem that stays (a .pt without manifest, a damaged checkpoint in
+#: a read-only folder) is news once.
+REPORTED: set[tuple[Path, str]] = set()
+
+
+def warn_once(logger: Any, run_dir: Path, message: str, *args: Any) -> None:
+    """``logger.warning(message % args)``, unless this process said it about ``run_dir`` already."""
+    text = message % args
+    if (run_dir, text) not in REPORTED:
+        REPORTED.add((run_dir, text))
+        logger.warning(text)
+
+
 class Trainer:
     """Model, optimizer and data of one run, positioned at the latest valid checkpoint. It owns
     its state: :meth:`state_dict` builds the checkpoint payload, :meth:`load_state_dict` reads it."""
@@ -245,8 +272,9 @@ class Trainer:
         metric, self.higher_is_better = self.spec.monitor
         self.monitor = f"val_{metric}"
         self.best: dict[str, Any] | None = None  # {"epoch", "value", "metric", "model_state_dict"}
-        found = latest_valid(self.run_dir / "checkpoints", fingerprint, map_location=self.device, warn=logger.warning)
-        self.resumed_from = found.path
+        found = latest_valid(self.run_dir / "checkpoints", fingerprint, map_location=self.device,
+                             warn=functools.partial(warn_once, logger, self.run_dir))
+        self.resumed_from, self.rejected = found.path, found.rejected
         if found.payload is not None:
             self.load_state_dict(found.payload)
 
@@ -310,10 +338,8 @@ class Trainer:
         cost = train_epoch(self.model, self.optimizer, self.scheduler, self.loss_fn, self.train, order,
                            cfg.batch_size, self.spec.prepare)
         if not math.isfinite(cost):
-            raise DivergedError(
-                f"training diverged at epoch {epoch + 1} (train loss {cost}); the last good checkpoint is kept; "
-                f"lower --lr (now {cfg.lr})"
-            )
+            raise DivergedError(f"training diverged at epoch {epoch + 1} (train loss {cost}); the last good "
+                                f"checkpoint is kept; {likely_cause(cfg)}")
         val = evaluate_model(self.model, self.loss_fn, self.val, cfg.eval_batch_size, self.spec)
         row = {"epoch": float(epoch + 1), "train_loss": cost, "lr": lr, **{f"val_{k}": v for k, v in val.items()}}
         for k, v in row.items():
@@ -331,27 +357,41 @@ class Trainer:
     def train_until(self, end: int, stop: GracefulStop) -> None:
         """Train epochs up to ``end`` (exclusive); a signal caught by ``stop`` or early stopping
         ends at the current epoch's end."""
+        first = self.next_epoch
+        t0 = shown = time.monotonic()
         for epoch in range(self.next_epoch, end):
-            self.run_epoch(epoch)
+            row = self.run_epoch(epoch)
             self.next_epoch = epoch + 1
             if stop.signum is not None or self.stopped_early:
                 return
+            if time.monotonic() - shown >= PROGRESS_EVERY:  # a long chunk is never silent
+                shown = time.monotonic()
+                self.log_progress(row, (self.next_epoch - first) / (shown - t0), end)
+
+    def log_progress(self, row: dict[str, float], rate: float, end: int) -> None:
+        """``epoch 6606/10000: train loss 0.093, val loss 0.071, 330 epochs/s, checkpoint in 3s, ETA 10s``."""
+        self.log.info("epoch %d/%d: train loss %.4g, val loss %.4g, %.3g epochs/s, next checkpoint in %s, ETA %s",
+                      self.next_epoch, self.cfg.epochs, row["train_loss"], row.get("val_loss", float("nan")), rate,
+                      duration((end - self.next_epoch) / rate), duration((self.cfg.epochs - self.next_epoch) / rate))
 
 
-def run_chunk(cfg: TrainConfig, run_dir: Path, fingerprint: str, chunk: int, logger: Any = log) -> dict[str, Any]:
+def run_chunk(cfg: TrainConfig, run_dir: Path, fingerprint: str, chunk: int, logger: Any = log,
+              resuming: bool = False) -> dict[str, Any]:
     """Train chunk ``chunk`` (1-based) from the latest valid checkpoint and end by writing
-    ``checkpoint-<chunk>.pt``. Idempotent: a chunk already covered returns at once.
+    ``checkpoint-<chunk>.pt``. Idempotent: a chunk already covered returns at once. ``resuming``:
+    no chunk of this attempt has trained yet, so what the checkpoint holds is an earlier attempt's.
 
     ``checkpoint-<k>.pt`` normally holds the state at the end of chunk k; after a SIGTERM it
     holds a mid-chunk state, which the next attempt continues and then overwrites."""
     trainer = Trainer(cfg, run_dir, fingerprint, logger)  # reports skipped checkpoints, once
     start, end = trainer.next_epoch, chunk_end(cfg, chunk)
-    resumed = trainer.resumed_from.name if trainer.resumed_from else None
+    loaded = trainer.resumed_from.name if trainer.resumed_from else None
+    resumed = resuming or task_run.run_count > 1  # a new attempt, or a retry of this chunk
+    base = {"chunk": chunk, "loaded": loaded, "resumed_from": loaded if resumed else None,
+            "skipped_checkpoints": list(trainer.rejected)}
     if start >= end or trainer.finished:
-        return {"chunk": chunk, "skipped": True, "epoch": start, "resumed_from": resumed}
-    if resumed is not None:
-        logger.info("chunk %d: continuing from %s at epoch %d (%d epochs saved, not redone)",
-                    chunk, resumed, start + 1, start)
+        return {**base, "skipped": True, "epoch": start}
+    log_start(logger, trainer, chunk, end, resumed)
     if cfg.compile:
         trainer.model.compile()  # in place: the state_dict keys stay the model's own
     with GracefulStop() as stop:  # a signal during the checkpoint write waits for it, too
@@ -361,8 +401,8 @@ def run_chunk(cfg: TrainConfig, run_dir: Path, fingerprint: str, chunk: int, log
         path = trainer.save(chunk)
         write_history_csv(Path(run_dir) / HISTORY_FILE, trainer.history)
     signum = stop.signum
-    result = {"chunk": chunk, "skipped": False, "start_epoch": start, "end_epoch": trainer.next_epoch,
-              "seconds": seconds, "resumed_from": resumed, "checkpoint": path.name,
+    result = {**base, "skipped": False, "start_epoch": start, "end_epoch": trainer.next_epoch,
+              "seconds": seconds, "checkpoint": path.name,
               "stopped_early": trainer.stopped_early, **{k: v[-1] for k, v in trainer.history.items()}}
     log_chunk(logger, cfg, trainer, result)
     if signum is not None:
@@ -372,6 +412,17 @@ def run_chunk(cfg: TrainConfig, run_dir: Path, fingerprint: str, chunk: int, log
         logger.warning(message)
         raise StopRequested(signum, message)
     return result
+
+
+def log_start(logger: Any, trainer: Trainer, chunk: int, end: int, resumed: bool) -> None:
+    """``chunk 3/6: training epochs 501-750``, after where a resumed chunk took its state from."""
+    cfg, start = trainer.cfg, trainer.next_epoch
+    if resumed:
+        skipped = f" ({len(trainer.rejected)} damaged or unfinished checkpoints skipped)" if trainer.rejected else ""
+        whence = (f"{trainer.resumed_from.name}, {start} of {cfg.epochs} epochs kept" if trainer.resumed_from
+                  else "scratch: no valid checkpoint")
+        logger.info("chunk %d: resuming from %s%s", chunk, whence, skipped)
+    logger.info("chunk %d/%d: training epochs %d-%d", chunk, chunk_count(cfg), start + 1, end)
 
 
 def log_chunk(logger: Any, cfg: TrainConfig, trainer: Trainer, result: dict[str, Any]) -> None:
@@ -391,8 +442,8 @@ def log_chunk(logger: Any, cfg: TrainConfig, trainer: Trainer, result: dict[str,
 
 @task(name="train_chunk", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE,
       retry_condition_fn=NO_RETRY_ON_USER_ERROR, task_run_name="train_chunk-{chunk}")
-def train_chunk(cfg: TrainConfig, run_dir: Path, fingerprint: str, chunk: int) -> dict[str, Any]:
+def train_chunk(cfg: TrainConfig, run_dir: Path, fingerprint: str, chunk: int, resuming: bool = False) -> dict[str, Any]:
     """Prefect task: one checkpointed chunk; a retry resumes from the latest valid checkpoint."""
     from prefect import get_run_logger
 
-    return run_chunk(cfg, run_dir, fingerprint, chunk, get_run_logger())
+    return run_chunk(cfg, run_dir, fingerprint, chunk, get_run_logger(), resuming)

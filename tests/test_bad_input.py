@@ -84,6 +84,13 @@ def test_bad_csv(case: str, tmp_path: Path, existing_artifacts: Path, capsys) ->
         (["--epochs", "ten"], "invalid int value: 'ten'"),
         (["--run-name", "../escape"], "invalid --run-name"),
         (["--lr", "inf"], "invalid --lr: Input should be a finite number"),
+        (["--weight-decay", "inf"], "invalid --weight-decay: Input should be a finite number"),
+        (["--lr", "1e300"], "invalid --lr: must be at most 3.403e+38, the largest float32"),  # overflows float32
+        (["--weight-decay", "1e39"], "invalid --weight-decay: must be at most 3.403e+38"),
+        (["--seed", "-1"], "invalid --seed: Input should be greater than or equal to 0"),
+        (["--seed", str(10**30)], "invalid --seed: Input should be less than 4294967296"),
+        (["--epochs", str(10**13)], "invalid --epochs: Input should be less than or equal to 1000000000000"),
+        (["--threads", "1000000"], "invalid --threads: Input should be less than or equal to 1024"),
         (["--job", "fashion_mnist", "--model", "resnet"], "unknown model 'resnet' for job 'fashion_mnist'"),
         (["--optimizer", "lbfgs"], "argument --optimizer: invalid choice: 'lbfgs'"),
         (["--nesterov"], "--nesterov needs a momentum: add --momentum"),

@@ -49,7 +49,23 @@ def test_tiny_files_decode_and_normalise_like_torchvision(tiny: Path, tmp_path: 
 def test_lookup_order_data_folder_then_system_copy(tiny: Path, tmp_path: Path, monkeypatch) -> None:
     assert fm.locate(tiny) == raw(tiny)
     monkeypatch.setattr(fm, "_system_dirs", lambda: [raw(tiny)])
+    monkeypatch.setattr(fm, "DATA_DIR", tmp_path / "empty")  # the default data folder, without the files
     assert fm.locate(tmp_path / "empty", download=False) == raw(tiny)
+
+
+def test_a_data_folder_the_user_names_is_used_as_given(tiny: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """A typo in --data is bad input, never a silent run on the system copy (which exists here)."""
+    from flows.train_flow import main
+
+    monkeypatch.setattr(fm, "_system_dirs", lambda: [raw(tiny)])
+    code = main(["--job", "fashion_mnist", "--data", str(tmp_path / "typo"), "--artifacts-dir", str(tmp_path / "a")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0, err
+    assert err.startswith(f"error: --data {tmp_path / 'typo'} does not exist; pass the folder"), err
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "named").mkdir()  # exists, holds no files: not the system copy either
+    with pytest.raises(fm.UserError, match="FashionMNIST not found"):
+        fm.locate(tmp_path / "named", download=False)
 
 
 def test_download_is_the_last_resort(tiny: Path, tmp_path: Path, monkeypatch) -> None:
@@ -68,6 +84,7 @@ def test_download_is_the_last_resort(tiny: Path, tmp_path: Path, monkeypatch) ->
 
     monkeypatch.setattr(fm, "_system_dirs", lambda: [tmp_path / "no-system-copy"])
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", FakeDownload)
+    (tmp_path / "d").mkdir()
     assert fm.locate(tmp_path / "d") == raw(tmp_path / "d")
     assert calls == [(str(tmp_path / "d"), True, True), (str(tmp_path / "d"), False, True)]
 
@@ -81,6 +98,7 @@ def test_no_data_anywhere_says_how_to_get_it(tmp_path: Path, monkeypatch, capsys
 
     monkeypatch.setattr(fm, "_system_dirs", lambda: [tmp_path / "none"])
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", Offline)
+    (tmp_path / "d").mkdir()
     code = main(["--job", "fashion_mnist", "--data", str(tmp_path / "d"), "--artifacts-dir", str(tmp_path / "a")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0
@@ -191,6 +209,9 @@ def test_run_on_tiny_data_writes_metrics_and_pngs(tiny: Path, prefect_api: str, 
     cm = torch.tensor(m["confusion_matrix"]["rows_true_cols_predicted"])
     assert cm.shape == (10, 10) and int(cm.sum()) == 200
     assert abs(float(cm.diag().sum()) / 200 - m["test_accuracy"]) < 1e-9
+    summary = (run_dir / "summary.md").read_text()  # the whole matrix, as a table
+    assert "## confusion_matrix (rows: true, columns: predicted)" in summary and "..." not in summary
+    assert f"| {fm.LABELS[9]} | " + " | ".join(str(int(v)) for v in cm[9]) + " |" in summary
     split = json.loads((run_dir / "split.json").read_text())
     assert split["sizes"] == {"train": 540, "val": 60, "test": 200} and split["test_source"] == "test_set"
     import matplotlib.image
@@ -199,6 +220,14 @@ def test_run_on_tiny_data_writes_metrics_and_pngs(tiny: Path, prefect_api: str, 
         img = matplotlib.image.imread(run_dir / png)
         assert img.shape[0] >= 400 and img.shape[1] >= 400
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt")) == ["checkpoint-1.pt", "checkpoint-2.pt"]
+    # model.pt2 takes what a user has, uint8 images [N, 28, 28], and classifies as the model does.
+    images = fm.load(tiny).test.x[:8]
+    model = torch.load(run_dir / "model.pt", weights_only=False).eval()
+    with torch.no_grad():
+        expected = model(fm.prepare(images))
+        exported = torch.export.load(run_dir / "model.pt2").module()(images)
+    # The program's weights are contiguous, the model's channels_last: other conv kernels, the same classes.
+    assert torch.allclose(exported, expected, rtol=1e-4, atol=1e-5) and torch.equal(exported.argmax(1), expected.argmax(1))
 
 
 @pytest.mark.slow
@@ -214,6 +243,9 @@ def test_default_config_reaches_the_accuracy_goal_on_real_data(prefect_api: str,
     assert m["test"]["rows"] == 10_000 and m["epochs"] == 10
     assert m["test_accuracy"] >= 0.910, m["test_accuracy"]
     assert len(list((run_dir / "checkpoints").glob("checkpoint-*.pt"))) == 5
+    # The files actually used are on record (here the data folder or the system copy).
+    source = json.loads((run_dir / "run.json").read_text())["data_source"]
+    assert source == f"{data} (the {'system copy' if data in fm._system_dirs() else 'data folder'})"
 
 
 def test_predict_classifies_test_images_by_index(tiny: Path, prefect_api: str, tmp_path: Path) -> None:

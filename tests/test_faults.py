@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -115,33 +117,83 @@ def test_damaged_newest_checkpoint_is_reported_once_and_the_rerun_falls_back(ref
     assert_same_run(tmp_path / "nonlinear" / "d", reference)
 
 
+def own_server_env(home: Path) -> dict[str, str]:
+    """A user's shell: no PREFECT_API_URL, so the command starts its own temporary server (with
+    an isolated PREFECT_HOME); INFO logs, which name that server's port."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_UI_URL")}
+    return dict(env, PREFECT_HOME=str(home), PREFECT_LOGGING_LEVEL="INFO", PYTHONUNBUFFERED="1")
+
+
+def server_pids(port: str) -> list[int]:
+    """Processes running ``prefect server start ... --port PORT`` (Linux /proc)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue  # ended meanwhile
+        if b"server" in argv and b"start" in argv and port.encode() in argv:
+            found.append(int(cmdline.parent.name))
+    return found
+
+
+def server_outside_group(out: str, pgid: int) -> str:
+    """The port of the command's temporary server (from its log line), checked to run outside the
+    process group ``pgid``, which a terminal's Ctrl-C reaches."""
+    port = re.search(r"temporary server on http://127\.0\.0\.1:(\d+)", out).group(1)
+    servers = server_pids(port)
+    assert servers and all(os.getpgid(pid) != pgid for pid in servers), "the server is in the terminal's group"
+    return port
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_and_ctrl_c_save_at_the_next_epoch_then_resume(sig, reference: Path, prefect_api: str, tmp_path: Path) -> None:
+    """SIGTERM goes to the process alone (a process manager's stop). Ctrl-C goes, as a terminal
+    sends it, to the whole foreground process group of a command that started its own temporary
+    server: the server is outside that group, so the run stops cleanly and the server stops with
+    the command. Both: exit 128+signal within seconds, a checkpoint from inside the chunk, at most
+    one "Crash detected" line, and a rerun that ends bit-exact."""
     args = [*ARGS, "--artifacts-dir", str(tmp_path), "--run-name", "t"]
     ckpts = tmp_path / "nonlinear" / "t" / "checkpoints"
-    proc = start(args, prefect_api, PREFECT_LOGGING_LEVEL="INFO")  # for the chunk's "continuing" line
-    lines: list[str] = []  # stderr as it comes, read by a thread, so the test can wait for that line
-    reader = threading.Thread(target=lambda: [lines.append(line) for line in proc.stderr], daemon=True)
+    terminal = sig == signal.SIGINT
+    env = own_server_env(tmp_path / "prefect-home") if terminal else {**cli_env(prefect_api), "PREFECT_LOGGING_LEVEL": "INFO"}
+    proc = subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # its own group, as in a shell
+    lines: list[str] = []  # output as it comes, read by a thread, so the test can wait for a line
+    reader = threading.Thread(target=lambda: [lines.append(line) for line in proc.stdout], daemon=True)
     reader.start()
 
-    def chunk_3_started() -> bool:
+    def seen(text: str) -> bool:
         assert proc.poll() is None, "".join(lines)[-2000:]
-        return any("chunk 3: continuing from checkpoint-2.pt" in line for line in lines)
+        return any(text in line for line in lines)
 
-    # Not a fixed delay after checkpoint-2: a fast machine trains chunk 3 (250 epochs) in ~0.15 s.
-    wait_for(chunk_3_started)
-    time.sleep(0.02)  # inside chunk 3 (epochs 501-750): the log line comes just before its first epoch
-    proc.send_signal(sig)
-    proc.stdout.read()
-    proc.wait(timeout=60)
+    if terminal:
+        wait_for(lambda: seen("temporary server on"), timeout=180)
+        port = server_outside_group("".join(lines), proc.pid)
+    # Into chunk 3 (epochs 501-750) by a fifth of chunk 2's time: its first line comes just before its
+    # first epoch, and a fast machine trains a chunk in ~0.15 s, a busy one in seconds.
+    wait_for(lambda: seen("Task run 'train_chunk-2'"), timeout=180)
+    t2 = time.monotonic()
+    wait_for(lambda: seen("Task run 'train_chunk-3'"), timeout=180)
+    time.sleep(min(max((time.monotonic() - t2) / 5, 0.02), 0.5))
+    if terminal:
+        os.killpg(proc.pid, sig)  # Ctrl-C
+    else:
+        proc.send_signal(sig)
+    t0 = time.monotonic()
+    proc.wait(timeout=120)
+    stopped_in = time.monotonic() - t0
     reader.join(timeout=60)
-    err = "".join(lines)
-    assert proc.returncode == 128 + sig, err[-2000:]
+    out = "".join(lines)
+    assert proc.returncode == 128 + sig and stopped_in < 20, (proc.returncode, stopped_in, out[-2000:])
     name = signal.Signals(sig).name
-    last = err.strip().splitlines()[-1]
-    assert last.startswith(f"stopped: {name}: saved checkpoint-3.pt at epoch "), last
+    last = next((line for line in reversed(out.splitlines()) if line.startswith("stopped")), "")
+    assert last.startswith(f"stopped: {name}: saved checkpoint-3.pt at epoch "), out[-2000:]
     saved = json.loads((ckpts / "checkpoint-3.json").read_text())["epoch"] + 1
     assert 500 < saved < 750 and f"at epoch {saved}/1500" in last  # mid-chunk: less than an epoch lost
+    assert out.count("Crash detected") <= 1, out[-3000:]
+    if terminal:
+        wait_for(lambda: not server_pids(port), timeout=10)  # it stopped with the command
     again = run_cli(args, prefect_api)
     assert again.returncode == 0, again.stderr[-2000:]
     assert_same_run(tmp_path / "nonlinear" / "t", reference)
@@ -168,12 +220,14 @@ def test_divergence_stops_with_one_line_and_is_not_retried(prefect_api: str, tmp
     assert ck.latest_valid(ckpts, json.loads((tmp_path / "nonlinear" / "d" / "config.json").read_text())["fingerprint"]).path.name == "checkpoint-1.pt"
 
 
-def test_divergence_from_the_command_line(prefect_api: str, tmp_path: Path) -> None:
-    proc = run_cli(["--job", "nonlinear", "--epochs", "50", "--chunk-epochs", "10", "--lr", "10",
+@pytest.mark.parametrize("option, value", [("--lr", "10"), ("--weight-decay", "1e6")])
+def test_divergence_from_the_command_line_names_the_option_at_fault(option: str, value: str, prefect_api: str,
+                                                                    tmp_path: Path) -> None:
+    proc = run_cli(["--job", "nonlinear", "--epochs", "50", "--chunk-epochs", "10", option, value,
                     "--artifacts-dir", str(tmp_path)], prefect_api)
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: training diverged at epoch ") and "lower --lr (now 10.0)" in last
+    assert last.startswith("error: training diverged at epoch ") and f"lower {option} (now {float(value)}" in last
     assert "Traceback" not in proc.stderr
 
 

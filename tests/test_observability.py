@@ -96,6 +96,29 @@ def test_prefect_has_progress_summary_and_history_artifacts(run_dir: Path) -> No
     assert rows[-1]["train_loss"] == pytest.approx(history(run_dir)["train_loss"][-1])
 
 
+
+def test_flow_graph_is_the_pipelines_chain(run_dir: Path) -> None:
+    """On the server, each task run's inputs (parameters, wait_for) name exactly the task run
+    before it, and the graph the UI draws (graph-v2) has the same parents: one chain."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    flow_run_id = json.loads((run_dir / "run.json").read_text())["flow_runs"][-1]["flow_run_id"]
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                                     sort=TaskRunSort.EXPECTED_START_TIME_ASC)
+        graph = client.request("GET", "/flow_runs/{id}/graph-v2", path_params={"id": flow_run_id}).json()
+    names = [r.name for r in runs]
+    assert [n if n.startswith("train_chunk") else n.rsplit("-", 1)[0] for n in names] == [
+        "load_data", "split_data", "train_chunk-1", "train_chunk-2", "train_chunk-3", "evaluate", "save_model"], names
+    chain = [set()] + [{str(before.id)} for before in runs[:-1]]
+    inputs = [{str(i.id) for found in r.task_inputs.values() for i in found if i.input_type == "task_run"} for r in runs]
+    assert inputs == chain, list(zip(names, inputs))
+    drawn = {node_id: {p["id"] for p in node["parents"]} for node_id, node in graph["nodes"]}
+    assert [drawn[str(r.id)] for r in runs] == chain, drawn
+
+
 # --- the run folder --------------------------------------------------------------------------
 
 
@@ -152,7 +175,8 @@ def test_tensorboard_catches_up_after_a_kill_between_checkpoint_and_events(run_d
     """Killed after checkpoints 2 and 3 but before their events: the next attempt's first
     chunk (skipped, all is trained) writes epochs 11-30 and records the resume."""
     copy, report = report_on_copy(run_dir, tmp_path, events_kept=1, written=10)
-    report.chunk_done({"chunk": 1, "skipped": True, "epoch": 30, "resumed_from": "checkpoint-3.pt"})
+    report.chunk_done({"chunk": 1, "skipped": True, "epoch": 30, "loaded": "checkpoint-3.pt",
+                       "resumed_from": "checkpoint-3.pt"})
     assert_tensorboard_matches_history(copy, 30)
     record = json.loads((copy / "run.json").read_text())
     assert record["tensorboard_epochs"] == 30
@@ -170,11 +194,13 @@ def test_resume_from_an_older_checkpoint_is_recorded_and_rewrites_its_epochs(run
     hist["val_loss"][20:] = [v + 1 for v in hist["val_loss"][20:]]
     write_history_csv(copy / "history.csv", hist)
     report.chunk_done({"chunk": 3, "skipped": False, "start_epoch": 20, "end_epoch": 30, "seconds": 0.5,
-                       "resumed_from": "checkpoint-2.pt", "checkpoint": "checkpoint-3.pt", "train_loss": 1.0})
+                       "loaded": "checkpoint-2.pt", "resumed_from": "checkpoint-2.pt", "checkpoint": "checkpoint-3.pt",
+                       "train_loss": 1.0, "skipped_checkpoints": ["checkpoint-3.pt: sha256 mismatch (file damaged)"]})
     assert_tensorboard_matches_history(copy, 30)
     record = json.loads((copy / "run.json").read_text())
     assert [(r["from_checkpoint"], r["epochs_saved"]) for r in record["resumes"]] == [("checkpoint-2.pt", 20)]
     assert record["chunks"]["3"]["resumed_from"] == "checkpoint-2.pt"
+    assert record["resumes"][0]["skipped_checkpoints"] == ["checkpoint-3.pt: sha256 mismatch (file damaged)"]
 
 
 def test_summary_md(run_dir: Path) -> None:

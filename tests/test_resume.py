@@ -97,7 +97,9 @@ def test_without_a_server_the_command_boots_its_own_which_dies_with_it(reference
     assert_same_run(tmp_path / "nonlinear" / "r", reference)
     with sqlite3.connect(home / "prefect.db") as db:
         states = sorted(row[0] for row in db.execute("SELECT state_type FROM flow_run"))
+        tasks = {row[0] for row in db.execute("SELECT name FROM task_run WHERE state_type = 'COMPLETED'")}
     assert states == ["COMPLETED", "RUNNING"]  # the killed run stays Running, as on any server
+    assert {"train_chunk-1", "train_chunk-2"} <= tasks  # the UI shows the task runs, too
     # Bad input on this path is still one line (the server started early goes quietly).
     bad = subprocess.run([*args, "--epochs", "0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2

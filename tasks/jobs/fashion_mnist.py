@@ -1,7 +1,8 @@
 """FashionMNIST classification: the real data, the tutorial's LeNet, and faster, better defaults.
 
 Data lookup, in order: ``<data>/FashionMNIST/raw/`` (torchvision's layout), Debian's
-``dataset-fashion-mnist`` system copy, then torchvision's download into ``<data>``. Images are
+``dataset-fashion-mnist`` system copy (for the default ``data/`` only: a folder the user names
+must exist), then torchvision's download into ``<data>``. Images are
 decoded once into a uint8 tensor [N, 28, 28]; batches are normalised on the fly exactly as the
 tutorial's ``ToTensor()`` + ``Normalize((0.5,), (0.5,))`` would, with no PIL and no workers.
 """
@@ -64,11 +65,17 @@ def _complete(folder: Path) -> bool:
 
 
 def locate(data: Path, download: bool = True) -> Path:
-    """The folder holding all four files: data folder, system copy, or a fresh download."""
+    """The folder holding all four files: the data folder, then (for the default data folder
+    only) the system copy, then a download into the data folder. A folder the user named is
+    used as given: a typo must not train on other files."""
     data = Path(data)
     if data.exists() and not data.is_dir():
         raise UserError(f"--data {data} is a file; fashion_mnist needs a folder (default: data/)")
-    for folder in (data / "FashionMNIST" / "raw", data, *_system_dirs()):
+    default = data.resolve() == DATA_DIR.resolve()
+    if not default and not data.is_dir():
+        raise UserError(f"--data {data} does not exist; pass the folder that holds FashionMNIST/raw/, "
+                        f"or leave --data out to use data/, the system copy or a download")
+    for folder in (data / "FashionMNIST" / "raw", data, *(_system_dirs() if default else [])):
         if _complete(folder):
             return folder
     if download:
@@ -77,6 +84,7 @@ def locate(data: Path, download: bool = True) -> Path:
 
             FashionMNIST(root=str(data), train=True, download=True)
             FashionMNIST(root=str(data), train=False, download=True)
+            log.info("downloaded FashionMNIST into %s", data / "FashionMNIST" / "raw")
         except Exception as exc:  # noqa: BLE001 - any failure means "no data": say how to get it
             raise UserError(f"FashionMNIST not found in {data} or {SYSTEM_DIR} and the download failed "
                             f"({type(exc).__name__}); {HOW_TO_GET}") from None
@@ -126,7 +134,8 @@ def load(path: Path) -> JobData:
             raise UserError(f"{folder}: {split} has {len(t.x)} images but {len(t.y)} labels; get the files again")
         if len(t.y) and int(t.y.max()) >= len(LABELS):
             raise UserError(f"{folder}: {split} labels go up to {int(t.y.max())}; FashionMNIST has 10 classes")
-    return JobData(pool=pool, test=test, fingerprint=digest.hexdigest())
+    kind = "the system copy" if folder in _system_dirs() else "the data folder"
+    return JobData(pool=pool, test=test, fingerprint=digest.hexdigest(), source=f"{folder} ({kind})")
 
 
 def prepare(x: torch.Tensor) -> torch.Tensor:

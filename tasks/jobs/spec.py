@@ -18,6 +18,12 @@ DATA_DIR = ROOT / "data"
 ARTIFACTS_DIR = ROOT / "artifacts"
 
 
+#: The models train in float32: a larger lr or weight decay overflows in the optimizer's step.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+#: Epoch numbers seed each epoch's shuffle (``seed * 1_000_003 + epoch`` must fit torch's 64-bit seed).
+MAX_EPOCHS = 10**12
+
+
 class UserError(Exception):
     """Bad input from the user: reported as one line, never retried."""
 
@@ -32,14 +38,14 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    job: str = Field(description="job to train")
+    job: str = Field(description="job to train: a built-in name, or your own JobSpec as module.path:NAME (docs/jobs.md)")
     data: Path = Field(description="the job's input: a CSV for the regression jobs, a folder for fashion_mnist")
-    epochs: int = Field(gt=0, description="total epochs")
+    epochs: int = Field(gt=0, le=MAX_EPOCHS, description="total epochs")
     chunk_epochs: int = Field(gt=0, description="epochs per checkpointed chunk (a Prefect task each)")
     lr: float = Field(gt=0, allow_inf_nan=False, description="learning rate (the schedule's peak for onecycle)")
     batch_size: int = Field(gt=0, description="training batch size")
     eval_batch_size: int = Field(gt=0, description="validation/test batch size")
-    seed: int = Field(default=0, description="seed for the split, the initial weights and the shuffling")
+    seed: int = Field(default=0, ge=0, lt=2**32, description="seed for the split, the initial weights and the shuffling")
     model: str = Field(default="default", description="model variant of the job (fashion_mnist: small_cnn, cnn, lenet)")
     optimizer: Literal["sgd", "adam", "adamw"] = Field(default="sgd", description="torch.optim optimizer")
     momentum: float = Field(default=0.0, ge=0, lt=1, description="SGD momentum")
@@ -51,7 +57,7 @@ class TrainConfig(BaseModel):
     early_stopping_patience: int | None = Field(
         default=None, gt=0, description="stop after this many epochs without a better validation metric (default off)")
     compile: bool = Field(default=False, description="train the model through torch.compile (see docs/performance.md)")
-    threads: int = Field(default=1, gt=0, description="torch intra-op CPU threads (1: fastest on a shared 2-core machine)")
+    threads: int = Field(default=1, gt=0, le=1024, description="torch intra-op CPU threads (1: fastest on a shared 2-core machine)")
     # Execution details. Those that do not change the trained numbers are left out of the run's
     # identity (IDENTITY_EXCLUDE); `threads` and `compile` stay in: they change the floats.
     run_name: str | None = Field(
@@ -64,6 +70,13 @@ class TrainConfig(BaseModel):
     save_best: bool = Field(default=False, description="also write model_best_state_dict.pt (best validation epoch)")
     wait_lock: float = Field(default=0, ge=0, allow_inf_nan=False,
                              description="seconds to wait for a run folder another process holds (default: refuse at once)")
+
+    @field_validator("lr", "weight_decay")
+    @classmethod
+    def _fits_float32(cls, v: float) -> float:
+        if v > FLOAT32_MAX:  # the optimizer's step would overflow
+            raise ValueError(f"must be at most {FLOAT32_MAX:.4g}, the largest float32 (the models train in float32)")
+        return v
 
     @field_validator("run_name")
     @classmethod
@@ -116,6 +129,8 @@ class JobData:
     pool: Tensors
     fingerprint: str
     test: Tensors | None = None
+    #: Where the content was read from, for the record, when that is not simply ``--data``.
+    source: str | None = None
 
 
 def split_8_1_1(n: int) -> tuple[int, int, int]:
