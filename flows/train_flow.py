@@ -34,6 +34,7 @@ from tasks.jobs.spec import TrainConfig, UserError
 from tasks.policy import fix_first
 from tasks.reporting import RunReport
 from tasks.run import (
+    RUN_FILE,
     check_compatible,
     check_run_writable,
     check_writable,
@@ -42,6 +43,7 @@ from tasks.run import (
     prepare_run_dir,
     read_json,
     run_dir_for,
+    utc_now,
 )
 from tasks.training import StopRequested, chunk_count, train_chunk
 
@@ -232,17 +234,20 @@ def api_answers(timeout: float = 2.0) -> bool:
     from prefect.settings import PREFECT_API_URL
 
     url = PREFECT_API_URL.value()
+    if not url:  # Prefect's own temporary server, inside this process's lifetime
+        return True
     try:
         urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout).close()
     except urllib.error.HTTPError:
         return True
     except (OSError, ValueError):
-        return not url
+        return False
     return True
 
 
 def run_flow(job: str | None, args: dict[str, Any]) -> int:
     """Run the flow; print its results, or one line on why it stopped and what to do; the exit status."""
+    started = utc_now()
     try:
         results = train_flow(job=job, **args)
     except StopRequested as exc:
@@ -257,7 +262,7 @@ def run_flow(job: str | None, args: dict[str, Any]) -> int:
         return 2
     except Exception as exc:  # noqa: BLE001 - Prefect already logged the details
         what, fix = f"{type(exc).__name__}: {exc}".splitlines()[0], fix_first(exc)
-        if (results := results_on_disk(job, args)) is None:
+        if (results := results_on_disk(job, args, started)) is None:
             print(f"error: {what}; {fix + ', then r' if fix else 'r'}erun the same command to resume", file=sys.stderr)
             return 1
         # The runs completed; Prefect failed after them (recording the flow run's final state).
@@ -266,14 +271,20 @@ def run_flow(job: str | None, args: dict[str, Any]) -> int:
     return 0
 
 
-def results_on_disk(job: str | None, args: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
-    """The flow's results as the run folders record them; None unless every run is complete."""
+def results_on_disk(job: str | None, args: dict[str, Any], since: str) -> dict[str, dict[str, Any]] | None:
+    """The flow's results as the run folders record them; None unless every run is complete
+    (with --fresh: completed by this command, at or after ``since``)."""
     results = {}
-    for cfg in build_configs(job, {**args, "fresh": False}):
-        run_dir = run_dir_for(cfg, cfg.fingerprint(load_job_data(cfg).fingerprint))
-        if not is_complete(run_dir):
-            return None
-        results[cfg.job] = {"run_dir": str(run_dir), "status": "completed", "metrics": read_json(run_dir / METRICS_FILE)}
+    try:
+        for cfg in build_configs(job, args):
+            run_dir = run_dir_for(cfg, cfg.fingerprint(load_job_data(cfg).fingerprint))
+            finished = (read_json(run_dir / RUN_FILE) or {}).get("finished_at", "")
+            if not is_complete(run_dir) or (cfg.fresh and finished < since):
+                return None
+            results[cfg.job] = {"run_dir": str(run_dir), "status": "completed",
+                                "metrics": read_json(run_dir / METRICS_FILE)}
+    except Exception:  # noqa: BLE001 - this only decides which message the failure gets
+        return None
     return results
 
 
