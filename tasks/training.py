@@ -364,7 +364,8 @@ class Trainer:
             self.next_epoch = epoch + 1
             if stop.signum is not None or self.stopped_early:
                 return
-            if time.monotonic() - shown >= PROGRESS_EVERY:  # a long chunk is never silent
+            # A long chunk is never silent; its last epoch gets the chunk's own line instead.
+            if time.monotonic() - shown >= PROGRESS_EVERY and self.next_epoch < end:
                 shown = time.monotonic()
                 self.log_progress(row, (self.next_epoch - first) / (shown - t0), end)
 
