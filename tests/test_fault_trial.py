@@ -8,7 +8,6 @@ import errno
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,8 +19,9 @@ import pytest
 import tasks.checkpoint as ck
 from flows.train_flow import main, train_flow
 from tasks.run import read_json
+from tasks.server import reserve_port
 from tests.conftest import ROOT, TRAIN, run_cli
-from tests.test_faults import ARGS, CFG, start
+from tests.test_faults import ARGS, CFG, flip_a_bit, killed_once, start
 from tests.test_resume import assert_same_run, wait_for
 
 
@@ -47,12 +47,6 @@ def fail_in_chunk(monkeypatch, epoch: int) -> None:
     monkeypatch.setattr(Trainer, "run_epoch", failing)
 
 
-def damage(path: Path) -> None:
-    blob = bytearray(path.read_bytes())
-    blob[len(blob) // 2] ^= 0xFF
-    path.write_bytes(bytes(blob))
-
-
 def test_record_names_the_checkpoint_actually_used_and_a_start_from_scratch(reference: Path, prefect_api: str,
                                                                            tmp_path: Path, monkeypatch) -> None:
     """Attempt 2: the newest checkpoint is damaged, so it resumes from the one before, and says
@@ -65,11 +59,11 @@ def test_record_names_the_checkpoint_actually_used_and_a_start_from_scratch(refe
         monkeypatch.undo()
         fail_in_chunk(monkeypatch, epoch)
         if attempt == 2:
-            damage(ckpts / "checkpoint-2.pt")
+            flip_a_bit(ckpts / "checkpoint-2.pt")
         with pytest.raises(UserError):
             train_flow(**CFG, artifacts_dir=str(tmp_path), run_name="r")
     for _, path in ck.list_checkpoints(ckpts):
-        damage(path)
+        flip_a_bit(path)
     monkeypatch.undo()
     train_flow(**CFG, artifacts_dir=str(tmp_path), run_name="r")
     record = read_json(run_dir / "run.json")
@@ -123,16 +117,11 @@ def test_huge_epoch_counts_start_at_once_and_report_progress_within_the_chunk(pr
     assert saved["epoch"] > 0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def own_server(tmp_path: Path):
     """A Prefect server of this test's own, which the test can kill; yields its API URL."""
-    port = free_port()
+    with reserve_port() as sock:
+        port = sock.getsockname()[1]
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     env.pop("PREFECT_API_URL", None)
     server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
@@ -211,10 +200,7 @@ def read_only(folder: Path):
 def test_read_only_checkpoints_folder_is_refused_before_training(prefect_api: str, tmp_path: Path) -> None:
     args = [*ARGS, "--artifacts-dir", str(tmp_path), "--run-name", "ro"]
     run_dir = tmp_path / "nonlinear" / "ro"
-    proc = start(args, prefect_api)
-    wait_for(lambda: (run_dir / "history.csv").exists(), proc=proc)  # written just after checkpoint-1
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    killed_once(args, prefect_api, run_dir / "history.csv")  # written just after checkpoint-1
     history = (run_dir / "history.csv").read_bytes()
     with read_only(run_dir / "checkpoints"):
         refused = run_cli(args, prefect_api)
@@ -229,7 +215,7 @@ def test_a_damaged_checkpoint_in_a_read_only_folder_is_skipped_and_reported_once
 
     for chunk in (1, 2):
         ck.save_checkpoint(tmp_path, payload(chunk))
-    damage(tmp_path / "checkpoint-2.pt")
+    flip_a_bit(tmp_path / "checkpoint-2.pt")
     warnings: list[str] = []
     with read_only(tmp_path):
         found = ck.latest_valid(tmp_path, FP, warn=lambda m, *a: warnings.append(m % a))
@@ -242,10 +228,7 @@ def test_a_checkpoint_without_manifest_is_reported_once_per_run(reference: Path,
     says so once, not once per chunk, and still ends exact."""
     args = [*ARGS, "--artifacts-dir", str(tmp_path), "--run-name", "m"]
     ckpts = tmp_path / "nonlinear" / "m" / "checkpoints"
-    proc = start(args, prefect_api)
-    wait_for(lambda: (ckpts / "checkpoint-2.json").exists(), proc=proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    killed_once(args, prefect_api, ckpts / "checkpoint-2.json")
     for k, path in ck.list_checkpoints(ckpts):
         if k > 2:
             ck.manifest_path(path).unlink(missing_ok=True)

@@ -38,6 +38,21 @@ def start(args: list[str], prefect_api: str, **env: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def killed_once(args: list[str], prefect_api: str, written: Path) -> None:
+    """Start the command and SIGKILL it as soon as ``written`` exists."""
+    proc = start(args, prefect_api)
+    wait_for(written.exists, proc=proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def flip_a_bit(path: Path) -> None:
+    """Damage a file in its middle, keeping its size."""
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    path.write_bytes(bytes(blob))
+
+
 #: A sitecustomize that slows a checkpoint's fsync: kills can be aimed inside its write.
 SLOW_FSYNC = Path(__file__).parent / "slow_fsync"
 # The soak job: 32 chunks, so 22 kills cannot finish it however fast the machine is.
@@ -101,14 +116,9 @@ def test_damaged_newest_checkpoint_is_reported_once_and_the_rerun_falls_back(ref
     still ends bit-exact."""
     args = [*ARGS, "--artifacts-dir", str(tmp_path), "--run-name", "d"]
     ckpts = tmp_path / "nonlinear" / "d" / "checkpoints"
-    proc = start(args, prefect_api)
-    wait_for(lambda: (ckpts / "checkpoint-2.json").exists(), proc=proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    killed_once(args, prefect_api, ckpts / "checkpoint-2.json")
     newest, path = max(ck.list_checkpoints(ckpts))
-    blob = bytearray(path.read_bytes())
-    blob[len(blob) // 2] ^= 0xFF
-    path.write_bytes(bytes(blob))
+    flip_a_bit(path)
     again = run_cli(args, prefect_api)
     assert again.returncode == 0, again.stderr[-3000:]
     lines = [line for line in again.stderr.splitlines() if f"checkpoint-{newest}.pt" in line and "skip" in line]
