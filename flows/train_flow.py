@@ -87,9 +87,11 @@ def pipeline(cfg: TrainConfig, run_dir: Path, fingerprint: str, info: dict[str, 
     tasks by object identity, so cfg (quote) and the previous result's contents (opaque) are not
     searched: they share objects (cfg.lr, say) with other tasks' results."""
     previous = split_data(quote(cfg), run_dir, wait_for=[opaque(info)])
+    kept = []
     resuming = True  # until a chunk of this attempt trains, the checkpoints are an earlier attempt's
     for chunk in range(1, chunk_count(cfg) + 1):
         result = previous = train_chunk(quote(cfg), run_dir, fingerprint, chunk, resuming, wait_for=[opaque(previous)])
+        kept.append(result)  # alive to the end: Prefect maps results to tasks by id(), which a freed one frees
         resuming = resuming and result["skipped"]
         report.chunk_done(result)  # TensorBoard, progress artifact, run.json
     metrics = evaluate(quote(cfg), run_dir, fingerprint, wait_for=[opaque(previous)])
