@@ -15,13 +15,13 @@ Bounded: the trigger only matches crashes after attempt 1 .. ``MAX_RUNS - 1`` (t
 crashed before it ever started running (run count 0: bad entrypoint, missing environment) is
 not requeued, since running it again would crash again.
 
-Why wait instead of requeueing at once: a Prefect 3.8.8 process worker reports the crash
-before it frees its ``--limit`` slot for that flow run; a run requeued at once can come back to
-the same worker inside that gap, and the worker dies with "this borrower is already holding one
-of this CapacityLimiter's tokens" (seen in tests/test_deployments.py). So the trigger is
-proactive: "a Crashed event, then no Pending event of that flow run within ``REQUEUE_AFTER``"
-(10 s is Prefect's minimum for proactive triggers; they are evaluated every 5 s, so the run is
-requeued 10-15 s after its crash).
+Why wait instead of requeueing at once: a Prefect 3.9 process worker reports a crash twice,
+first from its run executor, then itself, after it loaded the flow for ``on_crashed`` hooks
+(an import of torch: tens of seconds on a busy machine) and freed its ``--limit`` slot. A run
+requeued in that gap comes back to a worker still holding its slot ("Duplicate submission ...
+detected") and the late second report marks it Crashed again. So the trigger is proactive: "a
+Crashed event, then no Pending event of that flow run within ``REQUEUE_AFTER``" (evaluated
+every 5 s, so the run is requeued 60-65 s after its crash).
 
 ``deployments/serve.py`` registers it too; for a work pool run this once after ``prefect deploy``.
 """
@@ -40,7 +40,7 @@ from deployments.registry import FLOW_NAME
 
 AUTOMATION_NAME = "trainflow-requeue-crashed-runs"
 #: How long a crashed run stays Crashed before the automation requeues it.
-REQUEUE_AFTER = timedelta(seconds=10)
+REQUEUE_AFTER = timedelta(seconds=60)
 
 
 def requeue_crashed() -> "Automation":  # noqa: F821 - prefect imported lazily

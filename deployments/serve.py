@@ -25,6 +25,7 @@ from deployments.registry import (
 )
 from tasks.jobs import JOBS
 from tasks.jobs.spec import UserError
+from tasks.store import is_url
 
 
 def parser() -> argparse.ArgumentParser:
@@ -59,7 +60,7 @@ def to_deployments(args: argparse.Namespace) -> list:
     for d in deployments(args.cron, args.timezone, args.job):
         params = dict(d["parameters"])
         if args.artifacts_dir:
-            params["artifacts_dir"] = str(Path(args.artifacts_dir).resolve())
+            params["artifacts_dir"] = args.artifacts_dir if is_url(args.artifacts_dir) else str(Path(args.artifacts_dir).resolve())
         schedules = [] if args.no_schedule else [Cron(s["cron"], timezone=s["timezone"]) for s in d["schedules"]]
         out.append(scheduled_train.to_deployment(
             name=d["name"], description=d["description"], parameters=params, schedules=schedules, tags=d["tags"],

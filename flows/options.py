@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import sys
 import typing
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic.fields import FieldInfo
 
-from tasks.jobs import JOBS
+from tasks.jobs import JOBS, default_jobs
 from tasks.jobs.spec import ROOT, TrainConfig
 
 #: Field name -> field, in TrainConfig's order.
@@ -74,3 +75,31 @@ def with_parameters(fn: Callable[..., Any], parameters: list[inspect.Parameter])
 def config_parameters(exclude: Iterable[str] = ()) -> list[inspect.Parameter]:
     """One optional parameter per field (default None: the job's default), in field order."""
     return [parameter(name) for name in FIELDS if name not in exclude]
+
+
+# --- the command line of flows/train_flow.py ---------------------------------------------
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line and exit 2."""
+
+    def error(self, message: str) -> None:  # one line, not usage + error
+        print(f"error: {message}; see --help", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def train_parser() -> argparse.ArgumentParser:
+    """The CLI; every option is also a flow parameter of the same name."""
+    jobs = "\n".join(f"  {n:<14}{s.description}{' (default)' if s.in_default_set else ''}" for n, s in JOBS.items())
+    p = OneLineParser(
+        prog="python flows/train_flow.py",
+        description="Train a job resumably: chunks of epochs, each ending with a checkpoint. Rerunning the "
+        "same command resumes from the latest valid checkpoint, or reports the result if the run is complete.",
+        epilog=f"jobs:\n{jobs}\n  {'module:NAME':<14}your own JobSpec, importable from the current folder or "
+        f"PYTHONPATH (docs/jobs.md)\n\nWith no --job: {', '.join(default_jobs())}. Options left out take the job's "
+        "defaults. Outputs go to "
+        "<artifacts-dir>/<job>/<run-name>/ (see artifacts/README.md).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(p)  # one flag per TrainConfig field
+    return p

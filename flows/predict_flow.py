@@ -4,7 +4,8 @@ Generic over jobs: the run's ``config.json`` names the job, the job registry bui
 ``model_state_dict.pt`` is loaded with ``weights_only=True`` (plain tensors, never a pickle of
 code), and the job's ``predict`` hook (:class:`tasks.jobs.spec.Predictor`) supplies the input
 options (``--x`` for nonlinear, ``--index`` for fashion_mnist, ...) and the output lines.
-``--run`` may also be a job's ``latest`` pointer, e.g. ``artifacts/nonlinear/latest``.
+``--run`` may also be a job's ``latest`` pointer, e.g. ``artifacts/nonlinear/latest``, or a run on
+a store: ``s3://bucket/prefix/nonlinear/latest``.
 
 The command runs without Prefect (no server to start for a few predictions); ``--prefect``
 runs the same thing as the Prefect flow ``predict``, which is also what a deployment would call.
@@ -21,25 +22,30 @@ from typing import Any
 import torch
 from prefect import flow, get_run_logger
 
+from flows.options import OneLineParser
 from tasks.jobs import JOBS, get_job
 from tasks.jobs.spec import JobSpec, TrainConfig, UserError
 from tasks.reporting import resolve_run
 from tasks.run import CONFIG_FILE, read_json
+from tasks.store import fetch_run, is_url
 
 STATE_DICT = "model_state_dict.pt"
 
 
 def load_run(run: str | Path) -> tuple[Path, TrainConfig, JobSpec, torch.nn.Module]:
-    """``(run_dir, config, job, model)`` of a finished run, the model on CPU in eval mode."""
-    run_dir = resolve_run(Path(run))
+    """``(run_dir, config, job, model)`` of a finished run (a folder, or a run's URL on a store),
+    the model on CPU in eval mode."""
+    run_dir = fetch_run(str(run)) if is_url(run) else resolve_run(Path(run))
+    shown = str(run).rstrip("/") if is_url(run) else run_dir
     record = read_json(run_dir / CONFIG_FILE)
     if record is None:
-        raise UserError(f"{run_dir} is not a run folder (no readable {CONFIG_FILE}); pass --run artifacts/<job>/<run>")
+        raise UserError(f"{shown} is not a run folder (no readable {CONFIG_FILE}); pass --run artifacts/<job>/<run>")
     spec = get_job(record["job"])
     cfg = TrainConfig.model_validate(record["config"])
     weights = run_dir / STATE_DICT
     if not weights.is_file():
-        raise UserError(f"{weights} does not exist: the run has not finished; rerun its training command to resume it")
+        raise UserError(f"{shown}/{STATE_DICT} does not exist: the run has not finished; rerun its training command "
+                        f"to resume it")
     model = spec.build_model(cfg)
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return run_dir, cfg, spec, model.eval()
@@ -71,21 +77,15 @@ def predict_flow(run: str, inputs: dict[str, Any]) -> list[dict[str, Any]]:
 # --- command line ----------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not usage + error
-        print(f"error: {message}; see --help", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def base_parser(add_help: bool) -> argparse.ArgumentParser:
     usage = "\n".join(f"  {name}: {job_usage(spec)}" for name, spec in JOBS.items() if spec.predict is not None)
-    p = _Parser(
+    p = OneLineParser(
         prog="python flows/predict_flow.py", add_help=add_help,
         description="Load a finished run's model_state_dict.pt (weights_only=True) and predict.",
         epilog=f"job options (the job is read from the run's config.json):\n{usage}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--run", required=True, help="run folder artifacts/<job>/<run>, or artifacts/<job>/latest")
+    p.add_argument("--run", required=True, help="run folder artifacts/<job>/<run>, or artifacts/<job>/latest; or its URL on a store")
     p.add_argument("--json", action="store_true", help="print one JSON list instead of text lines")
     p.add_argument("--prefect", action="store_true", help="run as the Prefect flow 'predict' (starts/uses a server)")
     return p

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
@@ -15,7 +14,13 @@ from typing import Any
 #: The command's own temporary Prefect server (tasks/server.py), started before Prefect and torch
 #: are imported so that it boots meanwhile; None when Prefect's settings name a server.
 SERVER = None
-if __name__ == "__main__" and not {"-h", "--help"} & set(sys.argv[1:]):
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
+    from flows.options import (
+        train_parser,  # help without importing Prefect (torch: the jobs' defaults)
+    )
+
+    train_parser().parse_args()
+elif __name__ == "__main__":
     from tasks.server import launch
 
     SERVER = launch()
@@ -24,26 +29,26 @@ from prefect import flow, get_run_logger
 from prefect.utilities.annotations import opaque, quote
 from pydantic import ValidationError
 
-from flows.options import add_arguments, config_parameters, with_parameters
+from flows.options import config_parameters, with_parameters
+from flows.options import train_parser as parser
 from tasks.checkpoint import remove_debris
 from tasks.data import load_data, load_job_data, make_split, split_data
 from tasks.evaluation import METRICS_FILE, evaluate
 from tasks.export import save_model
-from tasks.jobs import JOBS, default_jobs, get_job
+from tasks.jobs import default_jobs, get_job
 from tasks.jobs.spec import TrainConfig, UserError
 from tasks.policy import fix_first
 from tasks.reporting import RunReport
 from tasks.run import (
     RUN_FILE,
-    check_compatible,
-    check_run_writable,
-    check_writable,
+    check_run,
     hold,
     is_complete,
     prepare_run_dir,
     read_json,
     run_dir_for,
     utc_now,
+    where,
 )
 from tasks.training import StopRequested, chunk_count, train_chunk
 
@@ -67,8 +72,8 @@ def run_job(cfg: TrainConfig) -> dict[str, Any]:
             logger.info("removed %d temp files left by writes that a kill interrupted", len(debris))
         if is_complete(run_dir):
             metrics = read_json(run_dir / METRICS_FILE)
-            logger.info("%s is already complete; not retraining (use --fresh to start over)", run_dir)
-            return {"job": cfg.job, "run_dir": str(run_dir), "status": "already complete", "metrics": metrics}
+            logger.info("%s is already complete; not retraining (use --fresh to start over)", where(run_dir))
+            return {"job": cfg.job, "run_dir": where(run_dir), "status": "already complete", "metrics": metrics}
         report = RunReport.start(cfg, run_dir, info, fingerprint, logger)  # run.json, progress
         try:
             metrics = pipeline(cfg, run_dir, fingerprint, info, report)
@@ -76,8 +81,9 @@ def run_job(cfg: TrainConfig) -> dict[str, Any]:
         except BaseException as exc:
             report.interrupted(exc)  # run.json "failed" (or "stopped") with the error
             raise
-    logger.info("%s: done, test loss %.6g, outputs in %s", cfg.job, metrics["test"].get("loss", float("nan")), run_dir)
-    return {"job": cfg.job, "run_dir": str(run_dir), "status": "completed", "metrics": metrics}
+    logger.info("%s: done, test loss %.6g, outputs in %s", cfg.job, metrics["test"].get("loss", float("nan")),
+                where(run_dir))
+    return {"job": cfg.job, "run_dir": where(run_dir), "status": "completed", "metrics": metrics}
 
 
 def pipeline(cfg: TrainConfig, run_dir: Path, fingerprint: str, info: dict[str, Any], report: RunReport) -> dict[str, Any]:
@@ -90,7 +96,8 @@ def pipeline(cfg: TrainConfig, run_dir: Path, fingerprint: str, info: dict[str, 
     kept = []
     resuming = True  # until a chunk of this attempt trains, the checkpoints are an earlier attempt's
     for chunk in range(1, chunk_count(cfg) + 1):
-        result = previous = train_chunk(quote(cfg), run_dir, fingerprint, chunk, resuming, wait_for=[opaque(previous)])
+        result = previous = train_chunk(quote(cfg), run_dir, fingerprint, chunk, resuming, report.artifacts.update_progress,
+                                        wait_for=[opaque(previous)])
         kept.append(result)  # alive to the end: Prefect maps results to tasks by id(), which a freed one frees
         resuming = resuming and result["skipped"]
         report.chunk_done(result)  # TensorBoard, progress artifact, run.json
@@ -111,29 +118,6 @@ train_flow = flow(name="train", retries=0)(with_parameters(train, config_paramet
 # --- command line ------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not usage + error
-        print(f"error: {message}; see --help", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def parser() -> argparse.ArgumentParser:
-    """The CLI; every option is also a flow parameter of the same name."""
-    jobs = "\n".join(f"  {n:<14}{s.description}{' (default)' if s.in_default_set else ''}" for n, s in JOBS.items())
-    p = _Parser(
-        prog="python flows/train_flow.py",
-        description="Train a job resumably: chunks of epochs, each ending with a checkpoint. Rerunning the "
-        "same command resumes from the latest valid checkpoint, or reports the result if the run is complete.",
-        epilog=f"jobs:\n{jobs}\n  {'module:NAME':<14}your own JobSpec, importable from the current folder or "
-        f"PYTHONPATH (docs/jobs.md)\n\nWith no --job: {', '.join(default_jobs())}. Options left out take the job's "
-        "defaults. Outputs go to "
-        "<artifacts-dir>/<job>/<run-name>/ (see artifacts/README.md).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(p)  # one flag per TrainConfig field
-    return p
-
-
 def one_line(exc: ValidationError) -> str:
     """First pydantic error as ``--option: message (got value)``."""
     err = exc.errors()[0]
@@ -143,18 +127,11 @@ def one_line(exc: ValidationError) -> str:
 
 def preflight(configs: list[TrainConfig]) -> None:
     """Check everything checkable before Prefect starts, so bad input fails in one line and
-    touches nothing: data, split size, artifacts folder, run-folder conflicts."""
+    touches nothing: data, split size, artifacts folder or store, run-folder conflicts."""
     for cfg in configs:
         data = load_job_data(cfg)
         make_split(data, cfg)
-        check_writable(Path(cfg.artifacts_dir) / cfg.job)
-        run_dir = run_dir_for(cfg, cfg.fingerprint(data.fingerprint))
-        if not cfg.fresh:
-            check_compatible(run_dir, cfg, data.fingerprint)
-            check_run_writable(run_dir)
-        if run_dir.exists():
-            with hold(run_dir, wait=cfg.wait_lock):
-                pass
+        check_run(cfg, data.fingerprint)
 
 
 class _HideUserErrorTracebacks(logging.Filter):
@@ -283,7 +260,7 @@ def results_on_disk(job: str | None, args: dict[str, Any], since: str) -> dict[s
             finished = (read_json(run_dir / RUN_FILE) or {}).get("finished_at", "")
             if not is_complete(run_dir) or (cfg.fresh and finished < since):
                 return None
-            results[cfg.job] = {"run_dir": str(run_dir), "status": "completed",
+            results[cfg.job] = {"run_dir": where(run_dir), "status": "completed",
                                 "metrics": read_json(run_dir / METRICS_FILE)}
     except Exception:  # noqa: BLE001 - this only decides which message the failure gets
         return None

@@ -155,33 +155,41 @@ def manifest_path(ckpt: Path) -> Path:
     return ckpt.with_suffix(".json")
 
 
+def manifest_for(name: str, data: bytes, payload: dict[str, Any]) -> dict[str, Any]:
+    """The manifest that commits checkpoint ``name`` holding ``data`` (``payload`` serialised)."""
+    return {
+        "file": name,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data),
+        "chunk": int(payload["chunk"]),
+        "epoch": int(payload["epoch"]),
+        "batch": int(payload.get("batch", 0)),  # batches of the next epoch done (a stop inside it)
+        "fingerprint": payload["fingerprint"],
+        "cost": float(payload["cost"]),
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def checkpoint_bytes(payload: dict[str, Any]) -> bytes:
+    """``payload`` serialised, after checking it carries every required key."""
+    missing = REQUIRED_KEYS - payload.keys()
+    if missing:
+        raise ValueError(f"checkpoint payload lacks {sorted(missing)}")
+    return torch_bytes(payload)
+
+
 def save_checkpoint(folder: Path, payload: dict[str, Any]) -> Path:
     """Atomically write ``payload`` as ``checkpoint-<payload['chunk']>.pt`` plus its manifest.
 
     Order matters: the ``.pt`` is fsynced and renamed into place first, then the manifest;
     a kill in between leaves a ``.pt`` without manifest, which readers ignore.
     """
-    missing = REQUIRED_KEYS - payload.keys()
-    if missing:
-        raise ValueError(f"checkpoint payload lacks {sorted(missing)}")
+    data = checkpoint_bytes(payload)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(folder, int(payload["chunk"]))
-    data = torch_bytes(payload)
     atomic_write_bytes(path, data)
-    atomic_write_json(
-        manifest_path(path),
-        {
-            "file": path.name,
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "bytes": len(data),
-            "chunk": int(payload["chunk"]),
-            "epoch": int(payload["epoch"]),
-            "fingerprint": payload["fingerprint"],
-            "cost": float(payload["cost"]),
-            "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        },
-    )
+    atomic_write_json(manifest_path(path), manifest_for(path.name, data, payload))
     return path
 
 
@@ -210,23 +218,33 @@ def load_checkpoint(
         data = path.read_bytes()
     except OSError as exc:
         raise CheckpointError(f"{path.name}: unreadable ({exc})") from None
+    return verified_payload(path.name, manifest, data, fingerprint, map_location)
+
+
+def verified_payload(name: str, manifest: dict[str, Any], data: bytes, fingerprint: str | None = None,
+                     map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The payload in ``data`` if it is what ``manifest`` commits (size, sha256), loads with
+    ``weights_only=True``, has every key and was made by ``fingerprint``; else CheckpointError."""
+    if fingerprint is not None and manifest.get("fingerprint", fingerprint) != fingerprint:
+        raise CheckpointError(f"{name}: its manifest belongs to another config/data (fingerprint "
+                              f"{str(manifest.get('fingerprint'))[:12]}, this run {fingerprint[:12]})")
     if len(data) != manifest.get("bytes"):
-        raise CheckpointError(f"{path.name}: {len(data)} bytes, manifest says {manifest.get('bytes')} (truncated?)")
+        raise CheckpointError(f"{name}: {len(data)} bytes, manifest says {manifest.get('bytes')} (truncated?)")
     if hashlib.sha256(data).hexdigest() != manifest.get("sha256"):
-        raise CheckpointError(f"{path.name}: sha256 mismatch (file damaged)")
+        raise CheckpointError(f"{name}: sha256 mismatch (file damaged)")
     try:
         # weights_only=True: a checkpoint is data, never code (a malicious pickle is refused).
         payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a valid checkpoint"
-        raise CheckpointError(f"{path.name}: not loadable with weights_only=True ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+        raise CheckpointError(f"{name}: not loadable with weights_only=True ({type(exc).__name__}: {exc})".splitlines()[0]) from None
     if not isinstance(payload, dict):
-        raise CheckpointError(f"{path.name}: payload is {type(payload).__name__}, not a dict")
+        raise CheckpointError(f"{name}: payload is {type(payload).__name__}, not a dict")
     missing = REQUIRED_KEYS - payload.keys()
     if missing:
-        raise CheckpointError(f"{path.name}: missing keys {sorted(missing)}")
+        raise CheckpointError(f"{name}: missing keys {sorted(missing)}")
     if fingerprint is not None and payload["fingerprint"] != fingerprint:
         raise CheckpointError(
-            f"{path.name}: made by another config/data (fingerprint {payload['fingerprint'][:12]}, "
+            f"{name}: made by another config/data (fingerprint {payload['fingerprint'][:12]}, "
             f"this run {fingerprint[:12]})"
         )
     return payload
@@ -299,23 +317,30 @@ def latest_valid(
 # --- Retention -----------------------------------------------------------------------------
 
 
-def prune_checkpoints(folder: Path, keep_last: int | None, values: list[float], higher_is_better: bool) -> list[Path]:
-    """Keep the newest ``keep_last`` checkpoints plus the best one, judged by ``values`` (the
-    monitored metric per epoch, 0-based); call it only once the new checkpoint is safely written.
-    Never removes the newest or the best. Returns what was removed."""
-    if keep_last is None:
-        return []
-    found = [path for _, path in list_checkpoints(folder)]  # newest first
-    keep = set(found[:max(keep_last, 1)])
+def retention(manifests: list[dict[str, Any]], keep_last: int, values: list[float],
+              higher_is_better: bool) -> list[dict[str, Any]]:
+    """The manifests (oldest epoch first) that retention removes: all but the newest
+    ``keep_last`` and the best by ``values`` (the monitored metric per epoch, 0-based)."""
+    newest_first = list(reversed(manifests))
+    keep = {id(m) for m in newest_first[:max(keep_last, 1)]}
 
-    def value(path: Path) -> float:
-        epoch = int(json_manifest(path).get("epoch", -1))
+    def value(m: dict[str, Any]) -> float:
+        epoch = int(m.get("epoch", -1))
         return values[epoch] if 0 <= epoch < len(values) else float("nan")
 
-    scored = [(value(p), p) for p in found if math.isfinite(value(p))]
+    scored = [m for m in newest_first if math.isfinite(value(m))]
     if scored:
-        keep.add((max if higher_is_better else min)(scored, key=lambda vp: vp[0])[1])
-    removed = [p for p in found if p not in keep]
+        keep.add(id((max if higher_is_better else min)(scored, key=value)))
+    return [m for m in newest_first if id(m) not in keep]
+
+
+def prune_checkpoints(folder: Path, keep_last: int | None, values: list[float], higher_is_better: bool) -> list[Path]:
+    """Apply :func:`retention` to ``folder``; call it only once the new checkpoint is safely
+    written. Never removes the newest or the best. Returns what was removed."""
+    if keep_last is None:
+        return []
+    found = [{**json_manifest(path), "path": path} for _, path in reversed(list_checkpoints(folder))]
+    removed = [m["path"] for m in retention(found, keep_last, values, higher_is_better)]
     for path in removed:
         manifest_path(path).unlink(missing_ok=True)  # manifest first: a half-pruned pair reads as absent
         path.unlink(missing_ok=True)

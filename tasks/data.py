@@ -14,14 +14,16 @@ from tasks.checkpoint import atomic_write_json
 from tasks.jobs import get_job
 from tasks.jobs.spec import JobData, Tensors, TrainConfig, UserError
 from tasks.policy import NO_RETRY_ON_USER_ERROR
+from tasks.store import fetch_data, is_url
 
 SPLIT_FILE = "split.json"
 PARTS = ("train", "val", "test")
 
 
 def load_job_data(cfg: TrainConfig) -> JobData:
-    """The job's data for ``cfg`` (parsed and checked once per process per file version)."""
-    path = Path(cfg.data)
+    """The job's data for ``cfg`` (parsed and checked once per process per file version); data
+    on a store is read from a local copy, fetched again when the store's version changes."""
+    path = fetch_data(str(cfg.data)) if is_url(cfg.data) else Path(cfg.data)
     try:
         stamp = path.stat().st_mtime_ns
     except OSError:

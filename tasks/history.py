@@ -10,8 +10,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tasks.checkpoint import atomic_write_text, load_checkpoint
-from tasks.run import read_json
+from tasks.checkpoint import atomic_write_text
+from tasks.store import checkpoints_for
 
 log = logging.getLogger("trainflow.history")
 
@@ -41,13 +41,8 @@ def read_history_csv(path: Path) -> dict[str, list[float]]:
 
 
 def manifests(run_dir: Path) -> list[dict[str, Any]]:
-    """Manifests of the checkpoints present (``.pt`` and ``.json``), oldest chunk first."""
-    found = []
-    for m in Path(run_dir, "checkpoints").glob("checkpoint-*.json"):
-        data = read_json(m)
-        if data and "chunk" in data and m.with_suffix(".pt").exists():
-            found.append(data)
-    return sorted(found, key=lambda d: int(d["chunk"]))
+    """Manifests of the committed checkpoints (in the run folder, or on its store), oldest first."""
+    return [m for m in checkpoints_for(run_dir).manifests() if "chunk" in m]
 
 
 def read_history(run_dir: Path) -> dict[str, list[float]]:
@@ -57,7 +52,7 @@ def read_history(run_dir: Path) -> dict[str, list[float]]:
     newest = manifests(run_dir)[-1:]
     if newest and len(history.get("epoch", [])) < int(newest[0]["epoch"]) + 1:
         try:
-            ckpt = load_checkpoint(Path(run_dir) / "checkpoints" / newest[0]["file"])
+            ckpt = checkpoints_for(run_dir).load(newest[0]["file"])
             history = {k: [float(x) for x in v.tolist()] for k, v in ckpt["history"].items()}
         except Exception as exc:  # noqa: BLE001 - a damaged checkpoint is training's business
             log.warning("history: %s", exc)

@@ -15,7 +15,8 @@ from typing import Any
 from tasks.checkpoint import sha256_file
 from tasks.history import manifests
 from tasks.jobs.spec import ROOT, TrainConfig
-from tasks.run import LOCK_FILE, OWNER_FILE, RUN_FILE, read_json, utc_now
+from tasks.run import LOCK_FILE, OWNER_FILE, RUN_FILE, read_json, utc_now, where
+from tasks.store import remote_of
 
 #: Not hashed into run.json: run.json itself and the lock files of whoever holds the folder.
 UNHASHED = frozenset({RUN_FILE, LOCK_FILE, OWNER_FILE})
@@ -66,7 +67,7 @@ def begin_attempt(run_dir: Path, cfg: TrainConfig, data_fingerprint: str, finger
     record = read_json(run_dir / RUN_FILE) or {"started_at": utc_now(), "attempts": 0}
     attempt = int(record.get("attempts", 0)) + 1
     record.update(
-        job=cfg.job, run_name=run_dir.name, run_dir=str(run_dir.resolve()), status="running", attempts=attempt,
+        job=cfg.job, run_name=run_dir.name, run_dir=where(run_dir.resolve()), status="running", attempts=attempt,
         attempt_started_at=utc_now(), fingerprint=fingerprint, data_fingerprint=data_fingerprint, data=str(cfg.data),
         data_source=data_source or str(cfg.data),
         identity=cfg.identity(), config=cfg.model_dump(mode="json"), environment=environment(cfg),
@@ -104,7 +105,7 @@ def chunk_rows(record: dict[str, Any], run_dir: Path, history: dict[str, list[fl
     """Per-chunk rows: what run.json recorded, completed from the checkpoint manifests for
     chunks whose report was lost (killed right after the checkpoint), losses from the history."""
     rows = {int(k): dict(v) for k, v in record.get("chunks", {}).items()}
-    for m in manifests(run_dir):
+    for m in reversed(manifests(run_dir)):  # newest first: a chunk saved twice (SIGTERM) shows its end
         rows.setdefault(int(m["chunk"]), {"epoch": int(m["epoch"]) + 1, "checkpoint": m["file"], "seconds": None})
     epochs = [int(e) for e in history.get("epoch", [])]
     previous = 0
@@ -126,8 +127,11 @@ def mark_interrupted(record: dict[str, Any], exc: BaseException) -> None:
 
 def hash_files(run_dir: Path) -> dict[str, dict[str, Any]]:
     """sha256 and size of every file in the run folder (relative POSIX paths), except
-    run.json, the lock files and hidden temp files."""
+    run.json, the lock files and hidden temp files; a run on a store lists its committed
+    checkpoints from their manifests (they are not staged)."""
     out = {}
+    if remote_of(run_dir) is not None:
+        out = {f"checkpoints/{m['file']}": {"sha256": m["sha256"], "bytes": m["bytes"]} for m in manifests(run_dir)}
     for path in sorted(Path(run_dir).rglob("*")):
         rel = path.relative_to(run_dir)
         if path.is_file() and rel.as_posix() not in UNHASHED and not any(p.startswith(".") for p in rel.parts):

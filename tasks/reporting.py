@@ -39,7 +39,8 @@ from tasks.record import (
     resume_event,
     verify_hashes,  # noqa: F401 - re-exported: tests and tools import it from here
 )
-from tasks.run import RUN_FILE, utc_now
+from tasks.run import RUN_FILE, utc_now, where
+from tasks.store import push, remote_of
 
 log = logging.getLogger("trainflow.reporting")
 
@@ -124,26 +125,23 @@ def write_tensorboard(run_dir: Path, history: dict[str, list[float]], first: int
 
 
 def update_latest(run_dir: Path) -> Path | None:
-    """Point ``<artifacts>/<job>/latest`` at ``run_dir``: a relative symlink, replaced
-    atomically (a one-line text file holding the run name where symlinks are unavailable)."""
+    """Write the run's name into ``<artifacts>/<job>/latest`` (on the run's store too),
+    atomically. A one-line file, not a symlink: TensorBoard (and any tool that walks the
+    artifacts folder) would list the run twice through a symlink, and object stores have none.
+    A symlink of an older version is replaced."""
     run_dir = Path(run_dir)
     link = run_dir.parent / LATEST
     if link.is_dir() and not link.is_symlink():
         log.warning("%s is a run folder, not a pointer; not updating it", link)
         return None
-    tmp = run_dir.parent / f".{LATEST}.{os.getpid()}.tmp"
-    try:
-        tmp.unlink(missing_ok=True)
-        os.symlink(run_dir.name, tmp)
-        os.replace(tmp, link)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        atomic_write_text(link, run_dir.name + "\n")
+    atomic_write_text(link, run_dir.name + "\n")
+    if (remote := remote_of(run_dir)) is not None:
+        remote.parent().put(LATEST, (run_dir.name + "\n").encode())
     return link
 
 
 def resolve_run(path: Path) -> Path:
-    """A run folder from a path that may be a ``latest`` pointer (symlink or text file)."""
+    """A run folder from a path that may be a ``latest`` pointer (a file; a symlink before)."""
     path = Path(path)
     if path.is_file() and path.name == LATEST:
         return path.parent / path.read_text().strip()
@@ -260,6 +258,8 @@ class Artifacts:
     def __init__(self, job: str, run_name: str, logger: Any = log):
         self.job, self.run_name, self.log = job, run_name, logger
         self.progress_id = None
+        self.latest: tuple[float, str] | None = None  # figures of the queued progress update
+        self.lock = threading.Lock()
         self.unreachable = False
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=self.sender, name="trainflow-artifacts", daemon=True).start()
@@ -299,13 +299,21 @@ class Artifacts:
         self.call(PROGRESS, create_progress_artifact, progress=percent, key=self.key("progress"), description=text)
 
     def update_progress(self, percent: float, text: str) -> None:
+        """Queue an update, unless one is queued: that one sends the latest figures when it runs."""
         from prefect.artifacts import update_progress_artifact
 
-        def update(**kwargs: Any) -> None:  # runs after the create, on the same thread
-            if self.progress_id is not None:
-                update_progress_artifact(artifact_id=self.progress_id, **kwargs)
+        with self.lock:
+            queued, self.latest = self.latest is not None, (percent, text)
+        if queued:
+            return
 
-        self.call("update the progress artifact", update, progress=percent, description=text)
+        def update() -> None:  # runs after the create, on the same thread
+            with self.lock:
+                (progress, description), self.latest = self.latest, None
+            if self.progress_id is not None:
+                update_progress_artifact(artifact_id=self.progress_id, progress=progress, description=description)
+
+        self.call("update the progress artifact", update)
 
     def summary(self, markdown: str, chunks: list[dict[str, Any]]) -> None:
         from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -348,8 +356,18 @@ class RunReport:
         self.artifacts.create_progress(*self.progress(read_history(self.run_dir)))
         return self
 
-    def save(self) -> None:
+    def save(self, strict: bool = False) -> None:
+        """run.json; for a run on a store, then every staged file that changed (run.json last).
+        Only the final save must reach the store (``strict``): the checkpoints are committed by
+        the chunks themselves, and a later save pushes whatever an earlier one could not."""
         atomic_write_json(self.run_dir / RUN_FILE, self.record)
+        try:
+            push(self.run_dir)
+        except Exception as exc:  # noqa: BLE001 - see above
+            if strict:
+                raise
+            self.log.warning("could not copy the run's files to its store (%s: %s); the next save tries again",
+                             type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
 
     def progress(self, history: dict[str, list[float]], finished: bool = False) -> tuple[float, str]:
         """Percent done and e.g. ``epoch 4000/10000, train loss 0.078, val loss 0.081, ETA 1m 05s``."""
@@ -424,10 +442,10 @@ class RunReport:
         self.artifacts.summary(summary_markdown(self.record, metrics, chunks, plots, images=False), chunks)
         self.artifacts.update_progress(*self.progress(history, finished=True))
         self.record["files"] = hash_files(self.run_dir)
-        self.save()  # last: "completed" means every output is in place
+        self.save(strict=True)  # last: "completed" means every output is in place, on the store too
         self.settle()
-        self.log.info("%s: summary in %s; TensorBoard: tensorboard --logdir %s", self.cfg.job,
-                      self.run_dir / SUMMARY_FILE, self.run_dir / TB_DIR)
+        self.log.info("%s: summary in %s/%s; TensorBoard: tensorboard --logdir %s/%s", self.cfg.job,
+                      where(self.run_dir), SUMMARY_FILE, where(self.run_dir), TB_DIR)
         return self.record
 
     def interrupted(self, exc: BaseException) -> None:
@@ -435,7 +453,7 @@ class RunReport:
         mark_interrupted(self.record, exc)
         try:
             self.save()
-        except OSError as err:
+        except Exception as err:  # noqa: BLE001 - the failure being recorded is the one to report
             self.log.warning("could not record the failure in %s (%s); it still says %r", RUN_FILE, err, "running")
         self.settle()
 

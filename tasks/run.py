@@ -11,8 +11,9 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from tasks.checkpoint import atomic_write_json
+from tasks.checkpoint import atomic_write_json, atomic_write_text
 from tasks.jobs.spec import TRAINING_FORMAT, TrainConfig, UserError
+from tasks.store import REMOTE_FILE, Lease, Remote, is_url, pull, remote_of, staging_dir
 
 CONFIG_FILE = "config.json"
 RUN_FILE = "run.json"
@@ -31,9 +32,23 @@ def run_name_for(cfg: TrainConfig, fingerprint: str) -> str:
     return cfg.run_name or f"run-{fingerprint[:10]}"
 
 
+def run_url(cfg: TrainConfig, fingerprint: str) -> str | None:
+    """``<artifacts-url>/<job>/<run-name>`` for a run on a store; None for a local one."""
+    if not is_url(cfg.artifacts_dir):
+        return None
+    return f"{str(cfg.artifacts_dir).rstrip('/')}/{cfg.job}/{run_name_for(cfg, fingerprint)}"
+
+
 def run_dir_for(cfg: TrainConfig, fingerprint: str) -> Path:
-    """``<artifacts>/<job>/<run-name>``."""
-    return Path(cfg.artifacts_dir) / cfg.job / run_name_for(cfg, fingerprint)
+    """``<artifacts>/<job>/<run-name>``, or the local staging folder of a run on a store."""
+    url = run_url(cfg, fingerprint)
+    return staging_dir(url) if url else Path(cfg.artifacts_dir) / cfg.job / run_name_for(cfg, fingerprint)
+
+
+def where(run_dir: Path) -> str:
+    """What to show a user for a run folder: its URL on a store, else its path."""
+    remote = remote_of(run_dir)
+    return remote.url if remote else str(run_dir)
 
 
 def check_writable(folder: Path, what: str = "artifacts dir",
@@ -96,16 +111,27 @@ def config_record(cfg: TrainConfig, data_fingerprint: str) -> dict[str, Any]:
     }
 
 
-def check_compatible(run_dir: Path, cfg: TrainConfig, data_fingerprint: str) -> None:
+def read_config(cfg: TrainConfig, fingerprint: str) -> dict[str, Any] | None:
+    """The run's ``config.json`` (from its store for a run on one), or None."""
+    url = run_url(cfg, fingerprint)
+    if url is None:
+        return read_json(run_dir_for(cfg, fingerprint) / CONFIG_FILE)
+    try:
+        return json.loads(Remote(url).get(CONFIG_FILE))
+    except FileNotFoundError:
+        return None
+
+
+def check_compatible(cfg: TrainConfig, data_fingerprint: str) -> None:
     """Refuse to resume into a folder made with another config or other data."""
-    old = read_json(run_dir / CONFIG_FILE)
-    if old is None:
+    fingerprint = cfg.fingerprint(data_fingerprint)
+    old = read_config(cfg, fingerprint)
+    if old is None or old.get("fingerprint") == fingerprint:
         return
-    if old.get("fingerprint") == cfg.fingerprint(data_fingerprint):
-        return
+    shown = run_url(cfg, fingerprint) or run_dir_for(cfg, fingerprint)
     if old.get("format", 1) != TRAINING_FORMAT:
         raise UserError(
-            f"run folder {run_dir} was made by an older trainflow that trained with other floats (format "
+            f"run folder {shown} was made by an older trainflow that trained with other floats (format "
             f"{old.get('format', 1)}), so it cannot be resumed exactly; use --fresh to archive it and start over, "
             f"or another --run-name"
         )
@@ -113,28 +139,77 @@ def check_compatible(run_dir: Path, cfg: TrainConfig, data_fingerprint: str) -> 
     if old.get("data_fingerprint") != data_fingerprint:
         diff = ", ".join(filter(None, [diff, "data content differs"]))
     raise UserError(
-        f"run folder {run_dir} was made with a different config ({diff}); "
+        f"run folder {shown} was made with a different config ({diff}); "
         f"use another --run-name, or --fresh to archive the old run and start over"
     )
 
 
-def prepare_run_dir(cfg: TrainConfig, data_fingerprint: str) -> tuple[Path, Path | None]:
-    """Resolve, check and create the run folder; with ``--fresh`` archive an existing one.
-    Returns ``(run_dir, archived_to)``."""
+def check_run(cfg: TrainConfig, data_fingerprint: str) -> None:
+    """Before anything runs: the artifacts root takes writes, the run folder was made by this
+    config (unless --fresh), and no other process holds it."""
+    fingerprint = cfg.fingerprint(data_fingerprint)
+    run_dir = run_dir_for(cfg, fingerprint)
+    if is_url(cfg.artifacts_dir):
+        Remote(f"{str(cfg.artifacts_dir).rstrip('/')}/{cfg.job}").check()
+        stage(run_dir, run_url(cfg, fingerprint))
+    else:
+        check_writable(Path(cfg.artifacts_dir) / cfg.job)
+    if not cfg.fresh:
+        check_compatible(cfg, data_fingerprint)
+        check_run_writable(run_dir)
+    if run_dir.exists():
+        with hold(run_dir, wait=cfg.wait_lock, pull=False):
+            pass
+
+
+def stage(run_dir: Path, url: str) -> None:
+    """Create the staging folder of the run at ``url``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / REMOTE_FILE).exists():
+        atomic_write_text(run_dir / REMOTE_FILE, url + "\n")
+
+
+def prepare_run_dir(cfg: TrainConfig, data_fingerprint: str) -> tuple[Path, str | None]:
+    """Resolve, check and create the run folder (on a store: its staging folder, and its
+    ``config.json`` there, create-only); with ``--fresh`` archive an existing one. Returns
+    ``(run_dir, where it was archived to)``."""
+    fingerprint = cfg.fingerprint(data_fingerprint)
+    run_dir, url = run_dir_for(cfg, fingerprint), run_url(cfg, fingerprint)
+    record = config_record(cfg, data_fingerprint)
+    if url is not None:
+        stage(run_dir, url)
+        archived = archive_remote(run_dir, Remote(url)) if cfg.fresh else None
+        check_compatible(cfg, data_fingerprint)
+        Remote(url).put_new(CONFIG_FILE, json.dumps(record, indent=2).encode())
+        return run_dir, archived
     check_writable(Path(cfg.artifacts_dir) / cfg.job)
-    run_dir = run_dir_for(cfg, cfg.fingerprint(data_fingerprint))
     archived = None
     if run_dir.exists() and cfg.fresh:
         with hold(run_dir):  # never archive a folder another process is writing
             pass
-        archived = archive(run_dir)
+        archived = str(archive(run_dir))
     else:
-        check_compatible(run_dir, cfg, data_fingerprint)
+        check_compatible(cfg, data_fingerprint)
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     check_run_writable(run_dir)
     if not (run_dir / CONFIG_FILE).exists():
-        atomic_write_json(run_dir / CONFIG_FILE, config_record(cfg, data_fingerprint))
+        atomic_write_json(run_dir / CONFIG_FILE, record)
     return run_dir, archived
+
+
+def archive_remote(run_dir: Path, remote: Remote) -> str | None:
+    """``--fresh`` on a store: move the run's objects under ``<run>.archived-<time>``, holding
+    its lease meanwhile; None when there was nothing to move."""
+    with hold(run_dir, pull=False):
+        keys = [k for k in remote.keys() if k != ".lease"]
+        if not keys:
+            return None
+        target = f"{remote.url}.archived-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+        for key in keys:  # copy everything (on the store's side), then delete: a kill leaves both, never neither
+            remote.fs.copy(remote.path(key), f"{Remote(target).root}/{key}")
+        for key in keys:
+            remote.delete(key)
+    return target
 
 
 def is_complete(run_dir: Path) -> bool:
@@ -144,13 +219,15 @@ def is_complete(run_dir: Path) -> bool:
 
 
 class hold:  # noqa: N801 - used like a function: ``with hold(run_dir): ...``
-    """Exclusive lock on a run folder for this process (an OS file lock, released by the
-    kernel when the process dies, so a killed run never leaves a stale lock)."""
+    """Exclusive hold of a run folder. Locally: an OS file lock, released by the kernel when
+    the process dies, so a killed run never leaves a stale lock. For a run on a store, also its
+    :class:`~tasks.store.Lease` (across machines), and then (``pull``) a fresh copy of its files
+    in the staging folder."""
 
-    def __init__(self, run_dir: Path, wait: float = 0):
-        self.run_dir = Path(run_dir)
-        self.wait = wait
+    def __init__(self, run_dir: Path, wait: float = 0, pull: bool = True):
+        self.run_dir, self.wait, self.pull = Path(run_dir), wait, pull
         self.lock = FileLock(str(self.run_dir / LOCK_FILE), timeout=wait)
+        self.lease: Lease | None = None
 
     def __enter__(self) -> "hold":
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -160,13 +237,27 @@ class hold:  # noqa: N801 - used like a function: ``with hold(run_dir): ...``
             owner = read_json(self.run_dir / OWNER_FILE) or {}
             who = f"pid {owner.get('pid', '?')} on {owner.get('host', '?')} since {owner.get('since', '?')}"
             raise UserError(
-                f"run folder {self.run_dir} is in use by another process ({who}); wait for it to finish, "
+                f"run folder {where(self.run_dir)} is in use by another process ({who}); wait for it to finish, "
                 f"pass --wait-lock SECONDS, or use another --run-name"
             ) from None
+        try:
+            self.hold_remote()
+        except BaseException:
+            self.lock.release()
+            raise
         atomic_write_json(
             self.run_dir / OWNER_FILE, {"pid": os.getpid(), "host": socket.gethostname(), "since": utc_now()}
         )
         return self
 
+    def hold_remote(self) -> None:
+        remote = remote_of(self.run_dir)
+        if remote is not None:
+            self.lease = Lease(remote).acquire(self.wait)
+            if self.pull:
+                pull(self.run_dir, remote)
+
     def __exit__(self, *exc: object) -> None:
+        if self.lease is not None:
+            self.lease.release()
         self.lock.release()

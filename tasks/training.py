@@ -9,7 +9,7 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator
 
 import torch
@@ -18,18 +18,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import task_run
 from torch import nn
 
-from tasks.checkpoint import (
-    capture_rng,
-    latest_valid,
-    prune_checkpoints,
-    restore_rng,
-    save_checkpoint,
-)
+from tasks.checkpoint import capture_rng, restore_rng
 from tasks.data import load_job_data, read_split, split_tensors
 from tasks.history import HISTORY_FILE, duration, eta_seconds, write_history_csv
 from tasks.jobs import get_job
 from tasks.jobs.spec import JobSpec, Tensors, TrainConfig, UserError
 from tasks.policy import NO_RETRY_ON_USER_ERROR
+from tasks.progress import ChunkProgress
+from tasks.store import checkpoints_for
 
 log = logging.getLogger("trainflow.training")
 
@@ -39,7 +35,7 @@ class DivergedError(UserError):
 
 
 class StopRequested(KeyboardInterrupt):
-    """SIGTERM/SIGINT arrived; a checkpoint was saved at the end of the current epoch.
+    """SIGTERM/SIGINT arrived; a checkpoint was saved after the current batch.
     Not an Exception, so Prefect records a crash and does not retry; a KeyboardInterrupt, so
     Prefect calls it "aborted by an interrupt signal", not an "unexpected exception"."""
 
@@ -50,7 +46,8 @@ class StopRequested(KeyboardInterrupt):
 
 class GracefulStop:
     """While active (main thread only), SIGTERM and SIGINT (Ctrl-C) only set ``signum``: the
-    loop finishes the current epoch, checkpoints, then stops. A second signal goes to the
+    loop finishes the current batch, checkpoints (inside the epoch: the batches done and their
+    loss sum go into the checkpoint, so the rerun continues that epoch exactly), then stops. A second signal goes to the
     handler that was there before (Prefect's, or Python's KeyboardInterrupt): stop at once."""
 
     def __init__(self) -> None:
@@ -64,7 +61,7 @@ class GracefulStop:
                 previous(signum, frame)
             raise KeyboardInterrupt
         self.signum = signum
-        log.warning("%s received: saving a checkpoint at the end of this epoch (send it again to stop at once)",
+        log.warning("%s received: saving a checkpoint after this batch (send it again to stop at once)",
                     signal.Signals(signum).name)
 
     def __enter__(self) -> "GracefulStop":
@@ -156,16 +153,26 @@ def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
 
 def epoch_batches(
     data: Tensors, order: torch.Tensor, batch_size: int, prepare: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+    start: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The data path of one epoch: ``(prepare(x), y)`` for each full batch of ``data`` in
-    ``order`` (drop_last), x as the model takes it [B, ...], y the targets [B, ...]."""
+    ``order`` (drop_last) from batch ``start`` on, x as the model takes it [B, ...], y the
+    targets [B, ...]."""
     batches = len(order) // batch_size
-    order = order[: batches * batch_size].to(data.x.device)
+    order = order[start * batch_size : batches * batch_size].to(data.x.device)
     # One gather per epoch, then contiguous slices: the same rows as indexing every batch, fewer
     # ops. index_select copies whole rows: ~9x faster than data.x[order] on uint8 images.
     xs, ys = data.x.index_select(0, order), data.y.index_select(0, order)  # [batches*B, ...]
-    for b in range(batches):
+    for b in range(batches - start):
         yield prepare(xs[b * batch_size : (b + 1) * batch_size]), ys[b * batch_size : (b + 1) * batch_size]
+
+
+class EpochStopped(Exception):
+    """``on_batch`` asked to stop inside an epoch: after ``done`` batches, whose losses sum to ``total``."""
+
+    def __init__(self, done: int, total: torch.Tensor):
+        super().__init__(f"stopped after batch {done}")
+        self.done, self.total = done, total
 
 
 def train_epoch(
@@ -177,15 +184,23 @@ def train_epoch(
     order: torch.Tensor,
     batch_size: int,
     prepare: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+    on_batch: Callable[[int, torch.Tensor], bool | None] | None = None,
+    start: int = 0,
+    total: torch.Tensor | None = None,
 ) -> float:
     """One epoch over ``data`` in ``order``, full batches only (drop_last), with the textbook
-    step (pytorch/examples' mnist/main.py). Returns the mean batch loss (the tutorial's ``cost``)."""
+    step (pytorch/examples' mnist/main.py). Returns the mean batch loss (the tutorial's ``cost``).
+
+    ``on_batch(done, loss_sum)``, the loop's one extension point, runs after each step with the
+    batches done this epoch and the sum of their losses (a device tensor: reading it syncs); if
+    it returns True, the epoch stops there with :class:`EpochStopped`. ``start`` and ``total``
+    continue an epoch stopped that way: its batches done, and their loss sum."""
     model.train()
     # The sum stays on the device (no sync per batch); float64, so the order of the additions
     # is the only thing that decides it.
-    total = torch.zeros((), dtype=torch.float64, device=data.x.device)
-    batches = 0
-    for x, y in epoch_batches(data, order, batch_size, prepare):
+    total = torch.zeros((), dtype=torch.float64, device=data.x.device) if total is None else total.clone()
+    batches = start
+    for x, y in epoch_batches(data, order, batch_size, prepare, start):
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), y)
         loss.backward()
@@ -194,6 +209,8 @@ def train_epoch(
             scheduler.step()
         total += loss.detach()
         batches += 1
+        if on_batch is not None and on_batch(batches, total):
+            raise EpochStopped(batches, total)
     return float(total) / batches
 
 
@@ -231,9 +248,6 @@ def to_device(t: Tensors, device: torch.device) -> Tensors:
     return Tensors(t.x.to(device), t.y.to(device))
 
 
-#: Seconds between progress lines inside a chunk.
-PROGRESS_EVERY = 10.0
-
 #: Checkpoint problems this process has reported, by run folder. Every chunk looks for the latest
 #: valid checkpoint again; a problem that stays (a .pt without manifest, a damaged checkpoint in
 #: a read-only folder) is news once.
@@ -268,23 +282,28 @@ class Trainer:
         self.scheduler = build_scheduler(cfg, self.optimizer, self.steps_per_epoch)
         self.history: dict[str, list[float]] = {}
         self.next_epoch = 0
+        # After a stop inside epoch next_epoch: its batches done, their loss sum, its starting lr.
+        self.skip, self.partial, self.epoch_lr = 0, None, None
         self.stopped_early = False
         metric, self.higher_is_better = self.spec.monitor
         self.monitor = f"val_{metric}"
         self.best: dict[str, Any] | None = None  # {"epoch", "value", "metric", "model_state_dict"}
-        found = latest_valid(self.run_dir / "checkpoints", fingerprint, map_location=self.device,
-                             warn=functools.partial(warn_once, logger, self.run_dir))
+        self.checkpoints = checkpoints_for(self.run_dir)  # the run folder's, or on its store
+        found = self.checkpoints.latest_valid(fingerprint, map_location=self.device,
+                                              warn=functools.partial(warn_once, logger, self.run_dir))
         self.resumed_from, self.rejected = found.path, found.rejected
         if found.payload is not None:
             self.load_state_dict(found.payload)
 
     def state_dict(self, chunk: int) -> dict[str, Any]:
-        """The checkpoint payload after the last completed epoch, at the end of chunk ``chunk``:
-        the tutorial's keys with the tutorial's meaning, then what exact resume needs."""
+        """The checkpoint payload after the last completed epoch (``epoch``, the tutorial's keys
+        with the tutorial's meaning) and, after a stop inside an epoch, the batches done in the
+        next one (``batch``, ``batch_loss_sum``); then what exact resume needs."""
         epoch, label = self.next_epoch - 1, self.spec.model_label(self.cfg)
+        cost = self.history["train_loss"][-1] if self.history.get("train_loss") else float(self.partial) / self.skip
         payload = {
             "model": label, "epoch": epoch, "model_state_dict": self.model.state_dict(),
-            "optimizer_state_dict": self.optimizer.state_dict(), "cost": self.history["train_loss"][-1],
+            "optimizer_state_dict": self.optimizer.state_dict(), "cost": cost,
             "description": f"{label} 체크포인트-{chunk} (epoch {epoch + 1}/{self.cfg.epochs})",
             "chunk": chunk, "format": 1, "job": self.cfg.job, "fingerprint": self.fingerprint,
             "config": self.cfg.identity(), "rng": capture_rng(), "stopped_early": self.stopped_early,
@@ -294,6 +313,8 @@ class Trainer:
             payload["best"] = self.best
         if self.scheduler is not None:
             payload["scheduler_state_dict"] = self.scheduler.state_dict()
+        if self.skip:
+            payload.update(batch=self.skip, batch_loss_sum=self.partial, epoch_lr=self.epoch_lr)
         return payload
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
@@ -307,6 +328,11 @@ class Trainer:
         self.next_epoch = int(ckpt["epoch"]) + 1
         self.stopped_early = bool(ckpt.get("stopped_early", False))
         self.best = ckpt.get("best")
+        self.skip, self.partial, self.epoch_lr = int(ckpt.get("batch", 0)), ckpt.get("batch_loss_sum"), ckpt.get("epoch_lr")
+
+    def inside(self) -> str:
+        """``' and 212/421 batches of epoch 4'`` while positioned inside an epoch, else ``''``."""
+        return f" and {self.skip}/{self.steps_per_epoch} batches of epoch {self.next_epoch + 1}" if self.skip else ""
 
     @property
     def finished(self) -> bool:
@@ -330,13 +356,19 @@ class Trainer:
         if patience is not None and epoch - self.best["epoch"] >= patience:
             self.stopped_early = True
 
-    def run_epoch(self, epoch: int) -> dict[str, float]:
-        """Train one epoch, validate, append to history; raise DivergedError on NaN/inf."""
+    def run_epoch(self, epoch: int, on_batch: Callable[[int, torch.Tensor], bool | None] | None = None) -> dict[str, float]:
+        """Train one epoch (the rest of it, after a stop inside it), validate, append to history;
+        raise DivergedError on NaN/inf, EpochStopped when ``on_batch`` asks to stop."""
         cfg = self.cfg
         order = epoch_order(cfg.seed, epoch, len(self.train))
-        lr = self.optimizer.param_groups[0]["lr"]
-        cost = train_epoch(self.model, self.optimizer, self.scheduler, self.loss_fn, self.train, order,
-                           cfg.batch_size, self.spec.prepare)
+        lr = self.epoch_lr if self.skip else self.optimizer.param_groups[0]["lr"]  # as the epoch began
+        try:
+            cost = train_epoch(self.model, self.optimizer, self.scheduler, self.loss_fn, self.train, order,
+                               cfg.batch_size, self.spec.prepare, on_batch, self.skip, self.partial)
+        except EpochStopped as cut:
+            self.skip, self.partial, self.epoch_lr = cut.done, cut.total, lr
+            raise
+        self.skip, self.partial = 0, None
         if not math.isfinite(cost):
             raise DivergedError(f"training diverged at epoch {epoch + 1} (train loss {cost}); the last good "
                                 f"checkpoint is kept; {likely_cause(cfg)}")
@@ -347,40 +379,41 @@ class Trainer:
         self._track_best(epoch)
         return row
 
-    def save(self, chunk: int) -> Path:
-        """Checkpoint the state after the last completed epoch, then drop what retention allows."""
-        path = save_checkpoint(self.run_dir / "checkpoints", self.state_dict(chunk))
-        values = self.history.get(self.monitor, [])
-        prune_checkpoints(path.parent, self.cfg.keep_last, values, self.higher_is_better)
-        return path
+    def save(self, chunk: int) -> PurePosixPath:
+        """Checkpoint the state after the last completed epoch, then drop what retention allows;
+        returns the checkpoint's name."""
+        name = self.checkpoints.save(self.state_dict(chunk))
+        self.checkpoints.prune(self.cfg.keep_last, self.history.get(self.monitor, []), self.higher_is_better)
+        return name
 
-    def train_until(self, end: int, stop: GracefulStop) -> None:
-        """Train epochs up to ``end`` (exclusive); a signal caught by ``stop`` or early stopping
-        ends at the current epoch's end."""
-        first = self.next_epoch
-        t0 = shown = time.monotonic()
+    def train_until(self, end: int, stop: GracefulStop, progress: ChunkProgress | None = None) -> None:
+        """Train epochs up to ``end`` (exclusive). A signal caught by ``stop`` ends after the
+        current batch (the state to checkpoint is then inside an epoch); early stopping ends at
+        the epoch's end."""
+
+        def after_batch(done: int, loss_sum: torch.Tensor) -> bool:
+            if progress:
+                progress.batch(done, loss_sum)
+            return stop.signum is not None and done < self.steps_per_epoch  # the last batch ends the epoch
+
         for epoch in range(self.next_epoch, end):
-            row = self.run_epoch(epoch)
+            try:
+                row = self.run_epoch(epoch, after_batch)
+            except EpochStopped:
+                return
             self.next_epoch = epoch + 1
+            if progress:
+                progress.epoch_done(epoch, row["train_loss"])
             if stop.signum is not None or self.stopped_early:
                 return
-            # A long chunk is never silent; its last epoch gets the chunk's own line instead.
-            if time.monotonic() - shown >= PROGRESS_EVERY and self.next_epoch < end:
-                shown = time.monotonic()
-                self.log_progress(row, (self.next_epoch - first) / (shown - t0), end)
-
-    def log_progress(self, row: dict[str, float], rate: float, end: int) -> None:
-        """``epoch 6606/10000: train loss 0.093, val loss 0.071, 330 epochs/s, checkpoint in 3s, ETA 10s``."""
-        self.log.info("epoch %d/%d: train loss %.4g, val loss %.4g, %.3g epochs/s, next checkpoint in %s, ETA %s",
-                      self.next_epoch, self.cfg.epochs, row["train_loss"], row.get("val_loss", float("nan")), rate,
-                      duration((end - self.next_epoch) / rate), duration((self.cfg.epochs - self.next_epoch) / rate))
 
 
 def run_chunk(cfg: TrainConfig, run_dir: Path, fingerprint: str, chunk: int, logger: Any = log,
-              resuming: bool = False) -> dict[str, Any]:
+              resuming: bool = False, report: Callable[[float, str], None] | None = None) -> dict[str, Any]:
     """Train chunk ``chunk`` (1-based) from the latest valid checkpoint and end by writing
     ``checkpoint-<chunk>.pt``. Idempotent: a chunk already covered returns at once. ``resuming``:
-    no chunk of this attempt has trained yet, so what the checkpoint holds is an earlier attempt's.
+    no chunk of this attempt has trained yet, so what the checkpoint holds is an earlier attempt's;
+    ``report(percent, text)``: progress within the chunk, every few seconds (tasks/progress.py).
 
     ``checkpoint-<k>.pt`` normally holds the state at the end of chunk k; after a SIGTERM it
     holds a mid-chunk state, which the next attempt continues and then overwrites."""
@@ -397,7 +430,8 @@ def run_chunk(cfg: TrainConfig, run_dir: Path, fingerprint: str, chunk: int, log
         trainer.model.compile()  # in place: the state_dict keys stay the model's own
     with GracefulStop() as stop:  # a signal during the checkpoint write waits for it, too
         t0 = time.perf_counter()
-        trainer.train_until(end, stop)
+        with ChunkProgress(start, end, cfg.epochs, trainer.steps_per_epoch, cfg.batch_size, logger, report) as progress:
+            trainer.train_until(end, stop, progress)
         seconds = time.perf_counter() - t0
         path = trainer.save(chunk)
         write_history_csv(Path(run_dir) / HISTORY_FILE, trainer.history)
@@ -408,7 +442,7 @@ def run_chunk(cfg: TrainConfig, run_dir: Path, fingerprint: str, chunk: int, log
     log_chunk(logger, cfg, trainer, result)
     if signum is not None:
         name = signal.Signals(signum).name
-        message = (f"{name}: saved {path.name} at epoch {trainer.next_epoch}/{cfg.epochs}; "
+        message = (f"{name}: saved {path.name} at epoch {trainer.next_epoch}/{cfg.epochs}{trainer.inside()}; "
                    f"rerun the same command to resume from there")
         logger.warning(message)
         raise StopRequested(signum, message)
@@ -420,8 +454,8 @@ def log_start(logger: Any, trainer: Trainer, chunk: int, end: int, resumed: bool
     cfg, start = trainer.cfg, trainer.next_epoch
     if resumed:
         skipped = f" ({len(trainer.rejected)} damaged or unfinished checkpoints skipped)" if trainer.rejected else ""
-        whence = (f"{trainer.resumed_from.name}, {start} of {cfg.epochs} epochs kept" if trainer.resumed_from
-                  else "scratch: no valid checkpoint")
+        whence = (f"{trainer.resumed_from.name}, {start} of {cfg.epochs} epochs kept{trainer.inside()}"
+                  if trainer.resumed_from else "scratch: no valid checkpoint")
         logger.info("chunk %d: resuming from %s%s", chunk, whence, skipped)
     logger.info("chunk %d/%d: training epochs %d-%d", chunk, chunk_count(cfg), start + 1, end)
 
@@ -433,7 +467,7 @@ def log_chunk(logger: Any, cfg: TrainConfig, trainer: Trainer, result: dict[str,
     samples = done * trainer.steps_per_epoch * cfg.batch_size
     eta = eta_seconds(done, seconds, cfg.epochs - trainer.next_epoch)
     logger.info("chunk %d: epochs %d-%d/%d, train loss %.4g, val loss %.4g, %.0f samples/s, ETA %s, wrote %s",
-                result["chunk"], result["start_epoch"] + 1, trainer.next_epoch, cfg.epochs, result["train_loss"],
+                result["chunk"], result["start_epoch"] + 1, trainer.next_epoch, cfg.epochs, result.get("train_loss", math.nan),
                 result.get("val_loss", float("nan")), samples / max(seconds, 1e-9), duration(eta), result["checkpoint"])
     if trainer.stopped_early:
         logger.info("early stopping at epoch %d: no better %s for %d epochs (best %.6g at epoch %d)",
@@ -443,8 +477,9 @@ def log_chunk(logger: Any, cfg: TrainConfig, trainer: Trainer, result: dict[str,
 
 @task(name="train_chunk", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE,
       retry_condition_fn=NO_RETRY_ON_USER_ERROR, task_run_name="train_chunk-{chunk}")
-def train_chunk(cfg: TrainConfig, run_dir: Path, fingerprint: str, chunk: int, resuming: bool = False) -> dict[str, Any]:
+def train_chunk(cfg: TrainConfig, run_dir: Path, fingerprint: str, chunk: int, resuming: bool = False,
+                report: Callable[[float, str], None] | None = None) -> dict[str, Any]:
     """Prefect task: one checkpointed chunk; a retry resumes from the latest valid checkpoint."""
     from prefect import get_run_logger
 
-    return run_chunk(cfg, run_dir, fingerprint, chunk, get_run_logger(), resuming)
+    return run_chunk(cfg, run_dir, fingerprint, chunk, get_run_logger(), resuming, report)

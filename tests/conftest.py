@@ -76,11 +76,73 @@ def fail_once_at(monkeypatch, epoch: int, message: str = "injected fault inside 
     real = Trainer.run_epoch
     calls: list[int] = []
 
-    def flaky(self, e: int):
+    def flaky(self, e: int, *args):
         calls.append(e)
         if e == epoch and calls.count(epoch) == 1:
             raise RuntimeError(message)
-        return real(self, e)
+        return real(self, e, *args)
 
     monkeypatch.setattr(Trainer, "run_epoch", flaky)
     return calls
+
+
+class S3Server:
+    """A moto S3 server of the test session's own, on a loopback port (``moto_server``)."""
+
+    def __init__(self, endpoint: str, proc: subprocess.Popen):
+        self.endpoint, self.proc, self.count = endpoint, proc, 0
+
+    def bucket(self) -> str:
+        """A new, empty bucket: ``s3://<name>``."""
+        import s3fs
+
+        self.count += 1
+        name = f"trainflow-test-{os.getpid()}-{self.count}"
+        s3fs.S3FileSystem(skip_instance_cache=True).mkdir(name)
+        return f"s3://{name}"
+
+
+def start_moto(**env: str) -> tuple[subprocess.Popen, str]:
+    """A moto S3 server on a free loopback port (``env``: moto's settings); returns it and its URL."""
+    import time
+    import urllib.request
+
+    from tasks.server import reserve_port
+
+    with reserve_port() as sock:
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=2).close()
+            return proc, endpoint
+        except OSError as exc:
+            if getattr(exc, "code", None):  # an HTTP error: it answers (one that checks credentials refuses)
+                return proc, endpoint
+            assert proc.poll() is None and time.monotonic() < deadline, "moto_server did not start"
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """Start moto's S3 server; point boto (and so s3fs, and every subprocess) at it with the
+    standard variables, as a user would point it at MinIO."""
+    proc, endpoint = start_moto()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": endpoint}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield S3Server(endpoint, proc)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        proc.kill()
+        proc.wait()

@@ -454,11 +454,11 @@ def test_scheduled_deployments_end_to_end(server: Server, tmp_path: Path) -> Non
         with server.client() as c:
             return [s.name for s in c.read_flow_run_states(fr.id)]
 
-    # Crashed, then requeued by the automation 10-15 s later (see REQUEUE_AFTER)
-    wait_for("automation requeued the crashed run", lambda: "AwaitingRetry" in states(), timeout=60, every=0.5,
+    # Crashed, then requeued by the automation 60-65 s later (see REQUEUE_AFTER)
+    wait_for("automation requeued the crashed run", lambda: "AwaitingRetry" in states(), timeout=180, every=0.5,
              alive=[w2], procs=procs)
     assert "Crashed" in states()
-    fr = wait_final(server, fr.id, alive=[w2], timeout=90)
+    fr = wait_final(server, fr.id, alive=[w2], timeout=300)
     assert run_folder(shared, fr) == folder and fr.run_count == 2
     after = fingerprints(ckpts)
     assert {k: after[k] for k in before} == before and len(after) == 12

@@ -157,7 +157,7 @@ def server_outside_group(out: str, pgid: int) -> str:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_and_ctrl_c_save_at_the_next_epoch_then_resume(sig, reference: Path, prefect_api: str, tmp_path: Path) -> None:
+def test_sigterm_and_ctrl_c_save_after_the_batch_then_resume(sig, reference: Path, prefect_api: str, tmp_path: Path) -> None:
     """SIGTERM goes to the process alone (a process manager's stop). Ctrl-C goes, as a terminal
     sends it, to the whole foreground process group of a command that started its own temporary
     server: the server is outside that group, so the run stops cleanly and the server stops with
@@ -200,7 +200,9 @@ def test_sigterm_and_ctrl_c_save_at_the_next_epoch_then_resume(sig, reference: P
     last = next((line for line in reversed(out.splitlines()) if line.startswith("stopped")), "")
     assert last.startswith(f"stopped: {name}: saved checkpoint-3.pt at epoch "), out[-2000:]
     saved = json.loads((ckpts / "checkpoint-3.json").read_text())["epoch"] + 1
-    assert 500 < saved < 750 and f"at epoch {saved}/1500" in last  # mid-chunk: less than an epoch lost
+    assert 500 <= saved < 750 and f"at epoch {saved}/1500" in last  # mid-chunk
+    inside = json.loads((ckpts / "checkpoint-3.json").read_text())["batch"]  # batches of the next epoch done
+    assert (inside > 0) == (f" and {inside}/" in last), last  # the message says where inside the epoch
     assert out.count("Crash detected") <= 1, out[-3000:]
     if terminal:
         wait_for(lambda: not server_pids(port), timeout=10)  # it stopped with the command

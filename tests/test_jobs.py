@@ -84,6 +84,43 @@ def test_exception_inside_chunk_2_resumes_bit_exact(reference: tuple[str, str | 
         assert (run_dir / name).read_text() == (ref / name).read_text(), f"{job}: {name} differs"
 
 
+def test_a_stop_inside_an_epoch_resumes_bit_exact(reference: tuple[str, str | None, Path], tmp_path: Path,
+                                                  monkeypatch) -> None:
+    """SIGTERM halfway through an epoch of chunk 2: the checkpoint holds the batches done in that
+    epoch (weights, optimizer, schedule, RNG, their loss sum), and the rerun continues from that
+    batch to the bits of an uninterrupted run. (A full-batch job stops at the epoch's end.)"""
+    import signal
+    import threading
+
+    import tasks.training as training
+
+    real = training.Trainer.run_epoch
+    sent: list[int] = []  # steps per epoch, once the signal went
+
+    def run_epoch(self, epoch, on_batch=None):
+        def after_batch(done, loss_sum):
+            if epoch == FAULT_EPOCH and not sent and done == max(self.steps_per_epoch // 2, 1):
+                assert threading.current_thread() is threading.main_thread()  # where GracefulStop listens
+                sent.append(self.steps_per_epoch)
+                signal.raise_signal(signal.SIGTERM)
+            return on_batch(done, loss_sum)
+        return real(self, epoch, after_batch)
+
+    monkeypatch.setattr(training.Trainer, "run_epoch", run_epoch)
+    job, data, ref = reference
+    with pytest.raises(KeyboardInterrupt):  # StopRequested: the command would exit 143
+        run(job, data, tmp_path)
+    saved = json.loads((tmp_path / job / "r" / "checkpoints" / "checkpoint-2.json").read_text())
+    steps = sent[0]
+    inside = (FAULT_EPOCH - 1, steps // 2) if steps > 1 else (FAULT_EPOCH, 0)  # (last whole epoch, batches after it)
+    assert (saved["epoch"], saved["batch"]) == inside, saved
+    monkeypatch.setattr(training.Trainer, "run_epoch", real)
+    run_dir = run(job, data, tmp_path)
+    assert_same_tensors(state_dict(run_dir / "model_state_dict.pt"), state_dict(ref / "model_state_dict.pt"))
+    for name in ("metrics.json", "history.csv", "split.json"):
+        assert (run_dir / name).read_text() == (ref / name).read_text(), f"{job}: {name} differs"
+
+
 @pytest.mark.parametrize("job", list(JOBS))
 def test_help_lists_the_job(job: str) -> None:
     help_text = parser().format_help()

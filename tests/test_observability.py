@@ -119,6 +119,60 @@ def test_flow_graph_is_the_pipelines_chain(run_dir: Path) -> None:
     assert [drawn[str(r.id)] for r in runs] == chain, drawn
 
 
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def terminal_lines(fd: int, lines: list[tuple[float, str]]) -> None:
+    """What a terminal shows on ``fd``, as (arrival time, line) per redraw (``\\r``) or line."""
+    pending = b""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the command's end closed the terminal
+            return
+        if not chunk:
+            return
+        *done, pending = re.split(rb"[\r\n]", pending + chunk)
+        lines += [(time.monotonic(), ANSI.sub("", b.decode(errors="replace"))) for b in done if b.strip()]
+
+
+@pytest.mark.slow
+def test_a_terminal_sees_progress_every_few_seconds_and_the_progress_artifact_moves(prefect_api: str,
+                                                                                     tmp_path: Path) -> None:
+    """FashionMNIST in a pseudo-terminal: inside the first epoch the live line is redrawn by
+    batch every few seconds; the Prefect progress artifact moves before the chunk's checkpoint;
+    Ctrl-C to the process group, as a terminal sends it, ends the run within seconds, with exit
+    130 and a checkpoint from inside the chunk."""
+    import threading
+
+    master, slave = os.openpty()
+    proc = subprocess.Popen([sys.executable, str(TRAIN), "--job", "fashion_mnist", "--epochs", "2", "--chunk-epochs",
+                             "2", "--artifacts-dir", str(tmp_path), "--run-name", "tty"], cwd=ROOT, stdin=slave,
+                            stdout=slave, stderr=slave, env=cli_env(prefect_api), start_new_session=True)
+    os.close(slave)
+    lines: list[tuple[float, str]] = []
+    threading.Thread(target=terminal_lines, args=(master, lines), daemon=True).start()
+    manifest = tmp_path / "fashion_mnist" / "tty" / "checkpoints" / "checkpoint-1.json"
+    seen: set[float] = set()  # the progress artifact's values while chunk 1 trains
+    deadline = time.monotonic() + 240
+    while len(seen - {0.0}) < 2 and not manifest.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, [t for _, t in lines[-20:]]
+        seen |= {float(a.data) for a in read_artifacts(["fashion-mnist-tty-progress"])}
+        time.sleep(0.5)
+    assert not manifest.exists(), f"the progress artifact only moved at the chunk's end: {seen}"
+    draws = [(t, int(m.group(1))) for t, text in lines if (m := re.search(r"epoch 1/2 batch (\d+)/\d+ +ETA ", text))]
+    assert len(draws) >= 4 and [b for _, b in draws] == sorted(b for _, b in draws), draws
+    gaps = [b[0] - a[0] for a, b in zip(draws, draws[1:])]
+    assert max(gaps) < 3.0, gaps
+    os.killpg(proc.pid, signal.SIGINT)
+    t0 = time.monotonic()
+    assert proc.wait(timeout=180) == 130
+    assert time.monotonic() - t0 < 15, "Ctrl-C must not wait for the epoch's end"
+    saved = json.loads(manifest.read_text())
+    # Before the chunk's end (epochs 1-2): inside epoch 1 or 2, or just between them.
+    assert saved["epoch"] in (-1, 0) and (saved["batch"] > 0 or saved["epoch"] == 0), saved
+
+
 # --- the run folder --------------------------------------------------------------------------
 
 
@@ -233,12 +287,21 @@ def test_run_json_records_everything_and_its_hashes_match(run_dir: Path) -> None
     assert {"model.pt2", "summary.md", "loss.png", "fit.png", "model_state_dict.pt"} <= expected
 
 
-def test_latest_points_at_the_run(run_dir: Path) -> None:
-    from tasks.reporting import resolve_run
+def test_latest_names_the_run_and_tensorboard_lists_each_run_once(run_dir: Path, tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+
+    from tasks.reporting import resolve_run, update_latest
 
     latest = run_dir.parent / "latest"
-    assert latest.is_symlink() and os.readlink(latest) == "Obs_1"
-    assert resolve_run(latest) == run_dir.resolve()
+    assert latest.is_file() and not latest.is_symlink() and latest.read_text() == "Obs_1\n"
+    assert resolve_run(latest) == run_dir
+    tb = EventMultiplexer()
+    tb.AddRunsFromDirectory(str(run_dir.parent.parent))  # tensorboard --logdir <artifacts-dir>
+    assert sorted(tb.Runs()) == ["nonlinear/Obs_1/tensorboard"]
+    (tmp_path / "old-run").mkdir()
+    (tmp_path / "latest").symlink_to("old-run")  # an older version's pointer
+    update_latest(tmp_path / "new-run")
+    assert not (tmp_path / "latest").is_symlink() and resolve_run(tmp_path / "latest") == tmp_path / "new-run"
 
 
 # --- using the model -------------------------------------------------------------------------
@@ -305,10 +368,10 @@ def test_failed_attempt_then_rerun_continues_the_same_curves(prefect_api: str, t
 
     real = Trainer.run_epoch
 
-    def failing(self, epoch: int):
+    def failing(self, epoch: int, *args):
         if epoch == 14:
             raise UserError("injected non-retried failure at epoch 15")
-        return real(self, epoch)
+        return real(self, epoch, *args)
 
     kwargs = {"job": "nonlinear", "epochs": 30, "chunk_epochs": 10, "seed": 3, "artifacts_dir": str(tmp_path),
               "run_name": "r"}

@@ -16,3 +16,18 @@ def test_readme_opens_with_two_commands_and_ci_runs_the_test_one() -> None:
     assert "flows/train_flow.py" in setup_and_run and "pytest" in setup_and_test
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert setup_and_test in ci, ".ci/run must run README's test command verbatim"
+
+
+def test_help_prints_every_jobs_defaults_without_importing_prefect() -> None:
+    """--help is for reading: it starts no server and imports no Prefect (torch it needs: the
+    jobs' defaults live with their models)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "flows" / "train_flow.py"), "--help"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert not {m for m in imported if m.split(".")[0] == "prefect"}, "--help imported Prefect"
+    for default in ("nonlinear: 10000", "fashion_mnist: 10", "linear: 10000", "multi_linear: 20000"):
+        assert default in " ".join(proc.stdout.split()), default

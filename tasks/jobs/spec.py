@@ -7,10 +7,10 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,6 +28,19 @@ class UserError(Exception):
     """Bad input from the user: reported as one line, never retried."""
 
 
+def location(value: Any) -> Any:
+    """A local path (``Path``; ``file://`` URLs too) or a store URL (``s3://...``, kept as text:
+    ``Path`` would fold its ``//``). tasks/store.py resolves URLs."""
+    text = str(value)
+    if text.startswith("file://"):
+        return Path(text.removeprefix("file://"))
+    return text if "://" in text else Path(value)
+
+
+#: A local folder or file, or the URL of one on a store.
+Location = Annotated[Path | str, BeforeValidator(location)]
+
+
 class TrainConfig(BaseModel):
     """Everything that defines a training run. Frozen; validated on construction.
 
@@ -39,7 +52,8 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     job: str = Field(description="job to train: a built-in name, or your own JobSpec as module.path:NAME (docs/jobs.md)")
-    data: Path = Field(description="the job's input: a CSV for the regression jobs, a folder for fashion_mnist")
+    data: Location = Field(description="the job's input: a CSV for the regression jobs, a folder for fashion_mnist; "
+                           "a local path or a URL (s3://bucket/x.csv)")
     epochs: int = Field(gt=0, le=MAX_EPOCHS, description="total epochs")
     chunk_epochs: int = Field(gt=0, description="epochs per checkpointed chunk (a Prefect task each)")
     lr: float = Field(gt=0, allow_inf_nan=False, description="learning rate (the schedule's peak for onecycle)")
@@ -62,7 +76,8 @@ class TrainConfig(BaseModel):
     # identity (IDENTITY_EXCLUDE); `threads` and `compile` stay in: they change the floats.
     run_name: str | None = Field(
         default=None, description="run folder name (default: derived from the config and data, so a rerun resumes)")
-    artifacts_dir: Path = Field(default=ARTIFACTS_DIR, description="root of the run folders")
+    artifacts_dir: Location = Field(default=ARTIFACTS_DIR, description="root of the run folders: a local folder, or "
+                                    "a URL such as s3://bucket/prefix (gs://, az://; README: object storage)")
     fresh: bool = Field(default=False, description="start over; an existing run folder is moved aside, not deleted")
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: CUDA when available")
     keep_last: int | None = Field(
