@@ -20,7 +20,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.options import config_parameters, parameter, with_parameters
-from flows.train_flow import train_flow
+from flows.train_flow import quiet_user_errors, train_flow
 from tasks.jobs import get_job
 from tasks.jobs.spec import UserError
 
@@ -61,6 +61,8 @@ def scheduled(job: str, run_name: str = RUN_NAME_TEMPLATE, **options: Any) -> di
                 flow_run.run_count)
     return train_flow.fn(job=job, run_name=name, **options)
 
+
+quiet_user_errors()  # a worker's bad input (e.g. no s3 extra) is one line in the run's logs, as on the CLI
 
 #: Parameters: ``job`` (required), the ``run_name`` template, then every TrainConfig field but
 #: ``fresh`` (a scheduled run never archives its own folder), as ``train`` has them.

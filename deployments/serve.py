@@ -1,13 +1,15 @@
 """Serve one scheduled deployment per registered job: ``python deployments/serve.py --help``.
 
 Needs a running Prefect server (``PREFECT_API_URL``); this process registers the deployments
-(and the automation that requeues crashed runs, ``deployments/automations.py``) and runs their
-flow runs as subprocesses until it is stopped (Ctrl-C pauses the schedules).
+(and the automations that recover crashed and silent runs, ``deployments/automations.py``) and
+runs their flow runs as subprocesses, with this checkout's code, until it is stopped (Ctrl-C
+pauses the schedules). For workers on other machines, see ``deployments/deploy.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +18,7 @@ if __package__ in (None, ""):  # `python deployments/serve.py` from anywhere
 
 from deployments.registry import (
     CRON_ENV,
+    HEARTBEAT_ENV,
     PREFECT_YAML,
     TIMEZONE_ENV,
     default_cron,
@@ -43,7 +46,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="at most this many flow runs at once (default: no limit)")
     p.add_argument("--no-schedule", action="store_true", help="register without schedules (manual runs only)")
     p.add_argument("--no-automation", action="store_true",
-                   help="do not register the automation that requeues crashed runs (deployments/automations.py)")
+                   help="do not register the automations that recover crashed runs (deployments/automations.py)")
     p.add_argument("--write-yaml", action="store_true",
                    help=f"do not serve; regenerate {PREFECT_YAML.relative_to(PREFECT_YAML.parents[1])} from the registry and exit")
     return p
@@ -86,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         from deployments.automations import register
 
         register()  # idempotent: a crashed run of these deployments is requeued and resumes
+    os.environ.update(HEARTBEAT_ENV)  # the flow runs' heartbeat, which the automations expect
     print("serving: " + ", ".join(f"scheduled-train/{d.name}" for d in deps), flush=True)
     serve(*deps, limit=args.limit)
     return 0

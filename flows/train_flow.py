@@ -143,6 +143,14 @@ class _HideUserErrorTracebacks(logging.Filter):
         return True
 
 
+def quiet_user_errors() -> None:
+    """Bad input is one line in Prefect's logs too: no traceback for a UserError (idempotent)."""
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _HideUserErrorTracebacks) for f in logger.filters):
+            logger.addFilter(_HideUserErrorTracebacks())
+
+
 class _OneCrashLine(logging.Filter):
     """A crashed task (Ctrl-C, SIGTERM) crashes the flow run, which logs the same "Crash detected!"
     line: the task's copy only repeats it."""
@@ -193,8 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    for name in ("prefect.task_runs", "prefect.flow_runs"):
-        logging.getLogger(name).addFilter(_HideUserErrorTracebacks())
+    quiet_user_errors()
     logging.getLogger("prefect.task_runs").addFilter(_OneCrashLine())
     with settings:
         status = run_flow(job, args)

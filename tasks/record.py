@@ -26,7 +26,8 @@ LOSSES = ("train_loss", "val_loss", "val_accuracy")
 
 
 def git_info(root: Path = ROOT) -> dict[str, Any] | None:
-    """Commit of the project's checkout and whether tracked files differ from it; None without git."""
+    """Where the running code is (a deployment's clone, or a checkout), its commit and whether
+    tracked files differ from it; None without git."""
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10, check=False)
 
@@ -37,7 +38,7 @@ def git_info(root: Path = ROOT) -> dict[str, Any] | None:
         dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return None
-    return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip()) if dirty.returncode == 0 else None}
+    return {"root": str(root), "commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip()) if dirty.returncode == 0 else None}
 
 
 def environment(cfg: TrainConfig) -> dict[str, Any]:

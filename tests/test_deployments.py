@@ -1,14 +1,15 @@
 """Scheduled deployments on a real Prefect server (SQLite, then PostgreSQL): registered both
-ways (``deployments/serve.py`` and ``prefect deploy`` of ``deployments/prefect.yaml``), run by
-a real serve process and real workers; a worker killed mid-run is replaced by another worker
-that resumes the run from the shared artifacts folder once the flow run is retried, and a flow-run
-process killed under a live worker is requeued by the automation and resumed by that worker."""
+ways (``deployments/serve.py``, and ``deployments/deploy.py`` with ``prefect deploy`` of
+``deployments/prefect.yaml``), run by a real serve process and real workers. The workers start
+in empty folders and clone the code from a bare git repository (the deployments' pull step);
+the artifacts live on an S3 server. A worker SIGKILLed with its run is detected by the heartbeat
+automation, and the requeue automation hands the run to the other worker, which resumes it from
+S3; a flow-run process killed under a live worker is requeued to that worker."""
 
 from __future__ import annotations
 
 import contextlib
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ from typing import Any
 import pytest
 import yaml
 
+from deployments.automations import AUTOMATION_NAME, SILENT_NAME
 from deployments.flow import RUN_NAME_TEMPLATE, resolve_run_name
 from deployments.registry import (
     DEFAULT_CRON,
@@ -38,6 +40,7 @@ from deployments.registry import (
     prefect_yaml,
 )
 from tasks.jobs import JOBS
+from tasks.store import Remote
 from tests.conftest import ROOT, assert_same_tensors, state_dict
 
 pytestmark = pytest.mark.slow
@@ -105,6 +108,39 @@ def test_requeue_automation_is_bounded_and_scoped() -> None:
     assert t.match_related.model_dump() == {"prefect.resource.role": "flow", "prefect.resource.name": FLOW_NAME}
     [action] = a.actions
     assert action.type == "change-flow-run-state" and action.state.value == "SCHEDULED"
+
+
+def test_silent_run_automation_follows_prefects_zombie_recipe() -> None:
+    """A heartbeat, then no event of that flow run within 3 heartbeats: Crashed, never forced
+    (Prefect then refuses it for a run that already ended), for our flow only, with the
+    heartbeat the deployments set."""
+    from prefect.events.schemas.automations import Posture
+
+    from deployments.automations import HEARTBEAT_WINDOW, crash_silent
+    from deployments.registry import HEARTBEAT_ENV, HEARTBEAT_SECONDS, deployments
+
+    t = crash_silent().trigger
+    assert t.after == {"prefect.flow-run.heartbeat"} and t.expect == {"prefect.flow-run.*"}
+    assert t.posture == Posture.Proactive and t.for_each == {"prefect.resource.id"}
+    assert t.within == HEARTBEAT_WINDOW and HEARTBEAT_WINDOW.total_seconds() >= 3 * HEARTBEAT_SECONDS
+    assert t.match_related.model_dump() == {"prefect.resource.role": "flow", "prefect.resource.name": FLOW_NAME}
+    [action] = crash_silent().actions
+    assert action.state.value == "CRASHED" and action.force is False
+    assert all(HEARTBEAT_ENV.items() <= d["work_pool"]["job_variables"]["env"].items() for d in deployments())
+
+
+@pytest.mark.parametrize(("repository", "branch", "expected"), [
+    ("file:///nonexistent/trainflow.git", "main", "cannot reach repository file:///nonexistent/trainflow.git"),
+    (f"file://{ROOT}", "no-such-branch", "has no branch 'no-such-branch'"),
+])
+def test_deploy_refuses_a_repository_it_cannot_clone(repository: str, branch: str, expected: str) -> None:
+    """Checked before anything is registered: one line, exit 2 (no server is running here)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    p = subprocess.run([sys.executable, "deployments/deploy.py", "--repository", repository, "--branch", branch],
+                       cwd=ROOT, env={**env, "PREFECT_API_URL": "http://127.0.0.1:9/api"}, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and p.stdout == "", p.stdout + p.stderr
+    assert p.stderr.startswith("error: ") and expected in p.stderr and p.stderr.count("\n") == 1, p.stderr
 
 
 # --- processes ---------------------------------------------------------------------------
@@ -325,12 +361,6 @@ def wait_final(server: Server, flow_run_id, alive: list[subprocess.Popen], timeo
     return fr
 
 
-def fingerprints(folder: Path) -> dict[str, tuple[str, int]]:
-    """sha256 and mtime of every checkpoint file."""
-    return {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in sorted(folder.glob("checkpoint-*"))}
-
-
 def check_registered(server: Server, parameters: dict[str, dict[str, Any]], work_pool: str | None) -> None:
     """Each job's deployment exists with the nightly cron, ``parameters[job]`` and limit 1."""
     with server.client() as c:
@@ -347,7 +377,7 @@ def check_registered(server: Server, parameters: dict[str, dict[str, Any]], work
 # --- the end-to-end test, once per backend -----------------------------------------------
 
 
-def test_scheduled_deployments_end_to_end(server: Server, tmp_path: Path) -> None:
+def test_scheduled_deployments_end_to_end(server: Server, s3_server, tmp_path: Path) -> None:
     procs = server.procs
     # 1. serve: deployments registered from the registry, a run executed by the serve process.
     served = tmp_path / "served"
@@ -362,13 +392,8 @@ def test_scheduled_deployments_end_to_end(server: Server, tmp_path: Path) -> Non
 
     wait_for("served deployments", registered, timeout=120, every=0.5, alive=[serve], procs=procs)
     check_registered(server, {j: {**job_parameters(j), "artifacts_dir": str(served)} for j in JOBS}, work_pool=None)
-    from deployments.automations import AUTOMATION_NAME
-
-    def automations() -> list:
-        with server.client() as c:
-            return c.read_automations_by_name(AUTOMATION_NAME)
-
-    assert [a.enabled for a in automations()] == [True], "serve.py registers the requeue automation"
+    assert sorted((a.name, a.enabled) for a in automations(server)) == sorted([(AUTOMATION_NAME, True), (SILENT_NAME, True)]), \
+        "serve.py registers the automations"
     ref = wait_final(server, trigger(server, RUN).id, alive=[serve])  # also the uninterrupted reference
     ref_folder = run_folder(served, ref)
     record = json.loads((ref_folder / "run.json").read_text())
@@ -376,92 +401,181 @@ def test_scheduled_deployments_end_to_end(server: Server, tmp_path: Path) -> Non
     assert {"metrics.json", "model_state_dict.pt", "model.pt", "history.csv"} <= {p.name for p in ref_folder.iterdir()}
     procs.stop(serve, signal.SIGINT)  # Ctrl-C: serve pauses its schedules
 
-    # 2. work pool: the same deployments from prefect.yaml, run by real workers.
-    from prefect.client.schemas.actions import WorkPoolCreate
-
-    with server.client() as c:  # = prefect work-pool create trainflow --type process (the CLI costs ~8 s here)
-        c.create_work_pool(WorkPoolCreate(name=WORK_POOL, type="process"), overwrite=True)
-    server.cli("deploy", "--all", "--prefect-file", "deployments/prefect.yaml", timeout=180)
-    # What prefect.yaml says (that it matches the registry is the first test's job).
+    # 2. work pool, the cluster way: deployments/deploy.py registers prefect.yaml's deployments,
+    # whose pull step clones the code from a bare repository; each worker starts in an empty
+    # folder with its own cache, and the artifacts root is on the S3 server (no shared disk).
+    repo, commit = snapshot_repository(tmp_path)
+    deployed = subprocess.run([sys.executable, "deployments/deploy.py", "--repository", repo, "--branch", "main"],
+                              cwd=ROOT, env=server.env(), capture_output=True, text=True, timeout=300)
+    assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
+    mark("deployments/deploy.py")
     in_yaml = {d["name"]: d["parameters"] for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"]}
     check_registered(server, in_yaml, work_pool=WORK_POOL)
-    shared = tmp_path / "shared"  # the artifacts root every worker sees
+    assert sorted(a.name for a in automations(server)) == sorted([AUTOMATION_NAME, SILENT_NAME])
+    root = f"{s3_server.bucket()}/shared"
+    w1 = worker(server, tmp_path, "worker-1", root)
 
-    def worker(name: str) -> subprocess.Popen:
-        return procs.start(name, [sys.executable, "-m", "prefect", "worker", "start", "--pool", WORK_POOL, "--type",
-                                  "process", "--limit", "1", "--name", name],
-                           server.env(TRAINFLOW_ARTIFACTS_DIR=str(shared)))
-
-    w1 = worker("worker-1")
-    with server.client() as c:  # the manual path first: nothing may requeue the run behind our back
-        c.pause_automation(automations()[0].id)
-
-    # 3. A run on worker-1, killed mid-run with its worker; worker-2 resumes it after a retry.
+    # 3. The machine dies: worker-1 SIGKILLed with its flow-run process mid-run. Nobody reports
+    # it; the heartbeat automation marks the run Crashed, the requeue automation hands it to
+    # worker-2, which resumes it from the checkpoints on S3.
     fr = trigger(server, RUN)
-    folder = run_folder(shared, fr)
-    ckpts = folder / "checkpoints"
-    wait_for("checkpoint 2", lambda: (ckpts / "checkpoint-2.json").exists(), alive=[w1], procs=procs, every=0.05)
-    w2 = worker("worker-2")  # now the only worker with a free slot
+    run = Remote(f"{root}/nonlinear/{resolve_run_name(RUN_NAME_TEMPLATE, 'nonlinear', fr.expected_start_time)}")
+    wait_for("checkpoint 2 on S3", lambda: len(commits(run)) >= 2, alive=[w1], procs=procs, every=0.05)
+    w2 = worker(server, tmp_path, "worker-2", root)  # now the only worker with a free slot
     procs.stop(w1, signal.SIGKILL)  # the worker, its flow run process, everything in them
-    before = fingerprints(ckpts)
-    assert "checkpoint-6.json" not in before, "the kill came too late to interrupt anything"
-    assert not (folder / "metrics.json").exists()
-    time.sleep(1)  # so a rewritten file would show a newer mtime
-    fr = state_of(server, fr.id)
-    assert fr.state.is_running(), f"a SIGKILLed worker leaves its run Running, got {fr.state}"
-    # What README tells the operator: mark it crashed, then `prefect flow-run retry`.
+    killed, before = time.monotonic(), commits(run)
+    assert len(before) < 6, "the kill came too late to interrupt anything"
+    assert state_of(server, fr.id).state.is_running(), "a dead worker's run stays Running until its heartbeats stop"
+    wait_for("heartbeat automation marked the run Crashed", lambda: "Crashed" in states(server, fr.id), timeout=240,
+             every=1, alive=[w2], procs=procs)
+    crashed = time.monotonic()
+    wait_for("resumed on worker-2: a new checkpoint", lambda: len(commits(run)) > len(before), timeout=240,
+             every=0.2, alive=[w2], procs=procs)
+    mark(f"kill -> Crashed {crashed - killed:.0f} s, kill -> first resumed chunk {time.monotonic() - killed:.0f} s")
+    fr = wait_final(server, fr.id, alive=[w2])
+    check_resumed(run, before, ref_folder, commit, tmp_path)
+
+    # 4. Only the flow-run process dies, under a live worker: the worker reports Crashed, the
+    # automation (registered again, idempotently) requeues the same run to the same worker.
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from deployments.mark_crashed import mark_crashed
-
-    with temporary_settings({PREFECT_API_URL: server.url}):
-        assert mark_crashed(fr.id) == "Crashed"
-    server.cli("flow-run", "retry", str(fr.id))
-    fr = wait_final(server, fr.id, alive=[w2])
-    assert run_folder(shared, fr) == folder, "the retry must use the same run folder"
-    after = fingerprints(ckpts)
-    assert {k: after[k] for k in before} == before, "checkpoints written before the kill were rewritten"
-    assert len(after) == 12  # 6 chunks: .pt + .json each
-    assert (folder / "metrics.json").exists() and (folder / "model_state_dict.pt").exists()
-    record = json.loads((folder / "run.json").read_text())
-    assert record["status"] == "completed" and record["attempts"] == 2
-    assert fr.run_count == 2
-    # Same result as the uninterrupted run, bit for bit.
-    assert_same_tensors(state_dict(folder / "model_state_dict.pt"), state_dict(ref_folder / "model_state_dict.pt"))
-    assert (folder / "history.csv").read_text() == (ref_folder / "history.csv").read_text()
-
-    # 4. The flow-run process dies under a live worker: the worker reports Crashed, the
-    # automation (registered again, idempotently, the work-pool way) requeues the same flow run
-    # and the same worker resumes it.
     from deployments.automations import main as register_automation
 
     with temporary_settings({PREFECT_API_URL: server.url}):  # = python deployments/automations.py
         assert register_automation([]) == 0
-    assert [a.enabled for a in automations()] == [True], "registering twice must not duplicate it"
+    assert sorted(a.name for a in automations(server)) == sorted([AUTOMATION_NAME, SILENT_NAME]), "registered twice: no copies"
     fr = trigger(server, RUN)
-    folder = run_folder(shared, fr)
-    ckpts = folder / "checkpoints"
-    wait_for("checkpoint 2", lambda: (ckpts / "checkpoint-2.json").exists(), alive=[w2], procs=procs, every=0.05)
+    run = Remote(f"{root}/nonlinear/{resolve_run_name(RUN_NAME_TEMPLATE, 'nonlinear', fr.expected_start_time)}")
+    wait_for("checkpoint 2 on S3", lambda: len(commits(run)) >= 2, alive=[w2], procs=procs, every=0.05)
     runs = children(w2.pid)
     assert runs, "no flow-run process under worker-2"
     for pid in runs:  # the flow-run process only, not the worker
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    before = fingerprints(ckpts)
-    assert "checkpoint-6.json" not in before, "the kill came too late to interrupt anything"
-
-    def states() -> list[str]:
-        with server.client() as c:
-            return [s.name for s in c.read_flow_run_states(fr.id)]
-
+    before = commits(run)
+    assert len(before) < 6, "the kill came too late to interrupt anything"
     # Crashed, then requeued by the automation 60-65 s later (see REQUEUE_AFTER)
-    wait_for("automation requeued the crashed run", lambda: "AwaitingRetry" in states(), timeout=180, every=0.5,
-             alive=[w2], procs=procs)
-    assert "Crashed" in states()
+    wait_for("automation requeued the crashed run", lambda: "AwaitingRetry" in states(server, fr.id), timeout=180,
+             every=0.5, alive=[w2], procs=procs)
     fr = wait_final(server, fr.id, alive=[w2], timeout=300)
-    assert run_folder(shared, fr) == folder and fr.run_count == 2
-    after = fingerprints(ckpts)
-    assert {k: after[k] for k in before} == before and len(after) == 12
-    assert json.loads((folder / "run.json").read_text())["attempts"] == 2
-    assert_same_tensors(state_dict(folder / "model_state_dict.pt"), state_dict(ref_folder / "model_state_dict.pt"))
+    assert fr.run_count == 2
+    check_resumed(run, before, ref_folder, commit, tmp_path)
     procs.stop(w2)
+
+    # 5. A worker without the storage extra: the run fails (after the flow's own retries) with
+    # the one line that names the install command, no traceback, and a non-zero exit.
+    shim = tmp_path / "no-s3fs" / "s3fs"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError(\"No module named 's3fs'\")\n")
+    w3 = worker(server, tmp_path, "worker-3", root, PYTHONPATH=str(shim.parent))
+    # First a repository that moved after the deploy: the run crashes before it starts.
+    set_repository(server, "file:///nonexistent/trainflow.git")
+    fr = trigger(server, RUN)
+    fr = wait_for("run whose clone fails crashed", lambda: (r := state_of(server, fr.id)).state.is_final() and r,
+                  timeout=120, every=1, alive=[w3], procs=procs)
+    assert fr.state.is_crashed() and fr.run_count == 0, fr.state  # run count 0: never requeued
+    # Prefect 3.9 prints the pull step's error in the worker's output only, not in the run's logs.
+    assert "Failed to clone repository 'file:///nonexistent/trainflow.git'" in w3.log_path.read_text()
+    set_repository(server, repo)
+    fr = trigger(server, RUN)
+    fr = wait_for("run on a worker without s3fs failed", lambda: (r := state_of(server, fr.id)).state.is_final() and r,
+                  timeout=240, every=1, alive=[w3], procs=procs)
+    assert fr.state.is_failed() and "pip install -e '.[s3]'" in fr.state.message, fr.state
+    errors = error_logs(server, fr.id)
+    assert any("pip install -e '.[s3]'" in line for line in errors) and not any("Traceback" in e for e in errors), errors
+    wait_for("its process exited 1 (as the clone's did)", lambda: w3.log_path.read_text().count(
+        "Process exited with status code: 1") >= 2, timeout=60, every=0.5, alive=[w3], procs=procs)
+    procs.stop(w3)
+
+    # 6. The fallback for a server without the automations: mark_crashed.py on a Running run.
+    from prefect.states import Running
+
+    from deployments.mark_crashed import mark_crashed
+
+    with server.client() as c, temporary_settings({PREFECT_API_URL: server.url}):
+        stuck = c.create_flow_run_from_deployment(c.read_deployment_by_name(f"{FLOW_NAME}/nonlinear").id)
+        c.set_flow_run_state(stuck.id, Running(), force=True)
+        assert mark_crashed(stuck.id) == "Crashed"
+
+
+# --- helpers of the work-pool part ------------------------------------------------------------
+
+
+def snapshot_repository(tmp: Path) -> tuple[str, str]:
+    """A bare repository whose branch ``main`` holds this working tree as it is (tracked and
+    untracked files, .gitignore applied), committed through a private index: what the workers
+    clone. Returns its ``file://`` URL and the commit."""
+    bare = tmp / "trainflow.git"
+    who = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {**os.environ, **who, "GIT_INDEX_FILE": str(tmp / "snapshot.index")}
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, env=env, check=True, capture_output=True, text=True,
+                              timeout=120).stdout.strip()
+
+    git("init", "-q", "--bare", str(bare))
+    git("read-tree", "HEAD")
+    git("add", "-A")
+    commit = git("commit-tree", git("write-tree"), "-p", "HEAD", "-m", "the working tree under test")
+    git("push", "-q", str(bare), f"{commit}:refs/heads/main")
+    return f"file://{bare}", commit
+
+
+def worker(server: Server, tmp: Path, name: str, root: str, **env: str) -> subprocess.Popen:
+    """A process worker on "its own machine": an empty folder, its own cache, artifacts on S3."""
+    home = tmp / name
+    home.mkdir()
+    env = server.env(TRAINFLOW_ARTIFACTS_DIR=root, TRAINFLOW_CACHE=str(home / "cache"), HOME=str(home), **env)
+    return server.procs.start(name, [sys.executable, "-m", "prefect", "worker", "start", "--pool", WORK_POOL, "--type",
+                                     "process", "--limit", "1", "--name", name], env, cwd=home)
+
+
+def set_repository(server: Server, url: str) -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.variables import Variable
+
+    from deployments.registry import REPOSITORY_VAR
+
+    with temporary_settings({PREFECT_API_URL: server.url}):
+        Variable.set(REPOSITORY_VAR, url, overwrite=True)
+
+
+def automations(server: Server) -> list:
+    with server.client() as c:
+        return [a for name in (AUTOMATION_NAME, SILENT_NAME) for a in c.read_automations_by_name(name)]
+
+
+def states(server: Server, flow_run_id) -> list[str]:
+    with server.client() as c:
+        return [s.name for s in c.read_flow_run_states(flow_run_id)]
+
+
+def error_logs(server: Server, flow_run_id) -> list[str]:
+    """The flow run's logs at ERROR and above, as the UI shows them."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterLevel
+
+    with server.client() as c:
+        logs = c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]),
+                                     level=LogFilterLevel(ge_=40)))
+    return [log.message for log in logs]
+
+
+def commits(run: Remote) -> dict[str, str | None]:
+    """ETag of every committed checkpoint's manifest and bytes on the store."""
+    keys = run.keys("checkpoints")
+    return {k: run.etag(k) for k in keys if k.endswith(".json") or k[:-3] + ".json" in keys}
+
+
+def check_resumed(run: Remote, before: dict[str, str | None], ref_folder: Path, commit: str, tmp: Path) -> None:
+    """The run on S3 completed in a second attempt, from the cloned code, with the commits made
+    before the kill untouched and the same bits as the uninterrupted run."""
+    assert {k: run.etag(k) for k in before} == before, "checkpoints written before the kill were rewritten"
+    assert len([k for k in run.keys("checkpoints") if k.endswith(".json")]) == 6
+    record = json.loads(run.get("run.json"))
+    assert record["status"] == "completed" and record["attempts"] == 2, record
+    code = record["environment"]["git"]
+    assert code["commit"] == commit and Path(code["root"]) != ROOT, f"not the cloned code: {code}"
+    local = tmp / f"{run.url.rsplit('/', 1)[1]}.pt"
+    local.write_bytes(run.get("model_state_dict.pt"))
+    assert_same_tensors(state_dict(local), state_dict(ref_folder / "model_state_dict.pt"))
+    assert run.get("history.csv") == (ref_folder / "history.csv").read_bytes()
