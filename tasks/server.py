@@ -51,7 +51,8 @@ OPT_OUT = "TRAINFLOW_TEMPORARY_SERVER"
 
 #: The child: on Linux, ask for SIGTERM when the parent dies (PR_SET_PDEATHSIG = 1; done in the new
 #: process, not between fork and exec, so it is safe whatever threads the parent runs), give up if
-#: the parent is already gone, then run ``python -m prefect``, i.e. the ``prefect`` command.
+#: the parent is already gone, then run ``python -m <module> <args>`` (``prefect``: the command).
+#: Arguments: the parent's pid, the module, its arguments.
 CHILD = """\
 import os, runpy, signal, sys
 if sys.platform.startswith("linux"):
@@ -59,8 +60,8 @@ if sys.platform.startswith("linux"):
     ctypes.CDLL(None).prctl(1, signal.SIGTERM)
 if os.getppid() != int(sys.argv[1]):
     sys.exit(1)
-sys.argv = ["prefect", *sys.argv[2:]]
-runpy.run_module("prefect", run_name="__main__", alter_sys=True)
+sys.argv = sys.argv[2:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 """
 
 #: Read-only REST requests (nothing is written to the database) whose first answer is slow; see
@@ -124,7 +125,7 @@ class TemporaryServer:
         self.output = tempfile.TemporaryFile()  # noqa: SIM115 - open as long as the child runs
         env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_UI_URL")}
         self.process = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(os.getpid()), "server", "start", "--host", "127.0.0.1",
+            [sys.executable, "-c", CHILD, str(os.getpid()), "prefect", "server", "start", "--host", "127.0.0.1",
              "--port", str(self.port), "--no-ui", "--no-scheduler", "--no-late-runs", "--log-level", "WARNING"],
             stdin=subprocess.DEVNULL, stdout=self.output, stderr=subprocess.STDOUT, env={**env, **SERVICES_OFF},
             start_new_session=True)  # Ctrl-C in the terminal is for this command, which stops gracefully

@@ -50,8 +50,9 @@ class GracefulStop:
     loss sum go into the checkpoint, so the rerun continues that epoch exactly), then stops. A second signal goes to the
     handler that was there before (Prefect's, or Python's KeyboardInterrupt): stop at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, when: str = "after this batch") -> None:
         self.signum: int | None = None
+        self.when = when
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -61,8 +62,8 @@ class GracefulStop:
                 previous(signum, frame)
             raise KeyboardInterrupt
         self.signum = signum
-        log.warning("%s received: saving a checkpoint after this batch (send it again to stop at once)",
-                    signal.Signals(signum).name)
+        log.warning("%s received: saving a checkpoint %s (send it again to stop at once)",
+                    signal.Signals(signum).name, self.when)
 
     def __enter__(self) -> "GracefulStop":
         if threading.current_thread() is threading.main_thread():
@@ -360,11 +361,9 @@ class Trainer:
         """Train one epoch (the rest of it, after a stop inside it), validate, append to history;
         raise DivergedError on NaN/inf, EpochStopped when ``on_batch`` asks to stop."""
         cfg = self.cfg
-        order = epoch_order(cfg.seed, epoch, len(self.train))
         lr = self.epoch_lr if self.skip else self.optimizer.param_groups[0]["lr"]  # as the epoch began
         try:
-            cost = train_epoch(self.model, self.optimizer, self.scheduler, self.loss_fn, self.train, order,
-                               cfg.batch_size, self.spec.prepare, on_batch, self.skip, self.partial)
+            cost = self.fit(epoch, on_batch)
         except EpochStopped as cut:
             self.skip, self.partial, self.epoch_lr = cut.done, cut.total, lr
             raise
@@ -378,6 +377,13 @@ class Trainer:
             self.history.setdefault(k, []).append(v)
         self._track_best(epoch)
         return row
+
+    def fit(self, epoch: int, on_batch: Callable[[int, torch.Tensor], bool | None] | None = None) -> float:
+        """Train epoch ``epoch`` (the rest of it, after a stop inside it); its mean batch loss.
+        The one step a data-parallel trainer replaces (tasks/distributed.py)."""
+        order = epoch_order(self.cfg.seed, epoch, len(self.train))
+        return train_epoch(self.model, self.optimizer, self.scheduler, self.loss_fn, self.train, order,
+                           self.cfg.batch_size, self.spec.prepare, on_batch, self.skip, self.partial)
 
     def save(self, chunk: int) -> PurePosixPath:
         """Checkpoint the state after the last completed epoch, then drop what retention allows;
@@ -417,12 +423,14 @@ def run_chunk(cfg: TrainConfig, run_dir: Path, fingerprint: str, chunk: int, log
 
     ``checkpoint-<k>.pt`` normally holds the state at the end of chunk k; after a SIGTERM it
     holds a mid-chunk state, which the next attempt continues and then overwrites."""
+    resumed = resuming or task_run.run_count > 1  # a new attempt, or a retry of this chunk
+    if cfg.nproc_per_node > 1:  # N processes train it together; torch.distributed is imported only then
+        from tasks.distributed import launch_chunk
+
+        return launch_chunk(cfg, run_dir, fingerprint, chunk, logger, resumed)
     trainer = Trainer(cfg, run_dir, fingerprint, logger)  # reports skipped checkpoints, once
     start, end = trainer.next_epoch, chunk_end(cfg, chunk)
-    loaded = trainer.resumed_from.name if trainer.resumed_from else None
-    resumed = resuming or task_run.run_count > 1  # a new attempt, or a retry of this chunk
-    base = {"chunk": chunk, "loaded": loaded, "resumed_from": loaded if resumed else None,
-            "skipped_checkpoints": list(trainer.rejected)}
+    base = chunk_base(trainer, chunk, resumed)
     if start >= end or trainer.finished:
         return {**base, "skipped": True, "epoch": start}
     log_start(logger, trainer, chunk, end, resumed)
@@ -436,10 +444,8 @@ def run_chunk(cfg: TrainConfig, run_dir: Path, fingerprint: str, chunk: int, log
         path = trainer.save(chunk)
         write_history_csv(Path(run_dir) / HISTORY_FILE, trainer.history)
     signum = stop.signum
-    result = {**base, "skipped": False, "start_epoch": start, "end_epoch": trainer.next_epoch,
-              "seconds": seconds, "checkpoint": path.name,
-              "stopped_early": trainer.stopped_early, **{k: v[-1] for k, v in trainer.history.items()}}
-    log_chunk(logger, cfg, trainer, result)
+    result = chunk_outcome(base, trainer, start, seconds, path)
+    log_chunk(logger, cfg, result)
     if signum is not None:
         name = signal.Signals(signum).name
         message = (f"{name}: saved {path.name} at epoch {trainer.next_epoch}/{cfg.epochs}{trainer.inside()}; "
@@ -460,19 +466,38 @@ def log_start(logger: Any, trainer: Trainer, chunk: int, end: int, resumed: bool
     logger.info("chunk %d/%d: training epochs %d-%d", chunk, chunk_count(cfg), start + 1, end)
 
 
-def log_chunk(logger: Any, cfg: TrainConfig, trainer: Trainer, result: dict[str, Any]) -> None:
-    """One line per chunk: epochs, losses, speed, ETA, checkpoint; and why it stopped early."""
-    done = result["end_epoch"] - result["start_epoch"]
-    seconds = result["seconds"]
-    samples = done * trainer.steps_per_epoch * cfg.batch_size
-    eta = eta_seconds(done, seconds, cfg.epochs - trainer.next_epoch)
-    logger.info("chunk %d: epochs %d-%d/%d, train loss %.4g, val loss %.4g, %.0f samples/s, ETA %s, wrote %s",
-                result["chunk"], result["start_epoch"] + 1, trainer.next_epoch, cfg.epochs, result.get("train_loss", math.nan),
-                result.get("val_loss", float("nan")), samples / max(seconds, 1e-9), duration(eta), result["checkpoint"])
+def chunk_base(trainer: Trainer, chunk: int, resumed: bool) -> dict[str, Any]:
+    """What a chunk's result says about where it started."""
+    loaded = trainer.resumed_from.name if trainer.resumed_from else None
+    return {"chunk": chunk, "loaded": loaded, "resumed_from": loaded if resumed else None,
+            "skipped_checkpoints": list(trainer.rejected)}
+
+
+def chunk_outcome(base: dict[str, Any], trainer: Trainer, start: int, seconds: float,
+                  path: PurePosixPath) -> dict[str, Any]:
+    """A trained chunk's result: epochs, time, checkpoint, the last history row, and why it
+    stopped early (``early_stop``)."""
+    result = {**base, "skipped": False, "start_epoch": start, "end_epoch": trainer.next_epoch,
+              "seconds": seconds, "checkpoint": path.name, "stopped_early": trainer.stopped_early,
+              "samples": (trainer.next_epoch - start) * trainer.steps_per_epoch * trainer.cfg.batch_size,
+              **{k: v[-1] for k, v in trainer.history.items()}}
     if trainer.stopped_early:
-        logger.info("early stopping at epoch %d: no better %s for %d epochs (best %.6g at epoch %d)",
-                    trainer.next_epoch, trainer.monitor, cfg.early_stopping_patience, trainer.best["value"],
-                    trainer.best["epoch"] + 1)
+        result["early_stop"] = (f"early stopping at epoch {trainer.next_epoch}: no better {trainer.monitor} for "
+                                f"{trainer.cfg.early_stopping_patience} epochs (best {trainer.best['value']:.6g} at "
+                                f"epoch {trainer.best['epoch'] + 1})")
+    return result
+
+
+def log_chunk(logger: Any, cfg: TrainConfig, result: dict[str, Any]) -> None:
+    """One line per chunk: epochs, losses, speed, ETA, checkpoint; and why it stopped early."""
+    done, seconds, end = result["end_epoch"] - result["start_epoch"], result["seconds"], result["end_epoch"]
+    eta = eta_seconds(done, seconds, cfg.epochs - end)
+    logger.info("chunk %d: epochs %d-%d/%d, train loss %.4g, val loss %.4g, %.0f samples/s, ETA %s, wrote %s",
+                result["chunk"], result["start_epoch"] + 1, end, cfg.epochs, result.get("train_loss", math.nan),
+                result.get("val_loss", math.nan), result["samples"] / max(seconds, 1e-9), duration(eta),
+                result["checkpoint"])
+    if "early_stop" in result:
+        logger.info("%s", result["early_stop"])
 
 
 @task(name="train_chunk", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE,

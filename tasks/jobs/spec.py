@@ -72,6 +72,10 @@ class TrainConfig(BaseModel):
         default=None, gt=0, description="stop after this many epochs without a better validation metric (default off)")
     compile: bool = Field(default=False, description="train the model through torch.compile (see docs/performance.md)")
     threads: int = Field(default=1, gt=0, le=1024, description="torch intra-op CPU threads (1: fastest on a shared 2-core machine)")
+    nproc_per_node: int = Field(default=1, ge=1, le=1024, description="processes that train each chunk together, "
+                                "data-parallel (torch.distributed DDP, torchrun's name; docs/distributed.md)")
+    dist_backend: Literal["auto", "gloo", "nccl"] = Field(
+        default="auto", description="torch.distributed backend with --nproc-per-node > 1 (auto: nccl on CUDA, gloo on CPU)")
     # Execution details. Those that do not change the trained numbers are left out of the run's
     # identity (IDENTITY_EXCLUDE); `threads` and `compile` stay in: they change the floats.
     run_name: str | None = Field(
@@ -103,8 +107,12 @@ class TrainConfig(BaseModel):
         return v
 
     def identity(self) -> dict[str, Any]:
-        """The fields that decide the trained result (a resumed run must match them)."""
-        return {k: v for k, v in self.model_dump(mode="json").items() if k not in IDENTITY_EXCLUDE}
+        """The fields that decide the trained result (a resumed run must match them). One
+        process leaves out the distributed fields, so runs made before they existed still match."""
+        out = {k: v for k, v in self.model_dump(mode="json").items() if k not in IDENTITY_EXCLUDE}
+        if self.nproc_per_node == 1:
+            del out["nproc_per_node"], out["dist_backend"]
+        return out
 
     def fingerprint(self, data_fingerprint: str) -> str:
         """sha256 of the identity fields, the data's own fingerprint and the training code's
@@ -214,5 +222,20 @@ class JobSpec:
             raise UserError(f"--momentum and --nesterov apply to --optimizer sgd only (this run: {cfg.optimizer})")
         if cfg.nesterov and not cfg.momentum:
             raise UserError("--nesterov needs a momentum: add --momentum (e.g. 0.9)")
+        check_processes(cfg)
         return cfg
+
+
+def check_processes(cfg: TrainConfig) -> None:
+    """--nproc-per-node N: each rank takes an equal share of every batch, one GPU per rank."""
+    n = cfg.nproc_per_node
+    if n > 1 and cfg.batch_size % n:
+        raise UserError(f"--batch-size {cfg.batch_size} does not divide by --nproc-per-node {n}; each process "
+                        f"takes an equal share of every batch: use a multiple of {n}")
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if n > 1 and cfg.dist_backend == "nccl" and not cuda:
+        raise UserError("--dist-backend nccl needs CUDA; on CPU use --dist-backend gloo (or auto)")
+    if n > 1 and cuda and n > torch.cuda.device_count():
+        raise UserError(f"--nproc-per-node {n} needs {n} GPUs, this machine has {torch.cuda.device_count()}; "
+                        f"use at most that many (one GPU per process)")
 

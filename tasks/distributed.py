@@ -1,0 +1,254 @@
+"""``--nproc-per-node N``: each chunk trained by N processes, data-parallel, resumed exactly.
+
+The ``train_chunk`` task stays the unit of retry. It starts PyTorch's elastic launcher,
+``python -m torch.distributed.run`` (torchrun), which starts N ranks of :func:`main` and waits
+for them; torchrun's own options come from its ``PET_*`` environment variables (``PET_MAX_RESTARTS``,
+``PET_RDZV_ENDPOINT``, ...), and without a rendezvous endpoint it runs ``--standalone`` (a free
+local port). A rank that fails or dies stops the group (torchrun), the task fails, and Prefect's
+retry starts the whole group again from the latest valid checkpoint.
+
+Each rank builds the same :class:`~tasks.training.Trainer` from the same checkpoint, wraps the
+model in ``DistributedDataParallel`` and trains on its contiguous share of every global batch of
+the epoch's ``(seed, epoch)`` order, so an epoch's samples and batches do not depend on N: DDP
+averages the gradients of the N equal shares, i.e. the gradient of the global batch's mean loss.
+What does depend on N: the floats (the order of the additions), and dropout (each rank draws its
+own masks, and its RNG state is saved). So N is part of the run's identity. Every rank validates
+the whole validation set (identical models give identical metrics, and early stopping agrees
+without a message). Rank 0 alone writes checkpoints, in the usual format, with every rank's RNG
+state (``rng_ranks``); the model is replicated, so rank 0 holds all of it (no sharded
+checkpoint, ``torch.distributed.checkpoint``, is needed).
+
+A stop (SIGTERM, Ctrl-C) reaches the launching process only (torchrun runs in its own session):
+it asks the ranks through a file, and they agree at the end of the current epoch (an
+``all_reduce``), save a checkpoint and exit; the command then exits 143 / 130.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from tasks.checkpoint import capture_rng, restore_rng
+from tasks.history import HISTORY_FILE, write_history_csv
+from tasks.jobs.spec import TrainConfig, UserError
+from tasks.server import CHILD
+from tasks.training import (
+    GracefulStop,
+    StopRequested,
+    Trainer,
+    chunk_base,
+    chunk_end,
+    chunk_outcome,
+    epoch_order,
+    log_chunk,
+    train_epoch,
+)
+
+#: A collective that waits longer than this (a rank died without torchrun noticing) fails.
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=120)
+POLL_S = 0.2
+
+
+def backend(cfg: TrainConfig) -> str:
+    if cfg.dist_backend != "auto":
+        return cfg.dist_backend
+    return "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
+
+
+def shard(order: torch.Tensor, batch_size: int, rank: int, world: int) -> torch.Tensor:
+    """This rank's rows of an epoch's ``order``: the ``rank``-th contiguous ``batch_size / world``
+    rows of every full global batch, in batch order (a trailing partial batch is dropped, as
+    with one process)."""
+    batches = len(order) // batch_size
+    per = batch_size // world
+    return order[: batches * batch_size].view(batches, world, per)[:, rank].reshape(-1)  # [batches * per]
+
+
+class RankTrainer(Trainer):
+    """One rank's trainer: the model in DDP, this rank's share of each batch, rank 0 saves."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, fingerprint: str, stop_file: Path):
+        self.rank, self.world, self.stop_file = dist.get_rank(), dist.get_world_size(), stop_file
+        super().__init__(cfg, run_dir, fingerprint)
+        if self.resumed_from is None:  # own dropout masks per rank, after the shared init
+            torch.manual_seed(cfg.seed * 1_000_003 + 7919 * (self.rank + 1))
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        self.net = DistributedDataParallel(self.model, device_ids=device_ids)
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        super().load_state_dict(ckpt)
+        restore_rng(ckpt["rng_ranks"][self.rank])
+
+    def state_dict(self, chunk: int) -> dict[str, Any]:
+        """The usual payload, with every rank's RNG state (a collective: every rank calls it)."""
+        states: list[Any] = [None] * self.world
+        dist.all_gather_object(states, capture_rng())
+        return {**super().state_dict(chunk), "rng_ranks": states, "world_size": self.world}
+
+    def fit(self, epoch: int, on_batch: Any = None) -> float:
+        """This rank's share of every batch through DDP; the mean batch loss over all ranks."""
+        assert not self.skip, "data-parallel chunks stop at epoch ends only"
+        order = shard(epoch_order(self.cfg.seed, epoch, len(self.train)), self.cfg.batch_size, self.rank, self.world)
+        cost = train_epoch(self.net, self.optimizer, self.scheduler, self.loss_fn, self.train, order,
+                           self.cfg.batch_size // self.world, self.spec.prepare)
+        total = torch.tensor([cost], dtype=torch.float64, device=self.device)
+        dist.all_reduce(total)
+        return float(total) / self.world
+
+    def stop_agreed(self) -> bool:
+        """Whether any rank was asked to stop: all ranks get the same answer."""
+        flag = torch.tensor([int(self.stop_file.exists())], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag)
+
+    def train_until(self, end: int, stop: Any = None, progress: Any = None) -> None:
+        for epoch in range(self.next_epoch, end):
+            self.run_epoch(epoch)
+            self.next_epoch = epoch + 1
+            if self.stop_agreed() or self.stopped_early:
+                return
+
+    def save(self, chunk: int) -> Any:
+        payload = self.state_dict(chunk)
+        if self.rank != 0:
+            return None
+        name = self.checkpoints.save(payload)
+        self.checkpoints.prune(self.cfg.keep_last, self.history.get(self.monitor, []), self.higher_is_better)
+        return name
+
+
+# --- one rank (python -m tasks.distributed <folder>, started by torchrun) ----------------------
+
+
+def rank_chunk(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Train the chunk on this rank; rank 0's result is the chunk's."""
+    cfg = TrainConfig.model_validate(spec["config"])
+    trainer = RankTrainer(cfg, Path(spec["run_dir"]), spec["fingerprint"], folder / "stop")
+    chunk, start = spec["chunk"], trainer.next_epoch
+    base = chunk_base(trainer, chunk, spec["resumed"])
+    if start >= chunk_end(cfg, chunk) or trainer.finished:
+        return {**base, "skipped": True, "epoch": start}
+    if cfg.compile:
+        trainer.model.compile()
+    t0 = time.perf_counter()
+    trainer.train_until(chunk_end(cfg, chunk))
+    seconds = time.perf_counter() - t0
+    path = trainer.save(chunk)
+    if trainer.rank != 0:
+        return {}
+    write_history_csv(Path(spec["run_dir"]) / HISTORY_FILE, trainer.history)
+    return chunk_outcome(base, trainer, start, seconds, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """A rank: join the group, train the chunk, rank 0 writes ``result.json`` (also for bad input)."""
+    die_with_parent()
+    folder = Path((sys.argv[1:] if argv is None else argv)[0])
+    spec = json.loads((folder / "spec.json").read_text())
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cfg = TrainConfig.model_validate(spec["config"])
+    if backend(cfg) == "nccl":
+        torch.cuda.set_device(local)  # one GPU per process
+    dist.init_process_group(backend(cfg), timeout=COLLECTIVE_TIMEOUT)
+    try:
+        result: dict[str, Any] = rank_chunk(spec, folder)
+    except UserError as exc:  # e.g. the loss diverged: the same on every rank, and never retried
+        result = {"error": str(exc)}
+    finally:
+        dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        (folder / "result.tmp").write_text(json.dumps(result))
+        (folder / "result.tmp").replace(folder / "result.json")
+    return 0
+
+
+def die_with_parent() -> None:
+    """Linux: SIGKILL this rank when its launcher dies (a SIGKILLed command takes its ranks along)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+# --- the launching process (inside the train_chunk task) ---------------------------------------
+
+
+def launcher_args(cfg: TrainConfig) -> list[str]:
+    """torchrun's options that trainflow sets; the rest come from its PET_* variables."""
+    args = ["--nproc-per-node", str(cfg.nproc_per_node)]
+    if not os.environ.get("PET_RDZV_ENDPOINT"):
+        args.append("--standalone")  # one machine, a free local port for the rendezvous
+    return args
+
+
+def run_ranks(cfg: TrainConfig, folder: Path, stop: GracefulStop) -> tuple[int, str]:
+    """torchrun in its own session, dying with this process; a stop request is passed on through
+    ``folder/stop``. Returns its exit code and its output."""
+    cmd = [sys.executable, "-c", CHILD, str(os.getpid()), "torch.distributed.run", *launcher_args(cfg),
+           "-m", "tasks.distributed", str(folder)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # a user's job module too
+    with open(folder / "output.log", "wb") as out:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        try:
+            while proc.poll() is None:
+                if stop.signum is not None and not (folder / "stop").exists():
+                    (folder / "stop").touch()
+                time.sleep(POLL_S)
+        finally:
+            if proc.poll() is None:  # this process is stopping at once: so do the ranks
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    return proc.returncode, (folder / "output.log").read_text(errors="replace")
+
+
+def failures(output: str) -> str:
+    """What went wrong in a failed group: each rank's exception line (torchrun prefixes a rank's
+    output with ``[rankN]:``), else the end of the output."""
+    raised = [line for line in output.splitlines() if re.match(r"\[rank\d+\]: \w+(Error|Exception|Interrupt)\b", line)]
+    return "; ".join(raised) if raised else "\n" + "\n".join(output.strip().splitlines()[-30:])
+
+
+def launch_chunk(cfg: TrainConfig, run_dir: Path, fingerprint: str, chunk: int, logger: Any,
+                 resumed: bool) -> dict[str, Any]:
+    """Train chunk ``chunk`` with ``cfg.nproc_per_node`` processes; its result, as one process's."""
+    logger.info("chunk %d: %d processes (torch.distributed, %s)", chunk, cfg.nproc_per_node, backend(cfg))
+    spec = {"config": cfg.model_dump(mode="json"), "run_dir": str(run_dir), "fingerprint": fingerprint,
+            "chunk": chunk, "resumed": resumed}
+    with tempfile.TemporaryDirectory(prefix="trainflow-ranks-") as tmp, GracefulStop("at the end of this epoch") as stop:
+        folder = Path(tmp)
+        (folder / "spec.json").write_text(json.dumps(spec))
+        code, output = run_ranks(cfg, folder, stop)
+        done = folder / "result.json"
+        result = json.loads(done.read_text()) if done.exists() else None
+    if result is not None and "error" in result:
+        raise UserError(result["error"])
+    if code != 0 or result is None:
+        logger.error("the %d processes of chunk %d failed (torchrun exit %s): %s", cfg.nproc_per_node, chunk, code,
+                     failures(output))
+        raise RuntimeError(f"chunk {chunk}: a process of the group failed (torchrun exit {code})")
+    if not result["skipped"]:
+        log_chunk(logger, cfg, result)
+    if stop.signum is not None:
+        message = (f"{signal.Signals(stop.signum).name}: saved {result['checkpoint']} at epoch "
+                   f"{result['end_epoch']}/{cfg.epochs}; rerun the same command to resume from there")
+        logger.warning(message)
+        raise StopRequested(stop.signum, message)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

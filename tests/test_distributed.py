@@ -1,0 +1,198 @@
+"""One run on two processes (issue 20): --nproc-per-node 2 trains each chunk with DDP over gloo,
+and every fault below ends bit-identical to an uninterrupted two-process run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks.distributed import shard
+from tasks.training import epoch_order
+from tests.conftest import ROOT, TRAIN, cli_env, run_cli, state_dict, train_cli
+from tests.test_resume import assert_same_run, wait_for
+
+pytestmark = pytest.mark.slow
+
+# 3 chunks of 100 epochs (~1.5 s of training each, after a launch of a few seconds).
+ARGS = ["--job", "nonlinear", "--epochs", "300", "--chunk-epochs", "100", "--seed", "5", "--nproc-per-node", "2"]
+
+#: A job like nonlinear whose rank 1 raises once, in its 500th forward pass of a chunk after
+#: $FLAKY_AFTER exists (chunk 1's commit), while $FLAKY_MARK does not: loaded by import path in
+#: every rank.
+FLAKY_JOB = '''
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from tasks.jobs import JOBS
+
+BASE = JOBS["nonlinear"]
+
+
+class Flaky(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, x):
+        self.calls += 1
+        mark = Path(os.environ["FLAKY_MARK"])
+        after = Path(os.environ["FLAKY_AFTER"]).exists()
+        if os.environ.get("RANK") == "1" and self.calls == 500 and after and not mark.exists():
+            mark.touch()
+            raise RuntimeError("injected fault on rank 1")
+        return self.inner(x)
+
+
+JOB = replace(BASE, name="flaky", build_model=lambda cfg: Flaky(BASE.build_model(cfg)), report=None, predict=None)
+'''
+
+
+@pytest.fixture(scope="module")
+def reference(prefect_api: str, tmp_path_factory) -> Path:
+    """The uninterrupted two-process run that every faulted run must reproduce exactly."""
+    return train_cli(ARGS, prefect_api, tmp_path_factory.mktemp("ddp-ref"), "ref")
+
+
+def test_each_rank_takes_its_contiguous_share_of_every_global_batch() -> None:
+    order = epoch_order(5, 3, 70)  # 4 full batches of 16, 6 rows dropped
+    ranks = [shard(order, 16, r, 2) for r in range(2)]
+    batches = order[:64].view(4, 16)
+    for b in range(4):  # rank 0 the first 8 rows of each batch, rank 1 the next 8
+        assert torch.equal(ranks[0][b * 8:(b + 1) * 8], batches[b, :8])
+        assert torch.equal(ranks[1][b * 8:(b + 1) * 8], batches[b, 8:])
+
+
+def test_two_processes_train_what_one_does_up_to_rounding(reference: Path, prefect_api: str, tmp_path: Path) -> None:
+    """Same samples, same global batches, averaged gradients: the weights of one process,
+    up to the order of float additions; and another N is another run (its own folder)."""
+    one = [a for a in ARGS if a not in ("--nproc-per-node", "2")]
+    single = train_cli(one, prefect_api, tmp_path, "one")
+    a, b = state_dict(reference / "model_state_dict.pt"), state_dict(single / "model_state_dict.pt")
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a), (a, b)
+    refused = run_cli([*ARGS[:-1], "1", "--artifacts-dir", str(reference.parents[1]), "--run-name", "ref"], prefect_api)
+    assert refused.returncode == 2 and "nproc_per_node" in refused.stderr, refused.stderr[-2000:]
+
+
+def ranks_of(pid: int) -> list[int]:
+    """The rank processes (``-m tasks.distributed``) below ``pid``."""
+    out = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if b"tasks.distributed" in cmdline.read_bytes() and is_below(int(cmdline.parent.name), pid):
+                out.append(int(cmdline.parent.name))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def is_below(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            return False
+        if pid == ancestor:
+            return True
+    return False
+
+
+def rank_of(pid: int) -> str | None:
+    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return next((e.split(b"=", 1)[1].decode() for e in env if e.startswith(b"RANK=")), None)
+
+
+class Command:
+    """``python flows/train_flow.py ARGS`` with INFO logs, its output collected as it comes."""
+
+    def __init__(self, args: list[str], prefect_api: str, **env: str):
+        self.proc = subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=ROOT, text=True,
+                                     env={**cli_env(prefect_api), "PREFECT_LOGGING_LEVEL": "INFO", **env},
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        self.reader.start()
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_line(self, text: str, timeout: float = 240) -> None:
+        wait_for(lambda: any(text in line for line in self.lines), timeout=timeout, proc=self.proc)
+
+    def wait(self, timeout: float = 400) -> int:
+        code = self.proc.wait(timeout=timeout)
+        self.reader.join(timeout=30)
+        return code
+
+
+def test_sigkill_of_one_rank_is_retried_bit_exact(reference: Path, prefect_api: str, tmp_path: Path) -> None:
+    """Rank 1 SIGKILLed inside chunk 2: torchrun stops the group, the task's retry starts it
+    again from checkpoint 1, and the run ends bit-identical."""
+    run = Command([*ARGS, "--artifacts-dir", str(tmp_path), "--run-name", "r"], prefect_api)
+    run.wait_line("chunk 2: 2 processes")
+    victim: list[int] = []
+    wait_for(lambda: victim.extend(p for p in ranks_of(run.proc.pid) if rank_of(p) == "1") or victim, timeout=60,
+             proc=run.proc)
+    os.kill(victim[0], signal.SIGKILL)
+    assert run.wait() == 0, run.output[-3000:]
+    assert "a process of the group failed" in run.output, run.output[-3000:]
+    assert_same_run(tmp_path / "nonlinear" / "r", reference)
+
+
+def test_sigkill_of_the_command_takes_its_ranks_and_the_rerun_is_bit_exact(reference: Path, prefect_api: str,
+                                                                           tmp_path: Path) -> None:
+    args = [*ARGS, "--artifacts-dir", str(tmp_path), "--run-name", "r"]
+    run = Command(args, prefect_api)
+    run.wait_line("chunk 2: 2 processes")
+    wait_for(lambda: len(ranks_of(run.proc.pid)) == 2, timeout=60, proc=run.proc)
+    ranks = ranks_of(run.proc.pid)
+    run.proc.send_signal(signal.SIGKILL)
+    run.wait()
+    wait_for(lambda: not any(Path(f"/proc/{p}").exists() and b"tasks.distributed" in
+                             Path(f"/proc/{p}/cmdline").read_bytes() for p in ranks), timeout=30)
+    again = run_cli(args, prefect_api)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert_same_run(tmp_path / "nonlinear" / "r", reference)
+
+
+def test_a_rank_that_raises_stops_the_group_and_the_retry_resumes(prefect_api: str, tmp_path: Path) -> None:
+    """No hang: rank 0 is stopped at once, the task fails and its retry resumes, bit-exact
+    against the same job run without the fault."""
+    (tmp_path / "flaky_job.py").write_text(FLAKY_JOB)
+    after = tmp_path / "arts" / "flaky_job.JOB" / "faulted" / "checkpoints" / "checkpoint-1.json"
+    env = {"PYTHONPATH": str(tmp_path), "FLAKY_MARK": str(tmp_path / "raised"), "FLAKY_AFTER": str(after)}
+    args = ["--job", "flaky_job:JOB", *ARGS[2:], "--artifacts-dir", str(tmp_path / "arts")]
+    t0 = time.monotonic()
+    faulted = Command([*args, "--run-name", "faulted"], prefect_api, **env)
+    assert faulted.wait() == 0 and (tmp_path / "raised").exists(), faulted.output[-3000:]
+    assert "injected fault on rank 1" in faulted.output and "a process of the group failed" in faulted.output
+    assert time.monotonic() - t0 < 300
+    clean = Command([*args, "--run-name", "clean"], prefect_api, **env)  # the mark exists: no fault
+    assert clean.wait() == 0, clean.output[-3000:]
+    assert_same_run(tmp_path / "arts" / "flaky_job.JOB" / "faulted", tmp_path / "arts" / "flaky_job.JOB" / "clean")
+
+
+def test_sigterm_saves_at_the_end_of_the_epoch_then_resumes(reference: Path, prefect_api: str, tmp_path: Path) -> None:
+    """All ranks agree to stop at the end of the current epoch; rank 0 saves; exit 143; the rerun
+    ends bit-exact."""
+    args = [*ARGS, "--artifacts-dir", str(tmp_path), "--run-name", "r"]
+    run = Command(args, prefect_api)
+    run.wait_line("chunk 2: 2 processes")
+    wait_for(lambda: len(ranks_of(run.proc.pid)) == 2, timeout=60, proc=run.proc)
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=120) == 143, run.output[-3000:]
+    assert "SIGTERM: saved checkpoint-2.pt at epoch 1" in run.output, run.output[-3000:]
+    again = run_cli(args, prefect_api)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert_same_run(tmp_path / "nonlinear" / "r", reference)
