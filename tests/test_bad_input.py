@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from flows.train_flow import main
 from tasks.jobs import JOBS
@@ -95,6 +96,11 @@ def test_bad_csv(case: str, tmp_path: Path, existing_artifacts: Path, capsys) ->
         (["--optimizer", "lbfgs"], "argument --optimizer: invalid choice: 'lbfgs'"),
         (["--nesterov"], "--nesterov needs a momentum: add --momentum"),
         (["--optimizer", "adam", "--momentum", "0.9"], "--momentum and --nesterov apply to --optimizer sgd only"),
+        (["--nproc-per-node", "0"], "invalid --nproc-per-node: Input should be greater than or equal to 1"),
+        (["--nproc-per-node", "3"], "--batch-size 16 does not divide by --nproc-per-node 3"),
+        (["--nproc-per-node", "2", "--dist-backend", "nccl", "--device", "cpu"], "--dist-backend nccl needs CUDA"),
+        pytest.param(["--nproc-per-node", "2", "--device", "cuda"], "--device cuda: this machine has no usable CUDA",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine")),
     ],
 )
 def test_bad_options(args: list[str], expected: str, existing_artifacts: Path, capsys) -> None:

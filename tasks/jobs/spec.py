@@ -227,7 +227,10 @@ class JobSpec:
 
 
 def check_processes(cfg: TrainConfig) -> None:
-    """--nproc-per-node N: each rank takes an equal share of every batch, one GPU per rank."""
+    """--device cuda needs CUDA; --nproc-per-node N: each rank takes an equal share of every
+    batch, one GPU per rank."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: this machine has no usable CUDA device; use --device cpu (or auto)")
     n = cfg.nproc_per_node
     if n > 1 and cfg.batch_size % n:
         raise UserError(f"--batch-size {cfg.batch_size} does not divide by --nproc-per-node {n}; each process "
