@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import re
 import signal
@@ -35,7 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -44,6 +45,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tasks.checkpoint import capture_rng, restore_rng
 from tasks.history import HISTORY_FILE, write_history_csv
 from tasks.jobs.spec import TrainConfig, UserError
+from tasks.progress import ChunkProgress
 from tasks.server import CHILD
 from tasks.training import (
     GracefulStop,
@@ -85,7 +87,7 @@ class RankTrainer(Trainer):
         super().__init__(cfg, run_dir, fingerprint)
         if self.resumed_from is None:  # own dropout masks per rank, after the shared init
             torch.manual_seed(cfg.seed * 1_000_003 + 7919 * (self.rank + 1))
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        device_ids = [torch.cuda.current_device()] if self.device.type == "cuda" else None  # LOCAL_RANK's GPU
         self.net = DistributedDataParallel(self.model, device_ids=device_ids)
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
@@ -115,11 +117,22 @@ class RankTrainer(Trainer):
         return bool(flag)
 
     def train_until(self, end: int, stop: Any = None, progress: Any = None) -> None:
-        for epoch in range(self.next_epoch, end):
-            self.run_epoch(epoch)
+        start = self.next_epoch
+        self.tell(start, end, math.nan)
+        for epoch in range(start, end):
+            row = self.run_epoch(epoch)
             self.next_epoch = epoch + 1
+            self.tell(start, end, row["train_loss"])
             if self.stop_agreed() or self.stopped_early:
                 return
+
+    def tell(self, start: int, end: int, loss: float) -> None:
+        """Rank 0: where the chunk is, for the launching process to show (:class:`Watch`)."""
+        if self.rank == 0:
+            state = {"start": start, "end": end, "steps": self.steps_per_epoch, "done": self.next_epoch, "loss": loss}
+            tmp = self.stop_file.with_name("progress.tmp")
+            tmp.write_text(json.dumps(state))
+            tmp.replace(self.stop_file.with_name("progress.json"))
 
     def save(self, chunk: int) -> Any:
         payload = self.state_dict(chunk)
@@ -194,9 +207,33 @@ def launcher_args(cfg: TrainConfig) -> list[str]:
     return args
 
 
-def run_ranks(cfg: TrainConfig, folder: Path, stop: GracefulStop) -> tuple[int, str]:
+class Watch:
+    """The chunk's progress as rank 0 tells it (``progress.json``), drawn and reported the way
+    one process does it (tasks/progress.py), at each epoch's end."""
+
+    def __init__(self, cfg: TrainConfig, folder: Path, logger: Any, report: Callable[[float, str], None] | None):
+        self.cfg, self.file, self.log, self.report = cfg, folder / "progress.json", logger, report
+        self.seen, self.progress = "", None
+
+    def poll(self) -> None:
+        text = self.file.read_text() if self.file.exists() else self.seen
+        if text == self.seen:
+            return
+        self.seen, state = text, json.loads(text)
+        if self.progress is None:
+            self.progress = ChunkProgress(state["start"], state["end"], self.cfg.epochs, state["steps"],
+                                          self.cfg.batch_size, self.log, self.report).__enter__()
+        if state["done"] > state["start"]:
+            self.progress.epoch_done(state["done"] - 1, state["loss"])
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.__exit__()
+
+
+def run_ranks(cfg: TrainConfig, folder: Path, stop: GracefulStop, watch: Watch) -> tuple[int, str]:
     """torchrun in its own session, dying with this process; a stop request is passed on through
-    ``folder/stop``. Returns its exit code and its output."""
+    ``folder/stop``, progress comes back through ``watch``. Returns its exit code and output."""
     cmd = [sys.executable, "-c", CHILD, str(os.getpid()), "torch.distributed.run", *launcher_args(cfg),
            "-m", "tasks.distributed", str(folder)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # a user's job module too
@@ -207,8 +244,10 @@ def run_ranks(cfg: TrainConfig, folder: Path, stop: GracefulStop) -> tuple[int, 
             while proc.poll() is None:
                 if stop.signum is not None and not (folder / "stop").exists():
                     (folder / "stop").touch()
+                watch.poll()
                 time.sleep(POLL_S)
         finally:
+            watch.close()
             if proc.poll() is None:  # this process is stopping at once: so do the ranks
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
@@ -222,8 +261,8 @@ def failures(output: str) -> str:
     return "; ".join(raised) if raised else "\n" + "\n".join(output.strip().splitlines()[-30:])
 
 
-def launch_chunk(cfg: TrainConfig, run_dir: Path, fingerprint: str, chunk: int, logger: Any,
-                 resumed: bool) -> dict[str, Any]:
+def launch_chunk(cfg: TrainConfig, run_dir: Path, fingerprint: str, chunk: int, logger: Any, resumed: bool,
+                 report: Callable[[float, str], None] | None = None) -> dict[str, Any]:
     """Train chunk ``chunk`` with ``cfg.nproc_per_node`` processes; its result, as one process's."""
     logger.info("chunk %d: %d processes (torch.distributed, %s)", chunk, cfg.nproc_per_node, backend(cfg))
     spec = {"config": cfg.model_dump(mode="json"), "run_dir": str(run_dir), "fingerprint": fingerprint,
@@ -231,7 +270,7 @@ def launch_chunk(cfg: TrainConfig, run_dir: Path, fingerprint: str, chunk: int, 
     with tempfile.TemporaryDirectory(prefix="trainflow-ranks-") as tmp, GracefulStop("at the end of this epoch") as stop:
         folder = Path(tmp)
         (folder / "spec.json").write_text(json.dumps(spec))
-        code, output = run_ranks(cfg, folder, stop)
+        code, output = run_ranks(cfg, folder, stop, Watch(cfg, folder, logger, report))
         done = folder / "result.json"
         result = json.loads(done.read_text()) if done.exists() else None
     if result is not None and "error" in result:

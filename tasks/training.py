@@ -427,7 +427,7 @@ def run_chunk(cfg: TrainConfig, run_dir: Path, fingerprint: str, chunk: int, log
     if cfg.nproc_per_node > 1:  # N processes train it together; torch.distributed is imported only then
         from tasks.distributed import launch_chunk
 
-        return launch_chunk(cfg, run_dir, fingerprint, chunk, logger, resumed)
+        return launch_chunk(cfg, run_dir, fingerprint, chunk, logger, resumed, report)
     trainer = Trainer(cfg, run_dir, fingerprint, logger)  # reports skipped checkpoints, once
     start, end = trainer.next_epoch, chunk_end(cfg, chunk)
     base = chunk_base(trainer, chunk, resumed)
