@@ -88,7 +88,9 @@ class RankTrainer(Trainer):
         if self.resumed_from is None:  # own dropout masks per rank, after the shared init
             torch.manual_seed(cfg.seed * 1_000_003 + 7919 * (self.rank + 1))
         device_ids = [torch.cuda.current_device()] if self.device.type == "cuda" else None  # LOCAL_RANK's GPU
-        self.net = DistributedDataParallel(self.model, device_ids=device_ids)
+        # Buffers (BatchNorm's running statistics) are averaged once per epoch (fit), not
+        # broadcast before every forward: a collective per step less (~15 % of a small_cnn step here).
+        self.net = DistributedDataParallel(self.model, device_ids=device_ids, broadcast_buffers=False)
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
         super().load_state_dict(ckpt)
@@ -106,6 +108,10 @@ class RankTrainer(Trainer):
         order = shard(epoch_order(self.cfg.seed, epoch, len(self.train)), self.cfg.batch_size, self.rank, self.world)
         cost = train_epoch(self.net, self.optimizer, self.scheduler, self.loss_fn, self.train, order,
                            self.cfg.batch_size // self.world, self.spec.prepare)
+        for buffer in self.model.buffers():  # each rank's running statistics -> their mean, on every rank
+            if buffer.is_floating_point():
+                dist.all_reduce(buffer)
+                buffer /= self.world
         total = torch.tensor([cost], dtype=torch.float64, device=self.device)
         dist.all_reduce(total)
         return float(total) / self.world

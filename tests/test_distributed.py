@@ -153,9 +153,21 @@ def test_sigkill_of_one_rank_is_retried_bit_exact(reference: Path, prefect_api: 
     assert_same_run(tmp_path / "nonlinear" / "r", reference)
 
 
-def test_sigkill_of_the_command_takes_its_ranks_and_the_rerun_is_bit_exact(reference: Path, prefect_api: str,
+@pytest.mark.parametrize("job", ["nonlinear", "fashion_mnist"])
+def test_sigkill_of_the_command_takes_its_ranks_and_the_rerun_is_bit_exact(job: str, reference: Path, prefect_api: str,
                                                                            tmp_path: Path) -> None:
-    args = [*ARGS, "--artifacts-dir", str(tmp_path), "--run-name", "r"]
+    """fashion_mnist's small_cnn adds BatchNorm (buffers averaged per epoch) and dropout (a
+    random stream per rank, each saved): tiny generated data, 3 chunks of 2 epochs."""
+    if job == "fashion_mnist":
+        from tasks.jobs.fashion_mnist import make_test_data
+
+        data = make_test_data(tmp_path / "data")
+        base = ["--job", job, "--data", str(data), "--epochs", "6", "--chunk-epochs", "2", "--batch-size", "32",
+                "--nproc-per-node", "2"]
+        reference = train_cli(base, prefect_api, tmp_path / "ref", "ref")
+    else:
+        base = ARGS
+    args = [*base, "--artifacts-dir", str(tmp_path), "--run-name", "r"]
     run = Command(args, prefect_api)
     run.wait_line("chunk 2: 2 processes")
     wait_for(lambda: len(ranks_of(run.proc.pid)) == 2, timeout=60, proc=run.proc)
@@ -166,7 +178,7 @@ def test_sigkill_of_the_command_takes_its_ranks_and_the_rerun_is_bit_exact(refer
                              Path(f"/proc/{p}/cmdline").read_bytes() for p in ranks), timeout=30)
     again = run_cli(args, prefect_api)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert_same_run(tmp_path / "nonlinear" / "r", reference)
+    assert_same_run(tmp_path / job / "r", reference)
 
 
 def test_a_rank_that_raises_stops_the_group_and_the_retry_resumes(prefect_api: str, tmp_path: Path) -> None:
