@@ -285,6 +285,8 @@ def launch_chunk(cfg: TrainConfig, run_dir: Path, fingerprint: str, chunk: int, 
         logger.error("the %d processes of chunk %d failed (torchrun exit %s): %s", cfg.nproc_per_node, chunk, code,
                      failures(output))
         raise RuntimeError(f"chunk {chunk}: a process of the group failed (torchrun exit {code})")
+    if result.get("resumed_from"):
+        logger.info("chunk %d: resumed from %s", chunk, result["resumed_from"])
     if not result["skipped"]:
         log_chunk(logger, cfg, result)
     if stop.signum is not None:
