@@ -1,11 +1,11 @@
 """``--nproc-per-node N``: each chunk trained by N processes, data-parallel, resumed exactly.
 
 The ``train_chunk`` task stays the unit of retry. It starts PyTorch's elastic launcher,
-``python -m torch.distributed.run`` (torchrun), which starts N ranks of :func:`main` and waits
-for them; torchrun's own options come from its ``PET_*`` environment variables (``PET_MAX_RESTARTS``,
-``PET_RDZV_ENDPOINT``, ...), and without a rendezvous endpoint it runs ``--standalone`` (a free
-local port). A rank that fails or dies stops the group (torchrun), the task fails, and Prefect's
-retry starts the whole group again from the latest valid checkpoint.
+``python -m torch.distributed.run --standalone`` (torchrun: one machine, a free local port for
+the rendezvous), which starts N ranks of :func:`main` and waits for them; torchrun's other
+options come from its ``PET_*`` environment variables (``PET_MAX_RESTARTS``, ...). A rank that
+fails or dies stops the group (torchrun), the task fails, and Prefect's retry starts the whole
+group again from the latest valid checkpoint.
 
 Each rank builds the same :class:`~tasks.training.Trainer` from the same checkpoint, wraps the
 model in ``DistributedDataParallel`` and trains on its contiguous share of every global batch of
@@ -206,11 +206,10 @@ def die_with_parent() -> None:
 
 
 def launcher_args(cfg: TrainConfig) -> list[str]:
-    """torchrun's options that trainflow sets; the rest come from its PET_* variables."""
-    args = ["--nproc-per-node", str(cfg.nproc_per_node)]
-    if not os.environ.get("PET_RDZV_ENDPOINT"):
-        args.append("--standalone")  # one machine, a free local port for the rendezvous
-    return args
+    """torchrun's options that trainflow sets; the rest come from its PET_* variables.
+    ``--standalone``: one machine, and a free local port for the rendezvous at every launch, so
+    a port in use (torchrun's default 29500, another run's) never stops a chunk."""
+    return ["--standalone", "--nproc-per-node", str(cfg.nproc_per_node)]
 
 
 class Watch:

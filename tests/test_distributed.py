@@ -85,6 +85,21 @@ def test_two_processes_train_what_one_does_up_to_rounding(reference: Path, prefe
     assert refused.returncode == 2 and "nproc_per_node" in refused.stderr, refused.stderr[-2000:]
 
 
+def test_the_rendezvous_takes_a_free_port_when_torchruns_default_is_taken(prefect_api: str, tmp_path: Path) -> None:
+    """Another program listens on 29500, torchrun's default port: the chunks still launch."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            taken.bind(("0.0.0.0", 29500))
+        except OSError:
+            pytest.skip("port 29500 is in use here already")
+        taken.listen()
+        args = ["--job", "nonlinear", "--epochs", "20", "--chunk-epochs", "10", "--nproc-per-node", "2"]
+        train_cli(args, prefect_api, tmp_path, "r")
+
+
 def ranks_of(pid: int) -> list[int]:
     """The rank processes (``-m tasks.distributed``) below ``pid``."""
     out = []
