@@ -41,6 +41,7 @@ from __future__ import annotations
 import sys
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # `python deployments/automations.py` from anywhere
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -59,64 +60,55 @@ HEARTBEAT_WINDOW = timedelta(seconds=3 * HEARTBEAT_SECONDS)
 OUR_RUNS = {"prefect.resource.role": "flow", "prefect.resource.name": FLOW_NAME}
 
 
-def requeue_crashed() -> "Automation":  # noqa: F821 - prefect imported lazily
-    """The automation, not yet registered."""
+def proactive(name: str, description: str, trigger: dict[str, Any], action: dict[str, Any]) -> "Automation":  # noqa: F821
+    """An automation on our flow's runs, not yet registered: when ``trigger`` (``after``,
+    ``expect``, ``match``, ``within``) fires for one flow run, change that run's state (``action``)."""
     from prefect.automations import Automation
-    from prefect.client.schemas.objects import StateType
     from prefect.events.actions import ChangeFlowRunState
     from prefect.events.schemas.automations import EventTrigger, Posture
 
     return Automation(
-        name=AUTOMATION_NAME,
-        description=f"Reschedule a crashed {FLOW_NAME} flow run (same flow run id, so it resumes its run folder); "
-        f"attempts 1-{MAX_RUNS - 1} only. Registered by deployments/automations.py.",
-        enabled=True,
-        trigger=EventTrigger(
-            after={"prefect.flow-run.Crashed"},
-            expect={"prefect.flow-run.Pending"},  # picked up again (e.g. a manual retry): nothing to do
-            match={"prefect.resource.id": "prefect.flow-run.*",
-                   "prefect.run-count": [str(n) for n in range(1, MAX_RUNS)]},
-            match_related=OUR_RUNS,
-            for_each={"prefect.resource.id"},
-            posture=Posture.Proactive,
-            threshold=1,
-            within=REQUEUE_AFTER,
-        ),
-        actions=[ChangeFlowRunState(
-            state=StateType.SCHEDULED, name="AwaitingRetry",
-            message=f"crashed; requeued by automation {AUTOMATION_NAME} to resume its run folder",
-        )],
+        name=name, description=f"{description} Registered by deployments/automations.py.", enabled=True,
+        trigger=EventTrigger(match_related=OUR_RUNS, for_each={"prefect.resource.id"}, posture=Posture.Proactive,
+                             threshold=1, **trigger),
+        actions=[ChangeFlowRunState(**action)],
+    )
+
+
+def requeue_crashed() -> "Automation":  # noqa: F821 - prefect imported lazily
+    """The requeue automation, not yet registered."""
+    from prefect.client.schemas.objects import StateType
+
+    return proactive(
+        AUTOMATION_NAME,
+        f"Reschedule a crashed {FLOW_NAME} flow run (same flow run id, so it resumes its run folder); "
+        f"attempts 1-{MAX_RUNS - 1} only.",
+        trigger={"after": {"prefect.flow-run.Crashed"},
+                 "expect": {"prefect.flow-run.Pending"},  # picked up again (e.g. a manual retry): nothing to do
+                 "match": {"prefect.resource.id": "prefect.flow-run.*",
+                           "prefect.run-count": [str(n) for n in range(1, MAX_RUNS)]},
+                 "within": REQUEUE_AFTER},
+        action={"state": StateType.SCHEDULED, "name": "AwaitingRetry",
+                "message": f"crashed; requeued by automation {AUTOMATION_NAME} to resume its run folder"},
     )
 
 
 def crash_silent() -> "Automation":  # noqa: F821
     """The zombie-run automation, not yet registered."""
-    from prefect.automations import Automation
     from prefect.client.schemas.objects import StateType
-    from prefect.events.actions import ChangeFlowRunState
-    from prefect.events.schemas.automations import EventTrigger, Posture
 
-    return Automation(
-        name=SILENT_NAME,
-        description=f"Mark a {FLOW_NAME} flow run Crashed when its heartbeats stop (its worker died with it), so "
-        f"{AUTOMATION_NAME} requeues it. Registered by deployments/automations.py.",
-        enabled=True,
-        trigger=EventTrigger(
-            after={"prefect.flow-run.heartbeat"},
-            expect={"prefect.flow-run.*"},  # the next heartbeat, or any state change
-            match={"prefect.resource.id": "prefect.flow-run.*"},
-            match_related=OUR_RUNS,
-            for_each={"prefect.resource.id"},
-            posture=Posture.Proactive,
-            threshold=1,
-            within=HEARTBEAT_WINDOW,
-        ),
+    return proactive(
+        SILENT_NAME,
+        f"Mark a {FLOW_NAME} flow run Crashed when its heartbeats stop (its worker died with it), so "
+        f"{AUTOMATION_NAME} requeues it.",
+        trigger={"after": {"prefect.flow-run.heartbeat"},
+                 "expect": {"prefect.flow-run.*"},  # the next heartbeat, or any state change
+                 "match": {"prefect.resource.id": "prefect.flow-run.*"},
+                 "within": HEARTBEAT_WINDOW},
         # force=False: Prefect refuses Crashed for a run already Completed/Failed/Cancelled.
-        actions=[ChangeFlowRunState(
-            state=StateType.CRASHED, force=False,
-            message=f"no heartbeat for {HEARTBEAT_WINDOW.seconds} s: its worker is presumed dead "
-            f"(automation {SILENT_NAME})",
-        )],
+        action={"state": StateType.CRASHED, "force": False,
+                "message": f"no heartbeat for {HEARTBEAT_WINDOW.seconds} s: its worker is presumed dead "
+                           f"(automation {SILENT_NAME})"},
     )
 
 
