@@ -21,9 +21,11 @@ FIELDS: dict[str, FieldInfo] = dict(TrainConfig.model_fields)
 
 
 def base_type(field: FieldInfo) -> Any:
-    """The field's type without ``| None`` (``int | None`` -> ``int``)."""
+    """The field's type without ``| None`` (``int | None`` -> ``int``; ``int | Literal["auto"]`` stays)."""
+    if typing.get_origin(field.annotation) not in (typing.Union, type(int | None)):
+        return field.annotation
     args = [a for a in typing.get_args(field.annotation) if a is not type(None)]
-    return args[0] if typing.get_origin(field.annotation) in (typing.Union, type(int | None)) else field.annotation
+    return args[0] if len(args) == 1 else typing.Union[tuple(args)]
 
 
 def job_defaults(name: str) -> str:

@@ -49,6 +49,7 @@ from tasks.run import (
     run_dir_for,
     utc_now,
     where,
+    with_run_threads,
 )
 from tasks.training import StopRequested, chunk_count, train_chunk
 
@@ -65,6 +66,7 @@ def run_job(cfg: TrainConfig) -> dict[str, Any]:
     info = load_data(cfg)
     fingerprint = cfg.fingerprint(info["fingerprint"])
     run_dir, archived = prepare_run_dir(cfg, info["fingerprint"])
+    cfg = with_run_threads(cfg, fingerprint)
     if archived is not None:
         logger.info("--fresh: moved the previous run to %s", archived)
     with hold(run_dir, wait=cfg.wait_lock):
@@ -119,10 +121,12 @@ train_flow = flow(name="train", retries=0)(with_parameters(train, config_paramet
 
 
 def one_line(exc: ValidationError) -> str:
-    """First pydantic error as ``--option: message (got value)``."""
+    """First pydantic error as ``--option: message (got value)``; a field of several types
+    (``--threads``: a number or auto) lists what each would need."""
     err = exc.errors()[0]
-    field = "--" + "-".join(str(p) for p in err["loc"]).replace("_", "-")
-    return f"invalid {field}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})"
+    field = "--" + str(err["loc"][0]).replace("_", "-")
+    msgs = [e["msg"].removeprefix("Value error, ") for e in exc.errors() if e["loc"][:1] == err["loc"][:1]]
+    return f"invalid {field}: {', or '.join(dict.fromkeys(msgs))} (got {err.get('input')!r})"
 
 
 def preflight(configs: list[TrainConfig]) -> None:

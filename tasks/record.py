@@ -54,7 +54,7 @@ def environment(cfg: TrainConfig) -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             pass
     device = resolve_device(cfg)
-    dev: dict[str, Any] = {"type": device.type, "threads": cfg.threads, "cpu_count": os.cpu_count(),
+    dev: dict[str, Any] = {"type": device.type, "threads": cfg.thread_count(), "cpu_count": os.cpu_count(),
                            "processor": platform.processor() or platform.machine()}
     if device.type == "cuda":
         dev.update(name=torch.cuda.get_device_name(0), cuda=torch.version.cuda, count=torch.cuda.device_count())

@@ -108,7 +108,17 @@ def config_record(cfg: TrainConfig, data_fingerprint: str) -> dict[str, Any]:
         "data_fingerprint": data_fingerprint,
         "identity": cfg.identity(),
         "config": cfg.model_dump(mode="json"),
+        "threads": cfg.thread_count(),  # --threads auto, resolved once: a resume elsewhere trains the same
     }
+
+
+def with_run_threads(cfg: TrainConfig, fingerprint: str) -> TrainConfig:
+    """``cfg`` with ``--threads auto`` replaced by the count its run folder stored when it was
+    created, so that the same command gives the same floats on a machine with other cores."""
+    if cfg.threads != "auto":
+        return cfg
+    stored = (read_config(cfg, fingerprint) or {}).get("threads")
+    return cfg.model_copy(update={"threads": int(stored) if stored else cfg.thread_count()})
 
 
 def read_config(cfg: TrainConfig, fingerprint: str) -> dict[str, Any] | None:

@@ -98,7 +98,7 @@ def deterministic_cuda() -> None:
 
 def setup_torch(cfg: TrainConfig) -> torch.device:
     """Apply the thread count (CPU) and, on CUDA, deterministic kernels; return the device."""
-    torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.thread_count())
     device = resolve_device(cfg)
     if device.type == "cuda":
         deterministic_cuda()

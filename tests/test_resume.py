@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tasks.checkpoint import list_checkpoints
+from tasks.jobs.spec import auto_threads
 from tests.conftest import ROOT, TRAIN, assert_same_tensors, cli_env, run_cli, state_dict, train_cli
 
 # Small but real: 200 rows, 3 chunks; each chunk is long enough (~0.3-1 s) to be killed inside.
@@ -155,3 +156,34 @@ def test_checkpoints_keep_the_tutorial_format(reference: Path) -> None:
     assert checkpoint["epoch"] == 999  # last completed 0-based epoch: chunk 2 of 500 epochs
     assert checkpoint["model"] == "CustomModel" and "체크포인트-2" in checkpoint["description"]
     assert isinstance(checkpoint["cost"], float)
+
+
+def test_threads_auto_is_resolved_once_and_kept_with_the_run(reference: Path, prefect_api: str, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """--threads auto (the default) is resolved when the run folder is created ($OMP_NUM_THREADS
+    stands in for a machine with other cores); the same command on this machine resumes with the
+    stored count, to the same result."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    there = auto_threads(1) + 2  # what auto gives on "the first machine": not what it gives here
+    args = [*SMALL, "--artifacts-dir", str(tmp_path), "--run-name", "r"]
+    run_dir = tmp_path / "nonlinear" / "r"
+    proc = subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env={**cli_env(prefect_api), "OMP_NUM_THREADS": str(there)})
+    wait_for(lambda: (run_dir / "checkpoints" / "checkpoint-1.json").exists(), proc=proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    again = run_cli(args, prefect_api)
+    assert again.returncode == 0, again.stderr[-3000:]
+    record = json.loads((run_dir / "run.json").read_text())
+    assert json.loads((run_dir / "config.json").read_text())["threads"] == there
+    assert record["attempts"] == 2 and record["environment"]["device"]["threads"] == there
+    assert_same_run(run_dir, reference)
+
+
+def test_threads_auto_uses_the_cores_but_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for cores, procs, threads in [(16, 1, 15), (16, 2, 7), (16, 16, 1), (2, 1, 1), (1, 1, 1)]:
+        monkeypatch.setattr("os.sched_getaffinity", lambda _pid, n=cores: set(range(n)))
+        assert auto_threads(procs) == threads
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert auto_threads(2) == 4  # per process, as OpenMP and torchrun read it
