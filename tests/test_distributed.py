@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tasks.checkpoint import list_checkpoints
 from tasks.distributed import shard
 from tasks.training import epoch_order
-from tests.conftest import ROOT, TRAIN, cli_env, run_cli, state_dict, train_cli
+from tests.conftest import ROOT, TRAIN, assert_same_tensors, cli_env, run_cli, state_dict, train_cli
 from tests.test_resume import assert_same_run, wait_for
 
 pytestmark = pytest.mark.slow
@@ -227,3 +228,45 @@ def test_sigterm_saves_at_the_end_of_the_epoch_then_resumes(reference: Path, pre
     again = run_cli(args, prefect_api)
     assert again.returncode == 0, again.stderr[-3000:]
     assert_same_run(tmp_path / "nonlinear" / "r", reference)
+
+
+def test_two_launchers_over_loopback_train_as_one_launcher_with_two_processes(reference: Path, tmp_path: Path) -> None:
+    """Several machines, rehearsed on one (docs/distributed.md): chunks 2 and 3 of the reference
+    run, each trained by two torchrun launchers (--nnodes 2, one process each, c10d rendezvous on
+    127.0.0.1, each with its own copy of the chunk's spec, as two machines would have), end
+    bit-identical to one launcher with --nproc-per-node 2. Whichever launcher the rendezvous
+    makes rank 0 writes the checkpoint."""
+    import json
+    import shutil
+    import socket
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    for path in (run_dir / "checkpoints").glob("checkpoint-[23].*"):
+        path.unlink()  # back to the end of chunk 1
+    record = json.loads((run_dir / "config.json").read_text())
+    config = {**record["config"], "threads": record["threads"]}
+    for chunk in (2, 3):
+        spec = {"config": config, "run_dir": str(run_dir), "fingerprint": record["fingerprint"], "chunk": chunk,
+                "resumed": True}
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        launchers = []
+        for node in (0, 1):
+            folder = tmp_path / f"chunk{chunk}-node{node}"
+            folder.mkdir()
+            (folder / "spec.json").write_text(json.dumps(spec))
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                   "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"chunk{chunk}",
+                   "-m", "tasks.distributed", str(folder)]
+            launchers.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        for proc in launchers:
+            out = proc.communicate(timeout=300)[0]
+            assert proc.returncode == 0, out[-3000:]
+        results = [tmp_path / f"chunk{chunk}-node{n}" / "result.json" for n in (0, 1)]
+        assert sum(r.exists() for r in results) == 1  # one rank 0, on either launcher
+    ours, ref = (dict(list_checkpoints(d / "checkpoints"))[3] for d in (run_dir, reference))
+    ours, ref = torch.load(ours, weights_only=True), torch.load(ref, weights_only=True)
+    assert_same_tensors(ours["model_state_dict"], ref["model_state_dict"])
+    assert ours["epoch"] == ref["epoch"] and ours["cost"] == ref["cost"] and ours["world_size"] == 2
