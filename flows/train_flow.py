@@ -32,9 +32,8 @@ from pydantic import ValidationError
 from flows.options import config_parameters, with_parameters
 from flows.options import train_parser as parser
 from tasks.checkpoint import remove_debris
-from tasks.data import load_data, load_job_data, make_split, split_data
-from tasks.evaluation import METRICS_FILE, evaluate
-from tasks.export import save_model
+from tasks.data import load_job_data, make_split
+from tasks.evaluation import METRICS_FILE
 from tasks.jobs import default_jobs, get_job
 from tasks.jobs.spec import TrainConfig, UserError
 from tasks.policy import fix_first
@@ -51,7 +50,8 @@ from tasks.run import (
     where,
     with_run_threads,
 )
-from tasks.training import StopRequested, chunk_count, train_chunk
+from tasks.steps import evaluate, load_data, save_model, split_data, train_chunk
+from tasks.training import StopRequested, chunk_count
 
 
 def build_configs(job: str | None, overrides: dict[str, Any]) -> list[TrainConfig]:

@@ -8,12 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from prefect import task
 
 from tasks.checkpoint import atomic_write_json
 from tasks.jobs import get_job
 from tasks.jobs.spec import JobData, Tensors, TrainConfig, UserError
-from tasks.policy import NO_RETRY_ON_USER_ERROR
 from tasks.store import fetch_data, is_url
 
 SPLIT_FILE = "split.json"
@@ -87,13 +85,9 @@ def read_split(run_dir: Path, data: JobData) -> dict[str, torch.Tensor]:
     return {p: torch.tensor(blob[p], dtype=torch.long) for p in PARTS}
 
 
-@task(name="load_data", retries=1, retry_delay_seconds=1, retry_condition_fn=NO_RETRY_ON_USER_ERROR)
-def load_data(cfg: TrainConfig) -> dict[str, Any]:
+def describe_data(cfg: TrainConfig) -> dict[str, Any]:
     """Parse and check the job's data; returns its fingerprint, source and row counts."""
-    from prefect import get_run_logger
-
     data = load_job_data(cfg)
-    get_run_logger().info("%s: data from %s", cfg.job, data.source or cfg.data)
     return {
         "fingerprint": data.fingerprint,
         "source": data.source or str(cfg.data),
@@ -102,8 +96,7 @@ def load_data(cfg: TrainConfig) -> dict[str, Any]:
     }
 
 
-@task(name="split_data", retry_condition_fn=NO_RETRY_ON_USER_ERROR)
-def split_data(cfg: TrainConfig, run_dir: Path) -> dict[str, int]:
+def ensure_split(cfg: TrainConfig, run_dir: Path) -> dict[str, int]:
     """Create the split once per run folder; later calls reuse the persisted one."""
     data = load_job_data(cfg)
     if (Path(run_dir) / SPLIT_FILE).exists():

@@ -5,13 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from tasks.checkpoint import atomic_write_json
 from tasks.data import load_job_data, read_split, split_tensors
 from tasks.jobs.spec import TrainConfig, UserError
-from tasks.policy import NO_RETRY_ON_USER_ERROR
 from tasks.training import Trainer, evaluate_model, to_device
 
 METRICS_FILE = "metrics.json"
@@ -44,8 +40,3 @@ def evaluate_run(cfg: TrainConfig, run_dir: Path, fingerprint: str) -> dict[str,
     atomic_write_json(Path(run_dir) / METRICS_FILE, metrics)
     return metrics
 
-
-@task(name="evaluate", retries=1, retry_delay_seconds=1, cache_policy=NO_CACHE, retry_condition_fn=NO_RETRY_ON_USER_ERROR)
-def evaluate(cfg: TrainConfig, run_dir: Path, fingerprint: str) -> dict[str, Any]:
-    """Prefect task: evaluate the final model and write metrics.json."""
-    return evaluate_run(cfg, run_dir, fingerprint)

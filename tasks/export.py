@@ -10,13 +10,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from tasks.checkpoint import atomic_torch_save, atomic_write_bytes
 from tasks.evaluation import final_trainer
 from tasks.jobs.spec import TrainConfig
-from tasks.policy import NO_RETRY_ON_USER_ERROR
 
 log = logging.getLogger("trainflow.export")
 EXPORTED_FILE = "model.pt2"
@@ -72,8 +69,3 @@ def save_model_files(cfg: TrainConfig, run_dir: Path, fingerprint: str) -> dict[
         files["best_state_dict"] = str(run_dir / "model_best_state_dict.pt")
     return files
 
-
-@task(name="save_model", retries=1, retry_delay_seconds=1, cache_policy=NO_CACHE, retry_condition_fn=NO_RETRY_ON_USER_ERROR)
-def save_model(cfg: TrainConfig, run_dir: Path, fingerprint: str) -> dict[str, str]:
-    """Prefect task: write model.pt and model_state_dict.pt."""
-    return save_model_files(cfg, run_dir, fingerprint)

@@ -13,9 +13,6 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator
 
 import torch
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-from prefect.runtime import task_run
 from torch import nn
 
 from tasks.checkpoint import capture_rng, restore_rng
@@ -23,7 +20,6 @@ from tasks.data import load_job_data, read_split, split_tensors
 from tasks.history import HISTORY_FILE, duration, eta_seconds, write_history_csv
 from tasks.jobs import get_job
 from tasks.jobs.spec import JobSpec, Tensors, TrainConfig, UserError
-from tasks.policy import NO_RETRY_ON_USER_ERROR
 from tasks.progress import ChunkProgress
 from tasks.store import checkpoints_for
 
@@ -415,15 +411,14 @@ class Trainer:
 
 
 def run_chunk(cfg: TrainConfig, run_dir: Path, fingerprint: str, chunk: int, logger: Any = log,
-              resuming: bool = False, report: Callable[[float, str], None] | None = None) -> dict[str, Any]:
+              resumed: bool = False, report: Callable[[float, str], None] | None = None) -> dict[str, Any]:
     """Train chunk ``chunk`` (1-based) from the latest valid checkpoint and end by writing
-    ``checkpoint-<chunk>.pt``. Idempotent: a chunk already covered returns at once. ``resuming``:
-    no chunk of this attempt has trained yet, so what the checkpoint holds is an earlier attempt's;
+    ``checkpoint-<chunk>.pt``. Idempotent: a chunk already covered returns at once. ``resumed``:
+    what the checkpoint holds is an earlier attempt's (a new attempt, or a retry of this chunk);
     ``report(percent, text)``: progress within the chunk, every few seconds (tasks/progress.py).
 
     ``checkpoint-<k>.pt`` normally holds the state at the end of chunk k; after a SIGTERM it
     holds a mid-chunk state, which the next attempt continues and then overwrites."""
-    resumed = resuming or task_run.run_count > 1  # a new attempt, or a retry of this chunk
     if cfg.nproc_per_node > 1:  # N processes train it together; torch.distributed is imported only then
         from tasks.distributed import launch_chunk
 
@@ -498,13 +493,3 @@ def log_chunk(logger: Any, cfg: TrainConfig, result: dict[str, Any]) -> None:
                 result["checkpoint"])
     if "early_stop" in result:
         logger.info("%s", result["early_stop"])
-
-
-@task(name="train_chunk", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE,
-      retry_condition_fn=NO_RETRY_ON_USER_ERROR, task_run_name="train_chunk-{chunk}")
-def train_chunk(cfg: TrainConfig, run_dir: Path, fingerprint: str, chunk: int, resuming: bool = False,
-                report: Callable[[float, str], None] | None = None) -> dict[str, Any]:
-    """Prefect task: one checkpointed chunk; a retry resumes from the latest valid checkpoint."""
-    from prefect import get_run_logger
-
-    return run_chunk(cfg, run_dir, fingerprint, chunk, get_run_logger(), resuming, report)
