@@ -266,12 +266,17 @@ def failures(output: str) -> str:
     return "; ".join(raised) if raised else "\n" + "\n".join(output.strip().splitlines()[-30:])
 
 
+def chunk_spec(cfg: TrainConfig, run_dir: Path, fingerprint: str, chunk: int, resumed: bool) -> dict[str, Any]:
+    """What every rank of a chunk reads (``spec.json``): the same on every machine."""
+    return {"config": cfg.model_dump(mode="json"), "run_dir": str(run_dir), "fingerprint": fingerprint,
+            "chunk": chunk, "resumed": resumed}
+
+
 def launch_chunk(cfg: TrainConfig, run_dir: Path, fingerprint: str, chunk: int, logger: Any, resumed: bool,
                  report: Callable[[float, str], None] | None = None) -> dict[str, Any]:
     """Train chunk ``chunk`` with ``cfg.nproc_per_node`` processes; its result, as one process's."""
     logger.info("chunk %d: %d processes (torch.distributed, %s)", chunk, cfg.nproc_per_node, backend(cfg))
-    spec = {"config": cfg.model_dump(mode="json"), "run_dir": str(run_dir), "fingerprint": fingerprint,
-            "chunk": chunk, "resumed": resumed}
+    spec = chunk_spec(cfg, run_dir, fingerprint, chunk, resumed)
     with tempfile.TemporaryDirectory(prefix="trainflow-ranks-") as tmp, GracefulStop("at the end of this epoch") as stop:
         folder = Path(tmp)
         (folder / "spec.json").write_text(json.dumps(spec))

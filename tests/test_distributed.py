@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from tasks.checkpoint import list_checkpoints
-from tasks.distributed import shard
+from tasks.distributed import chunk_spec, shard
+from tasks.jobs.spec import TrainConfig
+from tasks.server import reserve_port
 from tasks.training import epoch_order
 from tests.conftest import ROOT, TRAIN, assert_same_tensors, cli_env, run_cli, state_dict, train_cli
 from tests.test_resume import assert_same_run, wait_for
@@ -238,20 +240,17 @@ def test_two_launchers_over_loopback_train_as_one_launcher_with_two_processes(re
     makes rank 0 writes the checkpoint."""
     import json
     import shutil
-    import socket
 
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
     for path in (run_dir / "checkpoints").glob("checkpoint-[23].*"):
         path.unlink()  # back to the end of chunk 1
     record = json.loads((run_dir / "config.json").read_text())
-    config = {**record["config"], "threads": record["threads"]}
+    cfg = TrainConfig.model_validate({**record["config"], "threads": record["threads"]})
     for chunk in (2, 3):
-        spec = {"config": config, "run_dir": str(run_dir), "fingerprint": record["fingerprint"], "chunk": chunk,
-                "resumed": True}
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        spec = chunk_spec(cfg, run_dir, record["fingerprint"], chunk, resumed=True)
+        with reserve_port() as sock:
+            port = sock.getsockname()[1]
         launchers = []
         for node in (0, 1):
             folder = tmp_path / f"chunk{chunk}-node{node}"
