@@ -117,11 +117,17 @@ class Remote:
 
     def keys(self, prefix: str = "") -> list[str]:
         """Every key under ``prefix``, relative to this folder, sorted."""
+        return sorted(self.listed(prefix))
+
+    def listed(self, prefix: str = "") -> dict[str, str | None]:
+        """Every key under ``prefix``, relative to this folder, with its ETag as the listing
+        gives it (None where the store gives none): one LIST request per 1 000 keys."""
         try:
-            found = self.fs.find(self.path(prefix))
+            found = self.fs.find(self.path(prefix), detail=True)
         except FileNotFoundError:
-            return []
-        return sorted(p[len(self.root) + 1:] for p in found if p.startswith(self.root + "/"))
+            return {}
+        return {p[len(self.root) + 1:]: info.get("ETag") or info.get("etag") for p, info in found.items()
+                if p.startswith(self.root + "/")}
 
     def delete(self, key: str) -> None:
         try:
@@ -174,6 +180,10 @@ class LocalCheckpoints:
         return [p.name for p in prune_checkpoints(self.folder, keep_last, values, higher_is_better)]
 
 
+#: Parsed manifests by (path on the store, ETag): see ObjectCheckpoints.manifest.
+MANIFESTS: dict[tuple[str, str], dict[str, Any]] = {}
+
+
 class ObjectCheckpoints:
     """Checkpoints on a store that cannot rename: the commit protocol.
 
@@ -203,17 +213,27 @@ class ObjectCheckpoints:
 
     def listing(self) -> tuple[list[dict[str, Any]], list[str]]:
         """(manifests whose bytes exist, oldest epoch first; bytes without a manifest)."""
-        keys = set(self.remote.keys())
+        keys = self.remote.listed()
         found = []
         for key in sorted(k for k in keys if k.endswith(".json")):
             try:
-                found.append({**json.loads(self.remote.get(key)), "file": key[:-5] + ".pt"})
+                found.append({**self.manifest(key, keys[key]), "file": key[:-5] + ".pt"})
             except (OSError, ValueError):
                 continue  # unreadable: not a commit
         committed = {m["file"] for m in found}
         orphans = sorted(k for k in keys if k.endswith(".pt") and k not in committed)
         found = [m for m in found if m["file"] in keys and "epoch" in m]
         return sorted(found, key=lambda m: (int(m["epoch"]), int(m.get("batch", 0)), int(m.get("chunk", 0)))), orphans
+
+    def manifest(self, key: str, etag: str | None) -> dict[str, Any]:
+        """The manifest at ``key``, read once per process: a manifest is never rewritten, and the
+        listing's ETag tells if its bytes changed. Saves a GET per manifest per listing (two
+        listings a chunk, and a run without --keep-last keeps every manifest)."""
+        if etag is None or (cached := MANIFESTS.get((self.remote.path(key), etag))) is None:
+            cached = json.loads(self.remote.get(key))
+            if etag is not None:
+                MANIFESTS[(self.remote.path(key), etag)] = cached
+        return cached
 
     def manifests(self) -> list[dict[str, Any]]:
         return self.listing()[0]

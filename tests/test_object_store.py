@@ -108,6 +108,21 @@ def test_both_protocols_keep_the_newest_and_the_best(raw: Raw) -> None:
     assert [m["chunk"] for m in raw.store.manifests()] == [2, 4]
 
 
+def test_each_manifest_is_read_once_until_its_bytes_change(s3_server) -> None:
+    remote = Remote(f"{s3_server.bucket()}/once/checkpoints")
+    store = ObjectCheckpoints(remote)
+    names = [store.save(payload(k)).name for k in (1, 2, 3)]
+    got: list[str] = []
+    read = remote.get
+    remote.get = lambda key: got.append(key) or read(key)  # type: ignore[method-assign]
+    store.manifests()
+    assert got == [n[:-3] + ".json" for n in names]
+    got.clear()
+    assert [m["chunk"] for m in ObjectCheckpoints(remote).manifests()] == [1, 2, 3] and got == []
+    remote.put(names[0][:-3] + ".json", read(names[0][:-3] + ".json").replace(b'"chunk": 1', b'"chunk": 7'))
+    assert [m["chunk"] for m in store.manifests()] == [7, 2, 3] and got == [names[0][:-3] + ".json"]
+
+
 def test_a_store_never_overwrites_a_save(s3_server) -> None:
     """A SIGTERM's mid-chunk save and the chunk's end save are two keys; the newer epoch wins;
     create-only writes refuse to replace a commit."""
