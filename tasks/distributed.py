@@ -38,6 +38,16 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+if __name__ == "__main__" and sys.platform.startswith("linux"):
+    # A rank: SIGKILLed when torchrun dies, from here on (before the seconds of imports below), and
+    # gone at once if torchrun is gone already. A torchrun stopped while it starts the ranks does
+    # not know them all, and a rank left behind would wait for its rendezvous until it times out.
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.environ.get("TRAINFLOW_LAUNCHER_PID", str(os.getppid())) != str(os.getppid()):  # see tasks/server.py
+        sys.exit(1)
+
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -174,7 +184,6 @@ def rank_chunk(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """A rank: join the group, train the chunk, rank 0 writes ``result.json`` (also for bad input)."""
-    die_with_parent()
     folder = Path((sys.argv[1:] if argv is None else argv)[0])
     spec = json.loads((folder / "spec.json").read_text())
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -192,14 +201,6 @@ def main(argv: list[str] | None = None) -> int:
         (folder / "result.tmp").write_text(json.dumps(result))
         (folder / "result.tmp").replace(folder / "result.json")
     return 0
-
-
-def die_with_parent() -> None:
-    """Linux: SIGKILL this rank when its launcher dies (a SIGKILLed command takes its ranks along)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 # --- the launching process (inside the train_chunk task) ---------------------------------------
