@@ -3,6 +3,7 @@ and every fault below ends bit-identical to an uninterrupted two-process run."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -17,6 +18,7 @@ import torch
 
 from tasks.checkpoint import list_checkpoints
 from tasks.distributed import chunk_spec, shard
+from tasks.jobs import JOBS
 from tasks.jobs.spec import TrainConfig
 from tasks.server import reserve_port
 from tasks.training import epoch_order
@@ -197,6 +199,20 @@ def test_sigkill_of_the_command_takes_its_ranks_and_the_rerun_is_bit_exact(job: 
     again = run_cli(args, prefect_api)
     assert again.returncode == 0, again.stderr[-3000:]
     assert_same_run(tmp_path / job / "r", reference)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_rank_whose_torchrun_died_while_starting_it_exits_instead_of_waiting(tmp_path: Path) -> None:
+    """torchrun stopped while it starts the ranks does not know them all (CI hit this once): a
+    rank whose launcher is gone before it could ask to die with it leaves at once, rather than
+    wait for a rendezvous that never comes (here: a port nobody listens on)."""
+    (tmp_path / "spec.json").write_text(json.dumps(chunk_spec(JOBS["nonlinear"].config(), tmp_path, "f", 1, False)))
+    with reserve_port() as nobody:
+        env = {**os.environ, "RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(nobody.getsockname()[1]), "TRAINFLOW_LAUNCHER_PID": "1"}  # not its parent
+        rank = subprocess.run([sys.executable, "-m", "tasks.distributed", str(tmp_path)], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=100)  # else 120 s: the rendezvous timeout
+    assert rank.returncode == 1 and rank.stderr == "", rank.stderr[-2000:]
 
 
 def test_a_rank_that_raises_stops_the_group_and_the_retry_resumes(prefect_api: str, tmp_path: Path) -> None:
