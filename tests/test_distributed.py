@@ -209,7 +209,7 @@ def test_a_rank_whose_torchrun_died_while_starting_it_exits_instead_of_waiting(t
     (tmp_path / "spec.json").write_text(json.dumps(chunk_spec(JOBS["nonlinear"].config(), tmp_path, "f", 1, False)))
     with reserve_port() as nobody:
         env = {**os.environ, "RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(nobody.getsockname()[1]), "TRAINFLOW_LAUNCHER_PID": "1"}  # not its parent
+               "MASTER_PORT": str(nobody.getsockname()[1]), "TRAINFLOW_LAUNCHER_PID": "0"}  # no parent
         rank = subprocess.run([sys.executable, "-m", "tasks.distributed", str(tmp_path)], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=100)  # else 120 s: the rendezvous timeout
     assert rank.returncode == 1 and rank.stderr == "", rank.stderr[-2000:]
