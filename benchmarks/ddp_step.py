@@ -76,7 +76,7 @@ def run(args: argparse.Namespace, mode: str) -> float:
                               cwd=ROOT) for c in cmds]
     outs = [p.communicate()[0] for p in procs]
     seconds = [json.loads(line)["seconds"] for out in outs for line in out.splitlines() if line.startswith("{")]
-    if len(seconds) < 1 or any(p.returncode for p in procs):
+    if not seconds or any(p.returncode for p in procs):
         raise SystemExit(f"{mode} failed: {' '.join(cmds[0])}")
     return args.steps * args.batch / max(seconds)
 
