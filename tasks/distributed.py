@@ -25,27 +25,31 @@ it asks the ranks through a file, and they agree at the end of the current epoch
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
+import logging
 import math
 import os
 import re
 import signal
-import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
 if __name__ == "__main__" and sys.platform.startswith("linux"):
-    # A rank: SIGKILLed when torchrun dies, from here on (before the seconds of imports below), and
-    # gone at once if torchrun is gone already. A torchrun stopped while it starts the ranks does
-    # not know them all, and a rank left behind would wait for its rendezvous until it times out.
+    # A rank: SIGKILLed when its launcher dies (the command's torchrun thread, or a torchrun of
+    # its own), from here on (before the seconds of imports below), and gone at once if the
+    # launcher is gone already. A launcher stopped while it starts the ranks does not know them
+    # all, and a rank left behind would wait for its rendezvous until it times out.
     import ctypes
 
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.environ.get("TRAINFLOW_LAUNCHER_PID", str(os.getppid())) != str(os.getppid()):  # see tasks/server.py
+    if os.environ.get("TRAINFLOW_LAUNCHER_PID", str(os.getppid())) != str(os.getppid()):  # see run_ranks
         sys.exit(1)
 
 import torch
@@ -56,7 +60,6 @@ from tasks.checkpoint import capture_rng, restore_rng
 from tasks.history import HISTORY_FILE, write_history_csv
 from tasks.jobs.spec import TrainConfig, UserError
 from tasks.progress import ChunkProgress
-from tasks.server import CHILD
 from tasks.training import (
     GracefulStop,
     StopRequested,
@@ -237,27 +240,69 @@ class Watch:
             self.progress.__exit__()
 
 
-def run_ranks(cfg: TrainConfig, folder: Path, stop: GracefulStop, watch: Watch) -> tuple[int, str]:
-    """torchrun in its own session, dying with this process; a stop request is passed on through
-    ``folder/stop``, progress comes back through ``watch``. Returns its exit code and output."""
-    cmd = [sys.executable, "-c", CHILD, str(os.getpid()), "torch.distributed.run", *launcher_args(cfg),
-           "-m", "tasks.distributed", str(folder)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # a user's job module too
-    with open(folder / "output.log", "wb") as out:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+def run_ranks(cfg: TrainConfig, folder: Path, stop: GracefulStop, watch: Watch) -> tuple[bool, str]:
+    """torchrun's own entry point (``torch.distributed.run.main``, what ``python -m
+    torch.distributed.run`` calls) in a thread of this process, which has torch imported already
+    (a torchrun process cost ~1.5 s to start and ~0.5 s to exit, per chunk). A stop request is
+    passed on through ``folder/stop``, progress comes back through ``watch``. Returns whether every
+    rank succeeded, and the launcher's log and the ranks' output (``--redirects``: ``folder/logs``)."""
+    from torch.distributed.run import main as torchrun
+
+    args = [*launcher_args(cfg), "--redirects", "3", "--log-dir", str(folder / "logs"),
+            "-m", "tasks.distributed", str(folder)]
+    failed: list[BaseException] = []
+
+    def launch() -> None:
         try:
-            while proc.poll() is None:
+            torchrun(args)
+        except BaseException as exc:  # noqa: BLE001 - a rank failed (ChildFailedError), or the launch did
+            failed.append(exc)
+
+    # In a thread that is not the main one, the launcher leaves this process's signal handlers
+    # alone (GracefulStop's); the ranks run in their own sessions, so a terminal's Ctrl-C reaches
+    # this process only. Each rank dies with this process (see the top of this file).
+    with launcher_environment(cfg, folder / "launcher.log"):
+        thread = threading.Thread(target=launch, name="torchrun", daemon=True)
+        thread.start()
+        try:
+            while thread.is_alive():
                 if stop.signum is not None and not (folder / "stop").exists():
                     (folder / "stop").touch()
                 watch.poll()
-                time.sleep(POLL_S)
+                thread.join(POLL_S)
         finally:
             watch.close()
-            if proc.poll() is None:  # this process is stopping at once: so do the ranks
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-    return proc.returncode, (folder / "output.log").read_text(errors="replace")
+    logs = sorted((folder / "logs").glob("**/std*.log"))
+    output = "\n".join(f.read_text(errors="replace") for f in [folder / "launcher.log", *logs] if f.exists())
+    return not failed, output + "".join(f"\n{type(e).__name__}: {e}" for e in failed)
+
+
+@contextlib.contextmanager
+def launcher_environment(cfg: TrainConfig, log_file: Path) -> Iterator[None]:
+    """What the ranks inherit (this process's environment, which the launcher copies): the
+    import path (a user's job module too), this process's pid (a rank checks that its launcher
+    is alive) and the run's threads per process. The launcher's log goes to ``log_file``."""
+    saved = {key: os.environ.get(key) for key in ("PYTHONPATH", "TRAINFLOW_LAUNCHER_PID", "OMP_NUM_THREADS")}
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    os.environ["TRAINFLOW_LAUNCHER_PID"] = str(os.getpid())
+    os.environ["OMP_NUM_THREADS"] = str(cfg.thread_count())  # else torchrun sets 1, with a warning
+    handler = logging.FileHandler(log_file)
+    loggers = [logging.getLogger(name) for name in ("torch.distributed.run", "torch.distributed.elastic")]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.propagate = False
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+            logger.propagate = True
+        handler.close()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def failures(output: str) -> str:
@@ -281,15 +326,14 @@ def launch_chunk(cfg: TrainConfig, run_dir: Path, fingerprint: str, chunk: int, 
     with tempfile.TemporaryDirectory(prefix="trainflow-ranks-") as tmp, GracefulStop("at the end of this epoch") as stop:
         folder = Path(tmp)
         (folder / "spec.json").write_text(json.dumps(spec))
-        code, output = run_ranks(cfg, folder, stop, Watch(cfg, folder, logger, report))
+        ok, output = run_ranks(cfg, folder, stop, Watch(cfg, folder, logger, report))
         done = folder / "result.json"
         result = json.loads(done.read_text()) if done.exists() else None
     if result is not None and "error" in result:
         raise UserError(result["error"])
-    if code != 0 or result is None:
-        logger.error("the %d processes of chunk %d failed (torchrun exit %s): %s", cfg.nproc_per_node, chunk, code,
-                     failures(output))
-        raise RuntimeError(f"chunk {chunk}: a process of the group failed (torchrun exit {code})")
+    if not ok or result is None:
+        logger.error("the %d processes of chunk %d failed: %s", cfg.nproc_per_node, chunk, failures(output))
+        raise RuntimeError(f"chunk {chunk}: a process of the group failed")
     if result.get("resumed_from"):
         logger.info("chunk %d: resumed from %s", chunk, result["resumed_from"])
     if not result["skipped"]:
@@ -307,7 +351,9 @@ if __name__ == "__main__":
 
     status = main()
     # As flows/train_flow.py: the exit-time collections skip what is alive now (torch's modules),
-    # ~0.6 s of each rank's exit, which every chunk waits for.
+    # ~0.6 s of each rank's exit, which every chunk waits for. The collection first is needed: a
+    # rank that froze its garbage (DDP's and the process group's objects) died of SIGABRT at exit
+    # now and then ("terminate called without an active exception").
     gc.collect()
     gc.freeze()
     sys.exit(status)

@@ -51,10 +51,8 @@ OPT_OUT = "TRAINFLOW_TEMPORARY_SERVER"
 
 #: The child: on Linux, ask for SIGTERM when the parent dies (PR_SET_PDEATHSIG = 1; done in the new
 #: process, not between fork and exec, so it is safe whatever threads the parent runs), give up if
-#: the parent is already gone, then run ``python -m <module> <args>`` (``prefect``: the command);
-#: after a normal return, skip the exit-time collections as flows/train_flow.py does (torchrun's
-#: exit: ~0.3 s less per multi-process chunk). Its own children find its pid in $TRAINFLOW_LAUNCHER_PID
-#: (a rank checks it in the same way). Arguments: the parent's pid, the module, its arguments.
+#: the parent is already gone, then run ``python -m <module> <args>`` (``prefect``: the command).
+#: Arguments: the parent's pid, the module, its arguments.
 CHILD = """\
 import os, runpy, signal, sys
 if sys.platform.startswith("linux"):
@@ -62,10 +60,8 @@ if sys.platform.startswith("linux"):
     ctypes.CDLL(None).prctl(1, signal.SIGTERM)
 if os.getppid() != int(sys.argv[1]):
     sys.exit(1)
-os.environ["TRAINFLOW_LAUNCHER_PID"] = str(os.getpid())
 sys.argv = sys.argv[2:]
 runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
-import gc; gc.collect(); gc.freeze()
 """
 
 #: Read-only REST requests (nothing is written to the database) whose first answer is slow; see
