@@ -1,8 +1,8 @@
 """``--nproc-per-node N``: each chunk trained by N processes, data-parallel, resumed exactly.
 
-The ``train_chunk`` task stays the unit of retry. It starts PyTorch's elastic launcher,
-``python -m torch.distributed.run --standalone`` (torchrun: one machine, a free local port for
-the rendezvous), which starts N ranks of :func:`main` and waits for them; torchrun's other
+The ``train_chunk`` task stays the unit of retry. It runs PyTorch's elastic launcher, torchrun
+with ``--standalone`` (one machine, a free local port for the rendezvous), in a thread
+(:func:`run_ranks`); it starts N ranks of :func:`main` and waits for them; torchrun's other
 options come from its ``PET_*`` environment variables (``PET_MAX_RESTARTS``, ...). A rank that
 fails or dies stops the group (torchrun), the task fails, and Prefect's retry starts the whole
 group again from the latest valid checkpoint.
@@ -18,7 +18,7 @@ without a message). Rank 0 alone writes checkpoints, in the usual format, with e
 state (``rng_ranks``); the model is replicated, so rank 0 holds all of it (no sharded
 checkpoint, ``torch.distributed.checkpoint``, is needed).
 
-A stop (SIGTERM, Ctrl-C) reaches the launching process only (torchrun runs in its own session):
+A stop (SIGTERM, Ctrl-C) reaches the launching process only (each rank runs in its own session):
 it asks the ranks through a file, and they agree at the end of the current epoch (an
 ``all_reduce``), save a checkpoint and exit; the command then exits 143 / 130.
 """
