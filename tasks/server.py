@@ -52,15 +52,29 @@ OPT_OUT = "TRAINFLOW_TEMPORARY_SERVER"
 #: The child: on Linux, ask for SIGTERM when the parent dies (PR_SET_PDEATHSIG = 1; done in the new
 #: process, not between fork and exec, so it is safe whatever threads the parent runs), give up if
 #: the parent is already gone, then run ``python -m <module> <args>`` (``prefect``: the command).
-#: Arguments: the parent's pid, the module, its arguments.
+#: Its boot makes ~400 000 objects that live as long as the server, and full garbage collections
+#: among them cost ~0.25 s of it: none run until the server answers, then those objects are
+#: frozen (Python's gc docs' pattern, as in flows/train_flow.py).
+#: Arguments: the parent's pid, the server's port, the module, its arguments.
 CHILD = """\
-import os, runpy, signal, sys
+import gc, os, runpy, signal, socket, sys, threading, time
+gc.disable()
 if sys.platform.startswith("linux"):
     import ctypes
     ctypes.CDLL(None).prctl(1, signal.SIGTERM)
 if os.getppid() != int(sys.argv[1]):
     sys.exit(1)
-sys.argv = sys.argv[2:]
+def collect_once_up(port):
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    gc.freeze()
+    gc.enable()
+threading.Thread(target=collect_once_up, args=(int(sys.argv[2]),), daemon=True).start()
+sys.argv = sys.argv[3:]
 runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 """
 
@@ -125,7 +139,7 @@ class TemporaryServer:
         self.output = tempfile.TemporaryFile()  # noqa: SIM115 - open as long as the child runs
         env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_UI_URL")}
         self.process = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(os.getpid()), "prefect", "server", "start", "--host", "127.0.0.1",
+            [sys.executable, "-c", CHILD, str(os.getpid()), str(self.port), "prefect", "server", "start", "--host", "127.0.0.1",
              "--port", str(self.port), "--no-ui", "--no-scheduler", "--no-late-runs", "--log-level", "WARNING"],
             stdin=subprocess.DEVNULL, stdout=self.output, stderr=subprocess.STDOUT, env={**env, **SERVICES_OFF},
             start_new_session=True)  # Ctrl-C in the terminal is for this command, which stops gracefully
