@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import json
 import logging
 import math
@@ -41,6 +42,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
+if __name__ == "__main__":
+    gc.disable()  # until main(): no full collections among the imports' objects (flows/train_flow.py)
 if __name__ == "__main__" and sys.platform.startswith("linux"):
     # A rank: SIGKILLed when its launcher dies (the command's torchrun thread, or a torchrun of
     # its own), from here on (before the seconds of imports below), and gone at once if the
@@ -187,6 +190,9 @@ def rank_chunk(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """A rank: join the group, train the chunk, rank 0 writes ``result.json`` (also for bad input)."""
+    if not gc.isenabled():  # started as a rank: the modules imported so far live until its exit
+        gc.freeze()
+        gc.enable()
     folder = Path((sys.argv[1:] if argv is None else argv)[0])
     spec = json.loads((folder / "spec.json").read_text())
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -347,8 +353,6 @@ def launch_chunk(cfg: TrainConfig, run_dir: Path, fingerprint: str, chunk: int, 
 
 
 if __name__ == "__main__":
-    import gc
-
     status = main()
     # As flows/train_flow.py: the exit-time collections skip what is alive now (torch's modules),
     # ~0.6 s of each rank's exit, which every chunk waits for. The collection first is needed: a
