@@ -24,7 +24,7 @@ if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
 elif __name__ == "__main__":
     # Start-up creates ~500 000 objects that live as long as the command (torch's, Prefect's);
     # each full collection among them walks them all: ~0.5 s of a 3 s start. Python's gc docs'
-    # pattern: no collections while they are made, then gc.freeze() in main() (run_flow).
+    # pattern: no collections while they are made, then gc.freeze() in main(), before the flow.
     gc.disable()
     from tasks.server import launch
 

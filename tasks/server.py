@@ -52,9 +52,10 @@ OPT_OUT = "TRAINFLOW_TEMPORARY_SERVER"
 #: The child: on Linux, ask for SIGTERM when the parent dies (PR_SET_PDEATHSIG = 1; done in the new
 #: process, not between fork and exec, so it is safe whatever threads the parent runs), give up if
 #: the parent is already gone, then run ``python -m <module> <args>`` (``prefect``: the command).
-#: Its boot makes ~400 000 objects that live as long as the server, and full garbage collections
-#: among them cost ~0.25 s of it: none run until the server answers, then those objects are
-#: frozen (Python's gc docs' pattern, as in flows/train_flow.py).
+#: Its boot makes ~300 000 objects that live as long as the server; the full garbage collections
+#: among them put the server's boot 0.16-0.29 s behind this process's start-up. None run until
+#: the server answers; then those objects are frozen (Python's gc docs' pattern, as in
+#: flows/train_flow.py).
 #: Arguments: the parent's pid, the server's port, the module, its arguments.
 CHILD = """\
 import gc, os, runpy, signal, socket, sys, threading, time
@@ -64,7 +65,7 @@ if sys.platform.startswith("linux"):
     ctypes.CDLL(None).prctl(1, signal.SIGTERM)
 if os.getppid() != int(sys.argv[1]):
     sys.exit(1)
-def collect_once_up(port):
+def freeze_once_up(port):
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -73,7 +74,7 @@ def collect_once_up(port):
             time.sleep(0.1)
     gc.freeze()
     gc.enable()
-threading.Thread(target=collect_once_up, args=(int(sys.argv[2]),), daemon=True).start()
+threading.Thread(target=freeze_once_up, args=(int(sys.argv[2]),), daemon=True).start()
 sys.argv = sys.argv[3:]
 runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 """
