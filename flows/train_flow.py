@@ -101,7 +101,9 @@ def pipeline(cfg: TrainConfig, run_dir: Path, fingerprint: str, info: dict[str, 
     searched: they share objects (cfg.lr, say) with other tasks' results."""
     previous = split_data(quote(cfg), run_dir, wait_for=[opaque(info)])
     kept = []
-    resuming = True  # until a chunk of this attempt trains, the checkpoints are an earlier attempt's
+    # A later attempt (a rerun, a flow retry) resumes until one of its chunks trains; the first
+    # attempt of a run has nothing to resume, so its first chunk does not say "resuming".
+    resuming = report.record["attempts"] > 1
     for chunk in range(1, chunk_count(cfg) + 1):
         result = previous = train_chunk(quote(cfg), run_dir, fingerprint, chunk, resuming, report.artifacts.update_progress,
                                         wait_for=[opaque(previous)])

@@ -85,7 +85,10 @@ def test_without_a_server_the_command_boots_its_own_which_dies_with_it(reference
     wait_for(lambda: (ckpts / "checkpoint-1.json").exists(), proc=proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    port = int(re.search(r"Starting temporary server on http://127\.0\.0\.1:(\d+)", proc.stderr.read()).group(1))
+    first_output = proc.stderr.read()
+    port = int(re.search(r"Starting temporary server on http://127\.0\.0\.1:(\d+)", first_output).group(1))
+    assert "chunk 1/3: training epochs 1-500" in first_output
+    assert "resuming" not in first_output  # a new run's first attempt resumes nothing
 
     def server_gone() -> bool:
         with socket.socket() as sock:
@@ -95,6 +98,7 @@ def test_without_a_server_the_command_boots_its_own_which_dies_with_it(reference
     again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "Stopping temporary server" in again.stderr
+    assert "chunk 2: resuming from checkpoint-1.pt, 500 of 1500 epochs kept" in again.stderr
     assert_same_run(tmp_path / "nonlinear" / "r", reference)
     with sqlite3.connect(home / "prefect.db") as db:
         states = sorted(row[0] for row in db.execute("SELECT state_type FROM flow_run"))
