@@ -19,6 +19,11 @@ Printed, as ours / Lightning (medians over rounds):
   soon as its first checkpoint is complete; the same command is then run again and timed from
   its start to its first newly finished epoch (estimated for ours, as above) and checkpoint.
 And both runs' final test metric (ours: its metrics.json; Lightning: trainer.test).
+
+The floor: each round also runs benchmarks/plain_job.py, the same job's arithmetic in a plain
+PyTorch loop with nothing around it (no checkpoints), and prints its whole run against both
+sides: a ratio to Lightning below the plain loop's is out of reach for any tool that runs the
+same arithmetic on the same machine.
 """
 
 from __future__ import annotations
@@ -60,7 +65,7 @@ class Side:
         if self.name == "ours":
             return [sys.executable, "flows/train_flow.py", "--job", self.cfg.job, "--artifacts-dir",
                     str(folder), "--run-name", "bench", *extra]
-        return [sys.executable, "benchmarks/lightning_job.py", "--job", self.cfg.job, "--out", str(folder),
+        return [sys.executable, f"benchmarks/{self.name}_job.py", "--job", self.cfg.job, "--out", str(folder),
                 "--split", str(self.tmp / "split.pt"), *extra]
 
     def ckpt_dir(self, folder: Path) -> Path:
@@ -111,9 +116,14 @@ def check_ok(side: Side, run: Launch, rc: int | None) -> None:
 
 
 def whole_run(side: Side, tag: str, steps_samples: int) -> dict:
-    """One full run: wall, CPU, first checkpoint, first epoch, test metric."""
+    """One full run: wall, CPU, first checkpoint, first epoch, test metric (the plain loop,
+    which has no checkpoints: wall, CPU and test metric)."""
     folder = side.tmp / tag
     run = side.launch(folder, tag)
+    if side.name == "plain":
+        wall, cpu, rc = run.finish(RUN_TIMEOUT_S)
+        check_ok(side, run, rc)
+        return {"wall": wall, "cpu": cpu, "test": side.test_metric(folder)}
     ckpt_at = run.wait_for(new_files(side.ckpt_dir(folder), side.ckpt_pattern(), set()), RUN_TIMEOUT_S)
     wall, cpu, rc = run.finish(RUN_TIMEOUT_S)
     check_ok(side, run, rc)
@@ -176,13 +186,15 @@ def prefect_mode(log: str, api_url: str | None) -> str:
 
 
 def one_round(sides: list[Side], r: int, steps_samples: int) -> dict[str, dict]:
-    """Round ``r``: a whole run, then a kill -> resume, of each side; first side alternates."""
+    """Round ``r``: a whole run of each side (and of the plain loop), then a kill -> resume of
+    each side; the order alternates."""
     order = sides if r % 2 else sides[::-1]
     out = {s.name: {} for s in sides}
     for s in order:
         out[s.name].update(whole_run(s, f"{s.name}-r{r}", steps_samples))
     for s in order[::-1]:
-        out[s.name]["resume"] = kill_and_resume(s, f"{s.name}-kill-r{r}", steps_samples)
+        if s.name != "plain":
+            out[s.name]["resume"] = kill_and_resume(s, f"{s.name}-kill-r{r}", steps_samples)
     return out
 
 
@@ -190,21 +202,22 @@ def fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.1f} s"
 
 
-def ratio_line(name: str, ours: list, theirs: list, note: str = "") -> None:
+def ratio_line(name: str, ours: list, theirs: list, note: str = "", sides: str = "ours / Lightning") -> None:
     """One measure, medians over rounds, and the per-round ratios."""
+    a_name, b_name = sides.split(" / ")
     o = [x for x in ours if x is not None]
     t = [x for x in theirs if x is not None]
     if not o or not t:
-        print(f"  {name}: ours {o}, Lightning {t}: not measured")
+        print(f"  {name}: {a_name} {o}, {b_name} {t}: not measured")
         return
     mo, mt = statistics.median(o), statistics.median(t)
     per = " ".join(f"{a / b:.3f}" for a, b in zip(ours, theirs) if a is not None and b is not None)
-    print(f"  {name}: ours {fmt(mo)} / Lightning {fmt(mt)} = {mo / mt:.3f} (rounds: {per}){note}")
+    print(f"  {name}: {a_name} {fmt(mo)} / {b_name} {fmt(mt)} = {mo / mt:.3f} (rounds: {per}){note}")
 
 
 def report(results: list[dict[str, dict]], mode: str) -> None:
     """The ratios (ours / Lightning) and both sides' test metrics."""
-    ours, light = [r["ours"] for r in results], [r["lightning"] for r in results]
+    ours, light, plain = ([r[k] for r in results] for k in ("ours", "lightning", "plain"))
 
     def col(rows: list[dict], *keys: str) -> list:
         return [r[keys[0]] if len(keys) == 1 else r[keys[0]][keys[1]] for r in rows]
@@ -220,8 +233,12 @@ def report(results: list[dict[str, dict]], mode: str) -> None:
                f"; ours: {ours[0]['resume']['epoch_how']}")
     ratio_line("kill -> first new checkpoint (both observed)", col(ours, "resume", "ckpt"),
                col(light, "resume", "ckpt"))
+    print("the floor, the same job in a plain PyTorch loop with nothing around it (whole run, wall time):")
+    ratio_line("plain loop / Lightning", col(plain, "wall"), col(light, "wall"), sides="plain / Lightning")
+    ratio_line("ours / plain loop", col(ours, "wall"), col(plain, "wall"), sides="ours / plain")
     print("final test metrics (the trained model on the test set):")
-    for name, rows in (("ours (metrics.json)", ours), ("Lightning (trainer.test)", light)):
+    for name, rows in (("ours (metrics.json)", ours), ("Lightning (trainer.test)", light),
+                       ("plain loop", plain)):
         shown = "; ".join(", ".join(f"{k} {v:.6g}" for k, v in sorted(r["test"].items())) for r in rows)
         print(f"  {name}: {shown}")
 
@@ -258,14 +275,15 @@ def main() -> None:
     n_train = save_split(cfg, tmp / "split.pt")
     steps_samples = n_train // cfg.batch_size * cfg.batch_size  # samples per epoch (drop_last)
     sides = [Side("ours", cfg, tmp, overrides, ours_env(a.prefect_api_url)),
-             Side("lightning", cfg, tmp, overrides, None)]
+             Side("lightning", cfg, tmp, overrides, None), Side("plain", cfg, tmp, overrides, None)]
     results = []
     for r in range(1, a.rounds + 1):
         res = one_round(sides, r, steps_samples)
         results.append(res)
         print(f"round {r}: " + " | ".join(
-            f"{n}: wall {fmt(x['wall'])}, CPU {fmt(x['cpu'])}, first epoch {fmt(x['epoch'])}, first checkpoint "
-            f"{fmt(x['ckpt'])}, resumed epoch {fmt(x['resume']['epoch'])}" for n, x in res.items()), flush=True)
+            f"{n}: wall {fmt(x['wall'])}, CPU {fmt(x['cpu'])}" + ("" if n == "plain" else
+            f", first epoch {fmt(x['epoch'])}, first checkpoint {fmt(x['ckpt'])}, "
+            f"resumed epoch {fmt(x['resume']['epoch'])}") for n, x in res.items()), flush=True)
     report(results, prefect_mode(results[0]["ours"]["log"], a.prefect_api_url))
     if a.keep:
         print(f"runs and logs kept in {tmp}")

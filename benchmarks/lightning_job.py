@@ -35,6 +35,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
+from benchmarks.plain_job import optimizer_and_schedule, prepared_sets
 from tasks.jobs import get_job
 from tasks.jobs.spec import TrainConfig
 
@@ -76,26 +77,10 @@ class JobModule(L.LightningModule):
         self._evaluate(batch, "test")
 
     def configure_optimizers(self):
-        return configure_optimizers(self.cfg, self.model.parameters(), self.steps_per_epoch)
-
-
-def configure_optimizers(cfg: TrainConfig, params, steps_per_epoch: int) -> dict:
-    """TrainConfig's optimizer and per-batch schedule, in Lightning's return format."""
-    params = list(params)
-    if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                              weight_decay=cfg.weight_decay)
-    else:
-        cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-        opt = cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total = cfg.epochs * steps_per_epoch  # the schedule spans the whole run, stepped per batch
-    if cfg.schedule == "onecycle":
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total)
-    elif cfg.schedule == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
-    else:
-        return {"optimizer": opt}
-    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        opt, sched = optimizer_and_schedule(self.cfg, self.model.parameters(), self.steps_per_epoch)
+        if sched is None:
+            return {"optimizer": opt}
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}  # per batch
 
 
 class FirstEpochMark(Callback):
@@ -113,21 +98,13 @@ class FirstEpochMark(Callback):
 
 def loaders(cfg: TrainConfig, split_file: Path) -> dict[str, DataLoader]:
     """Train/val/test loaders over the job's data with the split our run would make."""
-    spec = get_job(cfg.job)
-    data = spec.load(Path(cfg.data))
-    split = torch.load(split_file)  # {"train", "val", "test"}: row indices (see compare_lightning.py)
-
-    def part(name: str) -> TensorDataset:
-        rows = data.test if name == "test" and data.test is not None else data.pool
-        idx = split[name]
-        return TensorDataset(spec.prepare(rows.x[idx]), rows.y[idx])  # prepared once, up front
-
+    sets = {name: TensorDataset(*xy) for name, xy in prepared_sets(cfg, split_file).items()}
     shuffle = torch.Generator().manual_seed(cfg.seed)
     return {
-        "train": DataLoader(part("train"), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+        "train": DataLoader(sets["train"], batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                             generator=shuffle, num_workers=0),
-        "val": DataLoader(part("val"), batch_size=cfg.eval_batch_size, num_workers=0),
-        "test": DataLoader(part("test"), batch_size=cfg.eval_batch_size, num_workers=0),
+        "val": DataLoader(sets["val"], batch_size=cfg.eval_batch_size, num_workers=0),
+        "test": DataLoader(sets["test"], batch_size=cfg.eval_batch_size, num_workers=0),
     }
 
 
