@@ -22,7 +22,6 @@ Prefect is not imported here: it is no part of this baseline and its import cost
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -35,7 +34,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks.plain_job import optimizer_and_schedule, prepared_sets
+from benchmarks.plain_job import command_line, optimizer_and_schedule, prepared_sets
 from tasks.jobs import get_job
 from tasks.jobs.spec import TrainConfig
 
@@ -118,15 +117,7 @@ def build_trainer(cfg: TrainConfig, out: Path) -> L.Trainer:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--job", required=True)
-    p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs, metrics.json)")
-    p.add_argument("--split", type=Path, required=True, help="torch file of the split's row indices")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--chunk-epochs", type=int)
-    a = p.parse_args()
-    torch.set_num_threads(1)  # like with like: ours trains on 1 thread by default on 2 cores
-    cfg = get_job(a.job).config(epochs=a.epochs, chunk_epochs=a.chunk_epochs)
+    a, cfg = command_line(__doc__)
     L.seed_everything(cfg.seed)
     dl = loaders(cfg, a.split)
     module = JobModule(cfg, steps_per_epoch=len(dl["train"]))

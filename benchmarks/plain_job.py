@@ -90,16 +90,22 @@ def train(cfg: TrainConfig, sets: dict) -> dict[str, float]:
     return evaluate(model, loss_fn, spec, *sets["test"], cfg.eval_batch_size)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def command_line(doc: str) -> tuple[argparse.Namespace, TrainConfig]:
+    """The baselines' shared command line, as compare_lightning.py writes it: the arguments and
+    the job's config. Sets torch to 1 thread."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--job", required=True)
-    p.add_argument("--out", type=Path, required=True, help="folder for metrics.json")
+    p.add_argument("--out", type=Path, required=True, help="output folder (metrics.json; Lightning: checkpoints, logs)")
     p.add_argument("--split", type=Path, required=True, help="torch file of the split's row indices")
     p.add_argument("--epochs", type=int)
-    p.add_argument("--chunk-epochs", type=int, help="accepted for the same command line; no checkpoints here")
+    p.add_argument("--chunk-epochs", type=int, help="epochs between checkpoints (the plain loop writes none)")
     a = p.parse_args()
     torch.set_num_threads(1)  # like with like: ours trains on 1 thread by default on 2 cores
-    cfg = get_job(a.job).config(epochs=a.epochs, chunk_epochs=a.chunk_epochs)
+    return a, get_job(a.job).config(epochs=a.epochs, chunk_epochs=a.chunk_epochs)
+
+
+def main() -> None:
+    a, cfg = command_line(__doc__)
     test = train(cfg, prepared_sets(cfg, a.split))
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "metrics.json").write_text(json.dumps({"test": test}, indent=1))
