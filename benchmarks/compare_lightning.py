@@ -68,6 +68,11 @@ class Side:
         return [sys.executable, f"benchmarks/{self.name}_job.py", "--job", self.cfg.job, "--out", str(folder),
                 "--split", str(self.tmp / "split.pt"), *extra]
 
+    @property
+    def checkpoints(self) -> bool:
+        """Whether it writes checkpoints (the plain loop writes none: a whole run is all it has)."""
+        return self.name != "plain"
+
     def ckpt_dir(self, folder: Path) -> Path:
         return folder / self.cfg.job / "bench" / "checkpoints" if self.name == "ours" else folder / "checkpoints"
 
@@ -120,7 +125,7 @@ def whole_run(side: Side, tag: str, steps_samples: int) -> dict:
     which has no checkpoints: wall, CPU and test metric)."""
     folder = side.tmp / tag
     run = side.launch(folder, tag)
-    if side.name == "plain":
+    if not side.checkpoints:
         wall, cpu, rc = run.finish(RUN_TIMEOUT_S)
         check_ok(side, run, rc)
         return {"wall": wall, "cpu": cpu, "test": side.test_metric(folder)}
@@ -193,7 +198,7 @@ def one_round(sides: list[Side], r: int, steps_samples: int) -> dict[str, dict]:
     for s in order:
         out[s.name].update(whole_run(s, f"{s.name}-r{r}", steps_samples))
     for s in order[::-1]:
-        if s.name != "plain":
+        if s.checkpoints:
             out[s.name]["resume"] = kill_and_resume(s, f"{s.name}-kill-r{r}", steps_samples)
     return out
 
@@ -202,9 +207,10 @@ def fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.1f} s"
 
 
-def ratio_line(name: str, ours: list, theirs: list, note: str = "", sides: str = "ours / Lightning") -> None:
-    """One measure, medians over rounds, and the per-round ratios."""
-    a_name, b_name = sides.split(" / ")
+def ratio_line(name: str, ours: list, theirs: list, note: str = "",
+               names: tuple[str, str] = ("ours", "Lightning")) -> None:
+    """One measure, medians over rounds, and the per-round ratios (``names``: the two sides)."""
+    a_name, b_name = names
     o = [x for x in ours if x is not None]
     t = [x for x in theirs if x is not None]
     if not o or not t:
@@ -216,7 +222,7 @@ def ratio_line(name: str, ours: list, theirs: list, note: str = "", sides: str =
 
 
 def report(results: list[dict[str, dict]], mode: str) -> None:
-    """The ratios (ours / Lightning) and both sides' test metrics."""
+    """The ratios (ours / Lightning, and against the plain loop) and every run's test metrics."""
     ours, light, plain = ([r[k] for r in results] for k in ("ours", "lightning", "plain"))
 
     def col(rows: list[dict], *keys: str) -> list:
@@ -234,8 +240,8 @@ def report(results: list[dict[str, dict]], mode: str) -> None:
     ratio_line("kill -> first new checkpoint (both observed)", col(ours, "resume", "ckpt"),
                col(light, "resume", "ckpt"))
     print("the floor, the same job in a plain PyTorch loop with nothing around it (whole run, wall time):")
-    ratio_line("plain loop / Lightning", col(plain, "wall"), col(light, "wall"), sides="plain / Lightning")
-    ratio_line("ours / plain loop", col(ours, "wall"), col(plain, "wall"), sides="ours / plain")
+    ratio_line("plain loop / Lightning", col(plain, "wall"), col(light, "wall"), names=("plain", "Lightning"))
+    ratio_line("ours / plain loop", col(ours, "wall"), col(plain, "wall"), names=("ours", "plain"))
     print("final test metrics (the trained model on the test set):")
     for name, rows in (("ours (metrics.json)", ours), ("Lightning (trainer.test)", light),
                        ("plain loop", plain)):

@@ -103,7 +103,7 @@ def pipeline(cfg: TrainConfig, run_dir: Path, fingerprint: str, info: dict[str, 
     kept = []
     # A later attempt (a rerun, a flow retry) resumes until one of its chunks trains; the first
     # attempt of a run has nothing to resume, so its first chunk does not say "resuming".
-    resuming = report.record["attempts"] > 1
+    resuming = report.later_attempt
     for chunk in range(1, chunk_count(cfg) + 1):
         result = previous = train_chunk(quote(cfg), run_dir, fingerprint, chunk, resuming, report.artifacts.update_progress,
                                         wait_for=[opaque(previous)])

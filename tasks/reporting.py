@@ -400,13 +400,18 @@ class RunReport:
         self.save()
         self.artifacts.update_progress(*self.progress(history))
 
+    @property
+    def later_attempt(self) -> bool:
+        """This attempt follows another on the same run folder (a rerun, a flow retry)."""
+        return self.record["attempts"] > 1
+
     def note_resume(self, result: dict[str, Any]) -> None:
         """Record how this attempt began, from its first chunk: a resume from the checkpoint it
         loaded, or (a later attempt that found no valid checkpoint) a start from scratch."""
         if self.resume_known:
             return
         self.resume_known = True
-        if result.get("loaded") or self.record["attempts"] > 1:
+        if result.get("loaded") or self.later_attempt:
             self.record["resumes"].append(resume_event(self.record, result, self.flow_run_id))
 
     def tensorboard(self, history: dict[str, list[float]], start: int | None = None) -> None:
