@@ -20,9 +20,10 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.options import config_parameters, parameter, with_parameters
-from flows.train_flow import quiet_user_errors, train_flow
-from tasks.jobs import get_job
-from tasks.jobs.spec import UserError
+from flows.train_flow import train_flow
+from tasks.kernel import UserError
+from tasks.prefect_adapter import quiet_user_errors
+from tasks.registry import get_job
 
 #: Default ``run_name`` of a deployment run: ``artifacts/<job>/scheduled-20250101T020000Z``.
 RUN_NAME_TEMPLATE = "scheduled-{scheduled:%Y%m%dT%H%M%SZ}"
@@ -52,6 +53,7 @@ def scheduled(job: str, run_name: str = RUN_NAME_TEMPLATE, **options: Any) -> di
     ``{job}`` and ``{scheduled:%Y%m%d...}``; a retry of this flow run resumes the same folder.
     The other parameters are ``train``'s, left None for the job's defaults."""
     logger = get_run_logger()
+    quiet_user_errors()  # a worker's bad input (e.g. no s3 extra) is one line in the run's logs, as on the CLI
     if flow_run.run_count > MAX_RUNS:
         raise UserError(f"flow run attempted {flow_run.run_count - 1} times; giving up (start a new run to try again)")
     options["artifacts_dir"] = options.get("artifacts_dir") or os.environ.get(ARTIFACTS_ENV) or None
@@ -61,8 +63,6 @@ def scheduled(job: str, run_name: str = RUN_NAME_TEMPLATE, **options: Any) -> di
                 flow_run.run_count)
     return train_flow.fn(job=job, run_name=name, **options)
 
-
-quiet_user_errors()  # a worker's bad input (e.g. no s3 extra) is one line in the run's logs, as on the CLI
 
 #: Parameters: ``job`` (required), the ``run_name`` template, then every TrainConfig field but
 #: ``fresh`` (a scheduled run never archives its own folder), as ``train`` has them.

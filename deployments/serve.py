@@ -26,8 +26,8 @@ from deployments.registry import (
     deployments,
     prefect_yaml,
 )
-from tasks.jobs import JOBS
-from tasks.jobs.spec import UserError
+from tasks.kernel import UserError
+from tasks.registry import JOBS
 from tasks.store import is_url
 
 

@@ -2,61 +2,69 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import logging
-import os
 import sys
-import urllib.error
-import urllib.request
-from pathlib import Path
 from typing import Any
 
-#: The command's own temporary Prefect server (tasks/server.py), started before Prefect and torch
-#: are imported so that it boots meanwhile; None when Prefect's settings name a server.
-SERVER = None
-if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
-    from flows.options import (
-        train_parser,  # help without importing Prefect (torch: the jobs' defaults)
-    )
 
-    train_parser().parse_args()
-elif __name__ == "__main__":
-    # Start-up creates ~500 000 objects that live as long as the command (torch's, Prefect's);
-    # each full collection among them walks them all: ~0.5 s of a 3 s start. Python's gc docs'
-    # pattern: no collections while they are made, then gc.freeze() in main(), before the flow.
+def start_up(argv: list[str]) -> Any:
+    """What the command does before Prefect and torch are imported: ``--help`` without them (the
+    jobs' defaults need only torch), else start the command's temporary Prefect server
+    (tasks/server.py), so that it boots while they import. Start-up creates objects that live as
+    long as the command (torch's, Prefect's); Python's gc docs' pattern: no collections while
+    they are made, then gc.freeze() in :func:`main`. Returns the server (None: one is configured)."""
+    if {"-h", "--help"} & set(argv):
+        from flows.options import train_parser
+
+        train_parser().parse_args(argv)  # prints the help and exits
     gc.disable()
     from tasks.server import launch
 
-    SERVER = launch()
+    return launch()
 
-from prefect import flow, get_run_logger
-from prefect.utilities.annotations import opaque, quote
-from pydantic import ValidationError
 
-from flows.options import config_parameters, with_parameters
-from flows.options import train_parser as parser
-from tasks.checkpoint import remove_debris
-from tasks.data import load_job_data, make_split
-from tasks.evaluation import METRICS_FILE
-from tasks.jobs import default_jobs, get_job
-from tasks.jobs.spec import TrainConfig, UserError
-from tasks.policy import fix_first
-from tasks.reporting import RunReport
-from tasks.run import (
-    RUN_FILE,
-    check_run,
-    hold,
-    is_complete,
-    prepare_run_dir,
-    read_json,
-    run_dir_for,
-    utc_now,
-    where,
-    with_run_threads,
+def command(argv: list[str]) -> int:
+    """``python flows/train_flow.py ...``: start up, then run the command; its exit status."""
+    server = start_up(argv)
+    from flows.train_flow import main  # this module proper, imported once the server is booting
+
+    status = main(argv, server)
+    # Exit handlers (log and event flush, server stop) and finalizers still run as usual; the
+    # interpreter's exit-time garbage collections just skip the objects alive now (torch's and
+    # Prefect's) after one last ordinary collection.
+    gc.collect()
+    gc.freeze()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(command(sys.argv[1:]))
+
+import contextlib  # noqa: E402 - the command starts up before these imports (above)
+import os  # noqa: E402
+
+from prefect import flow, get_run_logger  # noqa: E402
+from prefect.runtime import flow_run  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
+
+from flows.options import config_parameters, with_parameters  # noqa: E402
+from flows.options import train_parser as parser  # noqa: E402
+from tasks.data import describe_data, load_job_data, make_split  # noqa: E402
+from tasks.kernel import TrainConfig, UserError, read_json, remove_debris, utc_now  # noqa: E402
+from tasks.policy import fix_first  # noqa: E402
+from tasks.prefect_adapter import (  # noqa: E402
+    Chain,
+    api_answers,
+    one_crash_line,
+    quiet_user_errors,
+    without_heartbeats,
 )
-from tasks.steps import evaluate, load_data, save_model, split_data, train_chunk
-from tasks.training import StopRequested, chunk_count
+from tasks.registry import default_jobs, get_job  # noqa: E402
+from tasks.reporting import RunReport  # noqa: E402
+from tasks.run import METRICS_FILE, Run  # noqa: E402
+from tasks.steps import evaluate, load_data, save_model, split_data, train_chunk  # noqa: E402
+from tasks.store import LeaseLost  # noqa: E402
+from tasks.training import StopRequested, chunk_count  # noqa: E402
 
 
 def build_configs(job: str | None, overrides: dict[str, Any]) -> list[TrainConfig]:
@@ -67,51 +75,46 @@ def build_configs(job: str | None, overrides: dict[str, Any]) -> list[TrainConfi
 
 def run_job(cfg: TrainConfig) -> dict[str, Any]:
     """The pipeline for one job: load -> split -> train_chunk x N -> evaluate -> save_model."""
-    logger = get_run_logger()
-    info = load_data(cfg)
-    fingerprint = cfg.fingerprint(info["fingerprint"])
-    run_dir, archived = prepare_run_dir(cfg, info["fingerprint"])
-    cfg = with_run_threads(cfg, fingerprint)
+    logger, chain = get_run_logger(), Chain()
+    run = Run.of(cfg, chain(load_data, cfg))
+    archived = run.prepare()
+    run = run.with_threads()
     if archived is not None:
         logger.info("--fresh: moved the previous run to %s", archived)
-    with hold(run_dir, wait=cfg.wait_lock):
-        if debris := remove_debris([run_dir, run_dir / "checkpoints"]):
+    with run.store.hold(cfg.wait_lock):
+        if debris := remove_debris([run.dir, run.dir / "checkpoints"]):
             logger.info("removed %d temp files left by writes that a kill interrupted", len(debris))
-        if is_complete(run_dir):
-            metrics = read_json(run_dir / METRICS_FILE)
-            logger.info("%s is already complete; not retraining (use --fresh to start over)", where(run_dir))
-            return {"job": cfg.job, "run_dir": where(run_dir), "status": "already complete", "metrics": metrics}
-        report = RunReport.start(cfg, run_dir, info, fingerprint, logger)  # run.json, progress
+        if run.complete:
+            logger.info("%s is already complete; not retraining (use --fresh to start over)", run.where)
+            return outcome(run, "already complete")
+        report = RunReport.start(run, logger, flow_run.id)  # run.json, progress
         try:
-            metrics = pipeline(cfg, run_dir, fingerprint, info, report)
+            metrics = pipeline(run, report, chain)
             report.finish(metrics)  # plots, summary.md + artifacts, run.json "completed" with file hashes
         except BaseException as exc:
             report.interrupted(exc)  # run.json "failed" (or "stopped") with the error
             raise
-    logger.info("%s: done, test loss %.6g, outputs in %s", cfg.job, metrics["test"].get("loss", float("nan")),
-                where(run_dir))
-    return {"job": cfg.job, "run_dir": where(run_dir), "status": "completed", "metrics": metrics}
+    logger.info("%s: done, test loss %.6g, outputs in %s", cfg.job, metrics["test"].get("loss", float("nan")), run.where)
+    return outcome(run, "completed")
 
 
-def pipeline(cfg: TrainConfig, run_dir: Path, fingerprint: str, info: dict[str, Any], report: RunReport) -> dict[str, Any]:
-    """split -> train_chunk x N -> evaluate -> save_model; returns the metrics.
+def outcome(run: Run, status: str) -> dict[str, Any]:
+    """A job's result, as the flow returns it and the command prints it."""
+    return {"job": run.cfg.job, "run_dir": run.where, "status": status, "metrics": read_json(run.dir / METRICS_FILE)}
 
-    The UI's graph is one chain: each task waits for the one before. Prefect links inputs to
-    tasks by object identity, so cfg (quote) and the previous result's contents (opaque) are not
-    searched: they share objects (cfg.lr, say) with other tasks' results."""
-    previous = split_data(quote(cfg), run_dir, wait_for=[opaque(info)])
-    kept = []
+
+def pipeline(run: Run, report: RunReport, chain: Chain) -> dict[str, Any]:
+    """split -> train_chunk x N -> evaluate -> save_model, one chain in the UI; the metrics."""
+    chain(split_data, run)
     # A later attempt (a rerun, a flow retry) resumes until one of its chunks trains; the first
     # attempt of a run has nothing to resume, so its first chunk does not say "resuming".
     resuming = report.later_attempt
-    for chunk in range(1, chunk_count(cfg) + 1):
-        result = previous = train_chunk(quote(cfg), run_dir, fingerprint, chunk, resuming, report.artifacts.update_progress,
-                                        wait_for=[opaque(previous)])
-        kept.append(result)  # alive to the end: Prefect maps results to tasks by id(), which a freed one frees
-        resuming = resuming and result["skipped"]
+    for chunk in range(1, chunk_count(run.cfg) + 1):
+        result = chain(train_chunk, run, chunk=chunk, resuming=resuming, report=report.artifacts.update_progress)
+        resuming = resuming and not result.trained
         report.chunk_done(result)  # TensorBoard, progress artifact, run.json
-    metrics = evaluate(quote(cfg), run_dir, fingerprint, wait_for=[opaque(previous)])
-    save_model(quote(cfg), run_dir, fingerprint, wait_for=[opaque(metrics)])
+    metrics = chain(evaluate, run)
+    chain(save_model, run)
     return metrics
 
 
@@ -140,34 +143,8 @@ def preflight(configs: list[TrainConfig]) -> None:
     """Check everything checkable before Prefect starts, so bad input fails in one line and
     touches nothing: data, split size, artifacts folder or store, run-folder conflicts."""
     for cfg in configs:
-        data = load_job_data(cfg)
-        make_split(data, cfg)
-        check_run(cfg, data.fingerprint)
-
-
-class _HideUserErrorTracebacks(logging.Filter):
-    """Prefect logs every task failure with a traceback; for bad input that is noise."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], UserError):
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-def quiet_user_errors() -> None:
-    """Bad input is one line in Prefect's logs too: no traceback for a UserError (idempotent)."""
-    for name in ("prefect.task_runs", "prefect.flow_runs"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _HideUserErrorTracebacks) for f in logger.filters):
-            logger.addFilter(_HideUserErrorTracebacks())
-
-
-class _OneCrashLine(logging.Filter):
-    """A crashed task (Ctrl-C, SIGTERM) crashes the flow run, which logs the same "Crash detected!"
-    line: the task's copy only repeats it."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Crash detected!")
+        make_split(load_job_data(cfg), cfg)
+        Run.of(cfg, describe_data(cfg)).check()
 
 
 def refused(job: str | None, args: dict[str, Any]) -> str | None:
@@ -181,14 +158,12 @@ def refused(job: str | None, args: dict[str, Any]) -> str | None:
     return None
 
 
-def flow_settings() -> contextlib.AbstractContextManager:
+def flow_settings(server: Any) -> contextlib.AbstractContextManager:
     """Once the command's own server answers: the settings its flow runs under."""
-    if SERVER is None:
+    if server is None:
         return contextlib.nullcontext()
-    from tasks.server import temporary_server_settings
-
-    SERVER.wait_ready()  # RuntimeError in one line if it cannot start
-    return temporary_server_settings()
+    server.wait_ready()  # RuntimeError in one line if it cannot start
+    return without_heartbeats()
 
 
 def print_results(results: dict[str, dict[str, Any]]) -> None:
@@ -200,20 +175,21 @@ def print_results(results: dict[str, dict[str, Any]]) -> None:
         print(f"{name}: {result['status']}: {shown} -> {result['run_dir']}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the exit status."""
+def main(argv: list[str] | None = None, server: Any = None) -> int:
+    """CLI entry point; returns the exit status. ``server``: the command's temporary Prefect
+    server (:func:`start_up`), None to use the one Prefect's settings name."""
     args = vars(parser().parse_args(argv))
     job = args.pop("job")
     if error := refused(job, args):
         print(error, file=sys.stderr)
         return 2
     try:
-        settings = flow_settings()
+        settings = flow_settings(server)
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     quiet_user_errors()
-    logging.getLogger("prefect.task_runs").addFilter(_OneCrashLine())
+    one_crash_line()
     if not gc.isenabled():  # started as a command: what exists now lives until the exit
         gc.freeze()
         gc.enable()
@@ -227,22 +203,6 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()
             os._exit(status)
         return status
-
-
-def api_answers(timeout: float = 2.0) -> bool:
-    """Whether the Prefect API still answers at all (any HTTP response counts)."""
-    from prefect.settings import PREFECT_API_URL
-
-    url = PREFECT_API_URL.value()
-    if not url:  # Prefect's own temporary server, inside this process's lifetime
-        return True
-    try:
-        urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout).close()
-    except urllib.error.HTTPError:
-        return True
-    except (OSError, ValueError):
-        return False
-    return True
 
 
 def run_flow(job: str | None, args: dict[str, Any]) -> int:
@@ -260,6 +220,9 @@ def run_flow(job: str | None, args: dict[str, Any]) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except LeaseLost as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except Exception as exc:  # noqa: BLE001 - Prefect already logged the details
         what, fix = f"{type(exc).__name__}: {exc}".splitlines()[0], fix_first(exc)
         if (results := results_on_disk(job, args, started)) is None:
@@ -277,22 +240,12 @@ def results_on_disk(job: str | None, args: dict[str, Any], since: str) -> dict[s
     results = {}
     try:
         for cfg in build_configs(job, args):
-            run_dir = run_dir_for(cfg, cfg.fingerprint(load_job_data(cfg).fingerprint))
-            finished = (read_json(run_dir / RUN_FILE) or {}).get("finished_at", "")
-            if not is_complete(run_dir) or (cfg.fresh and finished < since):
+            run = Run.of(cfg, describe_data(cfg))
+            record = run.record()
+            if not run.complete or (cfg.fresh and (record.finished_at or "") < since):
                 return None
-            results[cfg.job] = {"run_dir": where(run_dir), "status": "completed",
-                                "metrics": read_json(run_dir / METRICS_FILE)}
+            results[cfg.job] = outcome(run, "completed")
     except Exception:  # noqa: BLE001 - this only decides which message the failure gets
         return None
     return results
 
-
-if __name__ == "__main__":
-    status = main()
-    # Exit handlers (log and event flush, server stop) and finalizers still run as usual; the
-    # interpreter's exit-time garbage collections just skip the objects alive now (torch's and
-    # Prefect's: ~1 s of teardown, more on a busy machine) after one last ordinary collection.
-    gc.collect()
-    gc.freeze()
-    sys.exit(status)

@@ -14,18 +14,19 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import math
-import os
 import re
 import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 import torch
+
+from tasks.kernel import atomic_write_bytes, sha256_file  # noqa: F401 - sha256_file: the files' hash, as manifests hold it
+from tasks.records import Manifest
 
 log = logging.getLogger("trainflow.checkpoint")
 
@@ -44,61 +45,6 @@ class CheckpointError(Exception):
     """A checkpoint file is missing, damaged, or belongs to another run."""
 
 
-def fsync_dir(folder: Path) -> None:
-    """Flush a directory entry so a rename inside it survives a power cut."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` is either the old file or the whole new one.
-
-    The temp file is in the same folder (a rename is atomic only within one file system) and is
-    created by a plain open(), so it gets the usual mode (mkstemp's 0600 would hide files from the
-    other users of shared storage); its random name keeps concurrent writers apart."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")  # TEMP_NAME
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-#: The temp files of :func:`atomic_write_bytes`: debris once the writer was killed mid-write.
-TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
-
-
-def remove_debris(folders: list[Path]) -> list[Path]:
-    """Delete the temp files that killed writers left in ``folders``. Call it only while holding
-    the folder's lock: then no live writer owns one of them."""
-    removed = []
-    for folder in folders:
-        for path in Path(folder).glob(".*.tmp"):
-            if TEMP_NAME.match(path.name) and path.is_file():
-                path.unlink(missing_ok=True)
-                removed.append(path)
-    return removed
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Atomically write a UTF-8 text file (JSON, CSV, markdown)."""
-    atomic_write_bytes(Path(path), text.encode("utf-8"))
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Atomically write ``obj`` as pretty JSON."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-
-
 def torch_bytes(obj: Any) -> bytes:
     """Serialise ``obj`` with ``torch.save`` into memory."""
     buf = io.BytesIO()
@@ -111,15 +57,6 @@ def atomic_torch_save(path: Path, obj: Any) -> str:
     data = torch_bytes(obj)
     atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    """sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --- RNG state -----------------------------------------------------------------------------
@@ -155,21 +92,6 @@ def manifest_path(ckpt: Path) -> Path:
     return ckpt.with_suffix(".json")
 
 
-def manifest_for(name: str, data: bytes, payload: dict[str, Any]) -> dict[str, Any]:
-    """The manifest that commits checkpoint ``name`` holding ``data`` (``payload`` serialised)."""
-    return {
-        "file": name,
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "bytes": len(data),
-        "chunk": int(payload["chunk"]),
-        "epoch": int(payload["epoch"]),
-        "batch": int(payload.get("batch", 0)),  # batches of the next epoch done (a stop inside it)
-        "fingerprint": payload["fingerprint"],
-        "cost": float(payload["cost"]),
-        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-
-
 def checkpoint_bytes(payload: dict[str, Any]) -> bytes:
     """``payload`` serialised, after checking it carries every required key."""
     missing = REQUIRED_KEYS - payload.keys()
@@ -189,16 +111,19 @@ def save_checkpoint(folder: Path, payload: dict[str, Any]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(folder, int(payload["chunk"]))
     atomic_write_bytes(path, data)
-    atomic_write_json(manifest_path(path), manifest_for(path.name, data, payload))
+    atomic_write_bytes(manifest_path(path), Manifest.of(path.name, data, payload).json_bytes())
     return path
 
 
-def json_manifest(ckpt: Path) -> dict[str, Any]:
-    """The manifest of ``ckpt`` as a dict ({} when absent or unreadable)."""
+def read_manifest(ckpt: Path) -> Manifest:
+    """The manifest of ``ckpt``; CheckpointError when it is absent or unreadable."""
+    mpath = manifest_path(Path(ckpt))
     try:
-        return json.loads(manifest_path(Path(ckpt)).read_text())
-    except (OSError, ValueError):
-        return {}
+        return Manifest.model_validate_json(mpath.read_bytes())
+    except FileNotFoundError:
+        raise CheckpointError(f"{Path(ckpt).name}: no manifest {mpath.name} (write did not finish)") from None
+    except (ValueError, OSError) as exc:
+        raise CheckpointError(f"{Path(ckpt).name}: unreadable manifest ({str(exc).splitlines()[0]})") from None
 
 
 def load_checkpoint(
@@ -207,13 +132,7 @@ def load_checkpoint(
     """Read and verify one checkpoint: manifest present, sha256 and size match, keys complete,
     made by the same config (``fingerprint``). Raises :class:`CheckpointError` otherwise."""
     path = Path(path)
-    mpath = manifest_path(path)
-    try:
-        manifest = json.loads(mpath.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path.name}: no manifest {mpath.name} (write did not finish)") from None
-    except (ValueError, OSError) as exc:
-        raise CheckpointError(f"{path.name}: unreadable manifest ({exc})") from None
+    manifest = read_manifest(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -221,16 +140,22 @@ def load_checkpoint(
     return verified_payload(path.name, manifest, data, fingerprint, map_location)
 
 
-def verified_payload(name: str, manifest: dict[str, Any], data: bytes, fingerprint: str | None = None,
-                     map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The payload in ``data`` if it is what ``manifest`` commits (size, sha256), loads with
-    ``weights_only=True``, has every key and was made by ``fingerprint``; else CheckpointError."""
-    if fingerprint is not None and manifest.get("fingerprint", fingerprint) != fingerprint:
+def foreign(name: str, manifest: Manifest, fingerprint: str | None) -> None:
+    """CheckpointError when ``manifest`` belongs to another run (told without reading the bytes)."""
+    if fingerprint is not None and manifest.fingerprint != fingerprint:
         raise CheckpointError(f"{name}: its manifest belongs to another config/data (fingerprint "
-                              f"{str(manifest.get('fingerprint'))[:12]}, this run {fingerprint[:12]})")
-    if len(data) != manifest.get("bytes"):
-        raise CheckpointError(f"{name}: {len(data)} bytes, manifest says {manifest.get('bytes')} (truncated?)")
-    if hashlib.sha256(data).hexdigest() != manifest.get("sha256"):
+                              f"{manifest.fingerprint[:12]}, this run {fingerprint[:12]})")
+
+
+def verified_payload(name: str, manifest: Manifest, data: bytes, fingerprint: str | None = None,
+                     map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The payload in ``data`` if it is what ``manifest`` commits (size, sha256, and the chunk,
+    epoch and fingerprint it names), loads with ``weights_only=True``, has every key and was
+    made by ``fingerprint``; else CheckpointError."""
+    foreign(name, manifest, fingerprint)
+    if len(data) != manifest.bytes:
+        raise CheckpointError(f"{name}: {len(data)} bytes, manifest says {manifest.bytes} (truncated?)")
+    if hashlib.sha256(data).hexdigest() != manifest.sha256:
         raise CheckpointError(f"{name}: sha256 mismatch (file damaged)")
     try:
         # weights_only=True: a checkpoint is data, never code (a malicious pickle is refused).
@@ -247,6 +172,8 @@ def verified_payload(name: str, manifest: dict[str, Any], data: bytes, fingerpri
             f"{name}: made by another config/data (fingerprint {payload['fingerprint'][:12]}, "
             f"this run {fingerprint[:12]})"
         )
+    if (why := manifest.agrees_with(payload)) is not None:  # e.g. an older checkpoint under a newer name
+        raise CheckpointError(f"{name}: {why}")
     return payload
 
 
@@ -267,7 +194,7 @@ def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
 class Resume:
     """The newest valid checkpoint and what was skipped to find it."""
 
-    path: Path | None
+    path: PurePosixPath | Path | None
     payload: dict[str, Any] | None
     rejected: tuple[str, ...]
 
@@ -293,10 +220,10 @@ def latest_valid(
     move_aside: bool = True,
     warn: Callable[..., Any] = log.warning,
 ) -> Resume:
-    """Newest checkpoint in ``folder`` that verifies; damaged newer ones are reported once
-    through ``warn`` (pass a run's logger so it reaches the Prefect UI) and moved to
-    ``quarantine/``. A ``.pt`` whose manifest never got written is left in place (the next
-    save of that chunk overwrites it atomically)."""
+    """Newest checkpoint in ``folder`` that verifies; damaged newer ones are reported through
+    ``warn`` (pass a run's logger so it reaches the Prefect UI) and moved to ``quarantine/``
+    together with their manifest. A ``.pt`` whose manifest never got written is left in place
+    (the next save of that chunk overwrites it atomically)."""
     rejected: list[str] = []
     for _, path in list_checkpoints(folder):
         try:
@@ -317,16 +244,15 @@ def latest_valid(
 # --- Retention -----------------------------------------------------------------------------
 
 
-def retention(manifests: list[dict[str, Any]], keep_last: int, values: list[float],
-              higher_is_better: bool) -> list[dict[str, Any]]:
-    """The manifests (oldest epoch first) that retention removes: all but the newest
-    ``keep_last`` and the best by ``values`` (the monitored metric per epoch, 0-based)."""
+def retention(manifests: list[Manifest], keep_last: int, values: list[float],
+              higher_is_better: bool) -> list[Manifest]:
+    """The manifests (oldest first) that retention removes: all but the newest ``keep_last``
+    and the best by ``values`` (the monitored metric per epoch, 0-based)."""
     newest_first = list(reversed(manifests))
     keep = {id(m) for m in newest_first[:max(keep_last, 1)]}
 
-    def value(m: dict[str, Any]) -> float:
-        epoch = int(m.get("epoch", -1))
-        return values[epoch] if 0 <= epoch < len(values) else float("nan")
+    def value(m: Manifest) -> float:
+        return values[m.epoch] if 0 <= m.epoch < len(values) else float("nan")
 
     scored = [m for m in newest_first if math.isfinite(value(m))]
     if scored:
@@ -334,14 +260,55 @@ def retention(manifests: list[dict[str, Any]], keep_last: int, values: list[floa
     return [m for m in newest_first if id(m) not in keep]
 
 
-def prune_checkpoints(folder: Path, keep_last: int | None, values: list[float], higher_is_better: bool) -> list[Path]:
-    """Apply :func:`retention` to ``folder``; call it only once the new checkpoint is safely
-    written. Never removes the newest or the best. Returns what was removed."""
-    if keep_last is None:
-        return []
-    found = [{**json_manifest(path), "path": path} for _, path in reversed(list_checkpoints(folder))]
-    removed = [m["path"] for m in retention(found, keep_last, values, higher_is_better)]
-    for path in removed:
-        manifest_path(path).unlink(missing_ok=True)  # manifest first: a half-pruned pair reads as absent
-        path.unlink(missing_ok=True)
-    return removed
+class Once:
+    """A ``warn`` that says each message once: every chunk looks for the latest valid
+    checkpoint again, and a problem that stays (a .pt without manifest, a damaged checkpoint in
+    a read-only folder) is news once per run."""
+
+    def __init__(self) -> None:
+        self.said: set[str] = set()
+
+    def wrap(self, warn: Callable[..., Any]) -> Callable[..., Any]:
+        def once(message: str, *args: Any) -> None:
+            if (text := message % args) not in self.said:
+                self.said.add(text)
+                warn("%s", text)
+        return once
+
+
+class LocalCheckpoints:
+    """``checkpoint-<k>.pt`` + manifest in a local folder: temp file, fsync, rename, fsync of
+    the folder, the manifest last. The object-store twin is :class:`tasks.store.ObjectCheckpoints`."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.once = Path(folder), Once()
+
+    def save(self, payload: dict[str, Any]) -> PurePosixPath:
+        return PurePosixPath(save_checkpoint(self.folder, payload).name)
+
+    def latest_valid(self, fingerprint: str, map_location: Any = "cpu", warn: Callable[..., Any] = log.warning) -> Resume:
+        found = latest_valid(self.folder, fingerprint, map_location=map_location, warn=self.once.wrap(warn))
+        return Resume(PurePosixPath(found.path.name) if found.path else None, found.payload, found.rejected)
+
+    def manifests(self) -> list[Manifest]:
+        """Committed checkpoints' manifests, oldest first."""
+        found = []
+        for _, path in list_checkpoints(self.folder):
+            try:
+                found.append(read_manifest(path))
+            except CheckpointError:
+                continue
+        return sorted(found, key=lambda m: m.position)
+
+    def load(self, name: str, fingerprint: str | None = None) -> dict[str, Any]:
+        return load_checkpoint(self.folder / name, fingerprint)
+
+    def prune(self, keep_last: int | None, values: list[float], higher_is_better: bool) -> list[str]:
+        """Apply :func:`retention`; call it only once the new checkpoint is safely written."""
+        if keep_last is None:
+            return []
+        removed = [m.file for m in retention(self.manifests(), keep_last, values, higher_is_better)]
+        for name in removed:
+            manifest_path(self.folder / name).unlink(missing_ok=True)  # manifest first: a half-pruned pair reads as absent
+            (self.folder / name).unlink(missing_ok=True)
+        return removed

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from tasks.checkpoint import atomic_write_json
-from tasks.jobs import get_job
-from tasks.jobs.spec import JobData, Tensors, TrainConfig, UserError
+from tasks.jobs.spec import JobData, Tensors
+from tasks.kernel import TrainConfig, UserError, atomic_write_json
+from tasks.records import DataInfo
+from tasks.registry import get_job
+from tasks.run import Run
 from tasks.store import fetch_data, is_url
 
 SPLIT_FILE = "split.json"
@@ -85,23 +86,19 @@ def read_split(run_dir: Path, data: JobData) -> dict[str, torch.Tensor]:
     return {p: torch.tensor(blob[p], dtype=torch.long) for p in PARTS}
 
 
-def describe_data(cfg: TrainConfig) -> dict[str, Any]:
-    """Parse and check the job's data; returns its fingerprint, source and row counts."""
+def describe_data(cfg: TrainConfig) -> DataInfo:
+    """Parse and check the job's data; its fingerprint, source and row counts."""
     data = load_job_data(cfg)
-    return {
-        "fingerprint": data.fingerprint,
-        "source": data.source or str(cfg.data),
-        "pool_rows": len(data.pool),
-        "test_rows": len(data.test) if data.test is not None else None,
-    }
+    return DataInfo(fingerprint=data.fingerprint, source=data.source or str(cfg.data), pool_rows=len(data.pool),
+                    test_rows=len(data.test) if data.test is not None else None)
 
 
-def ensure_split(cfg: TrainConfig, run_dir: Path) -> dict[str, int]:
-    """Create the split once per run folder; later calls reuse the persisted one."""
-    data = load_job_data(cfg)
-    if (Path(run_dir) / SPLIT_FILE).exists():
-        split = read_split(run_dir, data)
+def ensure_split(run: Run) -> dict[str, int]:
+    """Create the split once per run; later calls reuse the persisted one."""
+    data = load_job_data(run.cfg)
+    if (run.dir / SPLIT_FILE).exists():
+        split = read_split(run.dir, data)
     else:
-        split = make_split(data, cfg)
-        save_split(run_dir, split, data, cfg)
+        split = make_split(data, run.cfg)
+        save_split(run.dir, split, data, run.cfg)
     return {p: len(split[p]) for p in PARTS}

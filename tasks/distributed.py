@@ -2,13 +2,13 @@
 
 The ``train_chunk`` task stays the unit of retry. It runs PyTorch's elastic launcher, torchrun
 with ``--standalone`` (one machine, a free local port for the rendezvous), in a thread
-(:func:`run_ranks`); it starts N ranks of :func:`main` and waits for them; torchrun's other
+(:class:`Torchrun`, a :class:`~tasks.runners.ChunkRunner`); it starts N ranks of :func:`main` and waits for them; torchrun's other
 options come from its ``PET_*`` environment variables (``PET_MAX_RESTARTS``, ...). A rank that
 fails or dies stops the group (torchrun), the task fails, and Prefect's retry starts the whole
 group again from the latest valid checkpoint.
 
-Each rank builds the same :class:`~tasks.training.Trainer` from the same checkpoint, wraps the
-model in ``DistributedDataParallel`` and trains on its contiguous share of every global batch of
+Each rank builds the same :class:`~tasks.training.Trainer` from the same checkpoint, with the
+:class:`DataParallel` strategy: the model in ``DistributedDataParallel``, and each rank trains on its contiguous share of every global batch of
 the epoch's ``(seed, epoch)`` order, so an epoch's samples and batches do not depend on N: DDP
 averages the gradients of the N equal shares, i.e. the gradient of the global batch's mean loss.
 What does depend on N: the floats (the order of the additions), and dropout (each rank draws its
@@ -30,49 +30,52 @@ import datetime
 import gc
 import json
 import logging
-import math
 import os
 import re
 import signal
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
+
+def become_rank() -> None:
+    """The first thing a rank does (``python -m tasks.distributed``), before its imports: no
+    full garbage collections among the imports' objects (as flows/train_flow.py), and on Linux
+    be SIGKILLed when its launcher dies (the command's torchrun thread, or a torchrun of its
+    own), gone at once if the launcher is gone already: a launcher stopped while it starts the
+    ranks does not know them all, and a rank left behind would wait for its rendezvous."""
+    gc.disable()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.environ.get("TRAINFLOW_LAUNCHER_PID", str(os.getppid())) != str(os.getppid()):  # see run_ranks
+            sys.exit(1)
+
+
 if __name__ == "__main__":
-    gc.disable()  # until main(): no full collections among the imports' objects (flows/train_flow.py)
-if __name__ == "__main__" and sys.platform.startswith("linux"):
-    # A rank: SIGKILLed when its launcher dies (the command's torchrun thread, or a torchrun of
-    # its own), from here on (before the seconds of imports below), and gone at once if the
-    # launcher is gone already. A launcher stopped while it starts the ranks does not know them
-    # all, and a rank left behind would wait for its rendezvous until it times out.
-    import ctypes
+    become_rank()
 
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.environ.get("TRAINFLOW_LAUNCHER_PID", str(os.getppid())) != str(os.getppid()):  # see run_ranks
-        sys.exit(1)
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from pydantic import BaseModel  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
-import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
-
-from tasks.checkpoint import capture_rng, restore_rng
-from tasks.history import HISTORY_FILE, write_history_csv
-from tasks.jobs.spec import TrainConfig, UserError
-from tasks.progress import ChunkProgress
-from tasks.training import (
+from tasks.checkpoint import capture_rng, restore_rng  # noqa: E402
+from tasks.kernel import TrainConfig, UserError  # noqa: E402
+from tasks.progress import ChunkProgress  # noqa: E402
+from tasks.records import ChunkResult  # noqa: E402
+from tasks.run import Run, RunSpec  # noqa: E402
+from tasks.training import (  # noqa: E402
     GracefulStop,
     StopRequested,
     Trainer,
-    chunk_base,
-    chunk_end,
-    chunk_outcome,
-    epoch_order,
     log_chunk,
-    train_epoch,
+    stop_message,
+    train_chunk,
 )
 
 #: A collective that waits longer than this (a rank died without torchrun noticing) fails.
@@ -95,97 +98,103 @@ def shard(order: torch.Tensor, batch_size: int, rank: int, world: int) -> torch.
     return order[: batches * batch_size].view(batches, world, per)[:, rank].reshape(-1)  # [batches * per]
 
 
-class RankTrainer(Trainer):
-    """One rank's trainer: the model in DDP, this rank's share of each batch, rank 0 saves."""
+class DataParallel:
+    """The Trainer's strategy for one rank of N (:class:`tasks.training.SingleProcess`'s twin):
+    the model in DDP, this rank's share of each global batch, buffers and loss averaged at each
+    epoch's end, every rank's RNG state in the checkpoint, rank 0 writes."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, fingerprint: str, stop_file: Path):
-        self.rank, self.world, self.stop_file = dist.get_rank(), dist.get_world_size(), stop_file
-        super().__init__(cfg, run_dir, fingerprint)
-        if self.resumed_from is None:  # own dropout masks per rank, after the shared init
-            torch.manual_seed(cfg.seed * 1_000_003 + 7919 * (self.rank + 1))
-        device_ids = [torch.cuda.current_device()] if self.device.type == "cuda" else None  # LOCAL_RANK's GPU
-        # Buffers (BatchNorm's running statistics) are averaged once per epoch (fit), not
-        # broadcast before every forward: a collective per step less (~15 % of a small_cnn step here).
-        self.net = DistributedDataParallel(self.model, device_ids=device_ids, broadcast_buffers=False)
+    stops_inside_epoch = False  # the ranks agree on a stop at an epoch's end (one all_reduce)
 
-    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
-        super().load_state_dict(ckpt)
-        restore_rng(ckpt["rng_ranks"][self.rank])
+    def __init__(self) -> None:
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.writes = self.rank == 0
 
-    def state_dict(self, chunk: int) -> dict[str, Any]:
-        """The usual payload, with every rank's RNG state (a collective: every rank calls it)."""
-        states: list[Any] = [None] * self.world
-        dist.all_gather_object(states, capture_rng())
-        return {**super().state_dict(chunk), "rng_ranks": states, "world_size": self.world}
+    def wrap(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        device_ids = [torch.cuda.current_device()] if device.type == "cuda" else None  # LOCAL_RANK's GPU
+        # Buffers (BatchNorm's running statistics) are averaged once per epoch (epoch_cost), not
+        # broadcast before every forward: one collective per step less.
+        return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
-    def fit(self, epoch: int, on_batch: Any = None) -> float:
-        """This rank's share of every batch through DDP; the mean batch loss over all ranks."""
-        assert not self.skip, "data-parallel chunks stop at epoch ends only"
-        order = shard(epoch_order(self.cfg.seed, epoch, len(self.train)), self.cfg.batch_size, self.rank, self.world)
-        cost = train_epoch(self.net, self.optimizer, self.scheduler, self.loss_fn, self.train, order,
-                           self.cfg.batch_size // self.world, self.spec.prepare)
-        for buffer in self.model.buffers():  # each rank's running statistics -> their mean, on every rank
+    def seed(self, seed: int) -> None:
+        torch.manual_seed(seed * 1_000_003 + 7919 * (self.rank + 1))  # own dropout masks, after the shared init
+
+    def share(self, order: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, int]:
+        return shard(order, batch_size, self.rank, self.world), batch_size // self.world
+
+    def epoch_cost(self, model: torch.nn.Module, cost: float) -> float:
+        for buffer in model.buffers():  # each rank's running statistics -> their mean, on every rank
             if buffer.is_floating_point():
                 dist.all_reduce(buffer)
                 buffer /= self.world
-        total = torch.tensor([cost], dtype=torch.float64, device=self.device)
+        total = torch.tensor([cost], dtype=torch.float64, device=next(model.parameters()).device)
         dist.all_reduce(total)
         return float(total) / self.world
 
-    def stop_agreed(self) -> bool:
-        """Whether any rank was asked to stop: all ranks get the same answer."""
-        flag = torch.tensor([int(self.stop_file.exists())], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag)
+    def agree(self, flag: bool) -> bool:
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        agreed = torch.tensor([int(flag)], device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+        return bool(agreed)
 
-    def train_until(self, end: int, stop: Any = None, progress: Any = None) -> None:
-        start = self.next_epoch
-        self.tell(start, end, math.nan)
-        for epoch in range(start, end):
-            row = self.run_epoch(epoch)
-            self.next_epoch = epoch + 1
-            self.tell(start, end, row["train_loss"])
-            if self.stop_agreed() or self.stopped_early:
-                return
+    def state_dict(self) -> dict[str, Any]:
+        """Every rank's RNG state (a collective: every rank calls it)."""
+        states: list[Any] = [None] * self.world
+        dist.all_gather_object(states, capture_rng())
+        return {"rng_ranks": states, "world_size": self.world}
 
-    def tell(self, start: int, end: int, loss: float) -> None:
-        """Rank 0: where the chunk is, for the launching process to show (:class:`Watch`)."""
-        if self.rank == 0:
-            state = {"start": start, "end": end, "steps": self.steps_per_epoch, "done": self.next_epoch, "loss": loss}
-            tmp = self.stop_file.with_name("progress.tmp")
-            tmp.write_text(json.dumps(state))
-            tmp.replace(self.stop_file.with_name("progress.json"))
-
-    def save(self, chunk: int) -> Any:
-        payload = self.state_dict(chunk)
-        if self.rank != 0:
-            return None
-        name = self.checkpoints.save(payload)
-        self.checkpoints.prune(self.cfg.keep_last, self.history.get(self.monitor, []), self.higher_is_better)
-        return name
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        restore_rng(ckpt["rng_ranks"][self.rank])
 
 
 # --- one rank (python -m tasks.distributed <folder>, started by torchrun) ----------------------
 
 
-def rank_chunk(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
+class FileStop:
+    """A stop request from the launcher: the file ``stop`` in the chunk's folder."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    @property
+    def requested(self) -> bool:
+        return self.path.exists()
+
+
+class Tell:
+    """Rank 0's progress for the launcher (``progress.json``, at each epoch's end), which shows
+    it the way one process does (:class:`Watch`). Other ranks tell nothing."""
+
+    def __init__(self, folder: Path, start: int, end: int, steps: int, rank: int):
+        self.file, self.rank = folder / "progress.json", rank
+        self.state = {"start": start, "end": end, "steps": steps, "done": start, "loss": float("nan")}
+
+    def write(self) -> None:
+        if self.rank == 0:
+            tmp = self.file.with_name("progress.tmp")
+            tmp.write_text(json.dumps(self.state))
+            tmp.replace(self.file)
+
+    def __enter__(self) -> Tell:
+        self.write()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def batch(self, done: int, loss_sum: torch.Tensor) -> None:
+        pass
+
+    def epoch_done(self, epoch: int, train_loss: float) -> None:
+        self.state.update(done=epoch + 1, loss=train_loss)
+        self.write()
+
+
+def rank_chunk(job: ChunkJob, folder: Path) -> ChunkResult:
     """Train the chunk on this rank; rank 0's result is the chunk's."""
-    cfg = TrainConfig.model_validate(spec["config"])
-    trainer = RankTrainer(cfg, Path(spec["run_dir"]), spec["fingerprint"], folder / "stop")
-    chunk, start = spec["chunk"], trainer.next_epoch
-    base = chunk_base(trainer, chunk, spec["resumed"])
-    if start >= chunk_end(cfg, chunk) or trainer.finished:
-        return {**base, "skipped": True, "epoch": start}
-    if cfg.compile:
-        trainer.model.compile()
-    t0 = time.perf_counter()
-    trainer.train_until(chunk_end(cfg, chunk))
-    seconds = time.perf_counter() - t0
-    path = trainer.save(chunk)
-    if trainer.rank != 0:
-        return {}
-    write_history_csv(Path(spec["run_dir"]) / HISTORY_FILE, trainer.history)
-    return chunk_outcome(base, trainer, start, seconds, path)
+    trainer = Trainer(Run.attach(job.run), parallel=DataParallel())
+    rank = trainer.parallel.rank
+    return train_chunk(trainer, job.chunk, job.resumed, FileStop(folder / "stop"),
+                       lambda start, end: Tell(folder, start, end, trainer.steps_per_epoch, rank))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,27 +203,24 @@ def main(argv: list[str] | None = None) -> int:
         gc.freeze()
         gc.enable()
     folder = Path((sys.argv[1:] if argv is None else argv)[0])
-    spec = json.loads((folder / "spec.json").read_text())
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    cfg = TrainConfig.model_validate(spec["config"])
+    job = ChunkJob.model_validate_json((folder / "spec.json").read_text())
+    cfg = TrainConfig.model_validate(job.run.config)
     if backend(cfg) == "nccl":
-        torch.cuda.set_device(local)  # one GPU per process
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process
     dist.init_process_group(backend(cfg), timeout=COLLECTIVE_TIMEOUT)
     try:
-        result: dict[str, Any] = rank_chunk(spec, folder)
+        outcome = RankOutcome(result=rank_chunk(job, folder))
     except UserError as exc:  # e.g. the loss diverged: the same on every rank, and never retried
-        result = {"error": str(exc)}
+        outcome = RankOutcome(error=str(exc))
     finally:
         dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
-        (folder / "result.tmp").write_text(json.dumps(result))
+        (folder / "result.tmp").write_text(outcome.model_dump_json())
         (folder / "result.tmp").replace(folder / "result.json")
     return 0
 
 
 # --- the launching process (inside the train_chunk task) ---------------------------------------
-
-
 def launcher_args(cfg: TrainConfig) -> list[str]:
     """torchrun's options that trainflow sets; the rest come from its PET_* variables.
     ``--standalone``: one machine, and a free local port for the rendezvous at every launch, so
@@ -318,46 +324,60 @@ def failures(output: str) -> str:
     return "; ".join(raised) if raised else "\n" + "\n".join(output.strip().splitlines()[-30:])
 
 
-def chunk_spec(cfg: TrainConfig, run_dir: Path, fingerprint: str, chunk: int, resumed: bool) -> dict[str, Any]:
+class ChunkJob(BaseModel):
     """What every rank of a chunk reads (``spec.json``): the same on every machine."""
-    return {"config": cfg.model_dump(mode="json"), "run_dir": str(run_dir), "fingerprint": fingerprint,
-            "chunk": chunk, "resumed": resumed}
+
+    run: RunSpec
+    chunk: int
+    resumed: bool
 
 
-def launch_chunk(cfg: TrainConfig, run_dir: Path, fingerprint: str, chunk: int, logger: Any, resumed: bool,
-                 report: Callable[[float, str], None] | None = None) -> dict[str, Any]:
-    """Train chunk ``chunk`` with ``cfg.nproc_per_node`` processes; its result, as one process's."""
-    logger.info("chunk %d: %d processes (torch.distributed, %s)", chunk, cfg.nproc_per_node, backend(cfg))
-    spec = chunk_spec(cfg, run_dir, fingerprint, chunk, resumed)
-    with tempfile.TemporaryDirectory(prefix="trainflow-ranks-") as tmp, GracefulStop("at the end of this epoch") as stop:
-        folder = Path(tmp)
-        (folder / "spec.json").write_text(json.dumps(spec))
-        ok, output = run_ranks(cfg, folder, stop, Watch(cfg, folder, logger, report))
-        done = folder / "result.json"
-        result = json.loads(done.read_text()) if done.exists() else None
-    if result is not None and "error" in result:
-        raise UserError(result["error"])
-    if not ok or result is None:
-        logger.error("the %d processes of chunk %d failed: %s", cfg.nproc_per_node, chunk, failures(output))
-        raise RuntimeError(f"chunk {chunk}: a process of the group failed")
-    if result.get("resumed_from"):
-        logger.info("chunk %d: resumed from %s", chunk, result["resumed_from"])
-    if not result["skipped"]:
-        log_chunk(logger, cfg, result)
-    if stop.signum is not None:
-        message = (f"{signal.Signals(stop.signum).name}: saved {result['checkpoint']} at epoch "
-                   f"{result['end_epoch']}/{cfg.epochs}; rerun the same command to resume from there")
-        logger.warning(message)
-        raise StopRequested(stop.signum, message)
-    return result
+class RankOutcome(BaseModel):
+    """What rank 0 leaves in ``result.json``: the chunk's result, or the bad input it met."""
+
+    result: ChunkResult | None = None
+    error: str | None = None
+
+
+class Torchrun:
+    """The chunk on ``cfg.nproc_per_node`` processes (a :class:`~tasks.runners.ChunkRunner`):
+    torchrun's launcher in a thread of this process, the ranks in their own sessions. A stop
+    request (SIGTERM, Ctrl-C) is passed to the ranks, which checkpoint at the epoch's end."""
+
+    def run(self, run: Run, chunk: int, resumed: bool, logger: Any,
+            report: Callable[[float, str], None] | None = None) -> ChunkResult:
+        cfg = run.cfg
+        logger.info("chunk %d: %d processes (torch.distributed, %s)", chunk, cfg.nproc_per_node, backend(cfg))
+        job = ChunkJob(run=run.spec(), chunk=chunk, resumed=resumed)
+        with tempfile.TemporaryDirectory(prefix="trainflow-ranks-") as tmp, GracefulStop("at the end of this epoch") as stop:
+            folder = Path(tmp)
+            (folder / "spec.json").write_text(job.model_dump_json())
+            ok, output = run_ranks(cfg, folder, stop, Watch(cfg, folder, logger, report))
+            done = folder / "result.json"
+            outcome = RankOutcome.model_validate_json(done.read_text()) if done.exists() else None
+        if outcome is not None and outcome.error is not None:
+            raise UserError(outcome.error)
+        if not ok or outcome is None or outcome.result is None:
+            logger.error("the %d processes of chunk %d failed: %s", cfg.nproc_per_node, chunk, failures(output))
+            raise RuntimeError(f"chunk {chunk}: a process of the group failed")
+        result = outcome.result
+        if result.resumed_from:
+            logger.info("chunk %d: resumed from %s", chunk, result.resumed_from)
+        if result.trained:
+            log_chunk(logger, cfg, result)
+        if stop.signum is not None:
+            message = stop_message(stop.signum, result.checkpoint, f"epoch {result.end_epoch}/{cfg.epochs}")
+            logger.warning(message)
+            raise StopRequested(stop.signum, message)
+        return result
 
 
 if __name__ == "__main__":
     status = main()
     # As flows/train_flow.py: the exit-time collections skip what is alive now (torch's modules),
-    # ~0.6 s of each rank's exit, which every chunk waits for. The collection first is needed: a
-    # rank that froze its garbage (DDP's and the process group's objects) died of SIGABRT at exit
-    # now and then ("terminate called without an active exception").
+    # which every chunk waits for. The collection first is needed: a rank that froze its garbage
+    # (DDP's and the process group's objects) died of SIGABRT at exit now and then
+    # ("terminate called without an active exception").
     gc.collect()
     gc.freeze()
     sys.exit(status)

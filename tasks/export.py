@@ -11,9 +11,10 @@ from typing import Callable
 
 import torch
 
-from tasks.checkpoint import atomic_torch_save, atomic_write_bytes
+from tasks.checkpoint import atomic_torch_save
 from tasks.evaluation import final_trainer
-from tasks.jobs.spec import TrainConfig
+from tasks.kernel import atomic_write_bytes
+from tasks.run import Run
 
 log = logging.getLogger("trainflow.export")
 EXPORTED_FILE = "model.pt2"
@@ -51,16 +52,17 @@ def export_program(model: torch.nn.Module, example: torch.Tensor, path: Path) ->
     return str(path)
 
 
-def save_model_files(cfg: TrainConfig, run_dir: Path, fingerprint: str) -> dict[str, str]:
+def save_model_files(run: Run) -> dict[str, str]:
     """Write ``model.pt`` (``torch.save(model)``, needs this project's code to load) and
     ``model_state_dict.pt`` (plain tensors, loads with ``weights_only=True``)."""
-    trainer = final_trainer(cfg, run_dir, fingerprint)
+    cfg, trainer, run_dir = run.cfg, final_trainer(run), run.dir
     model = trainer.model.cpu().eval()  # CPU files load anywhere; map_location moves them back
-    run_dir = Path(run_dir)
     atomic_torch_save(run_dir / "model.pt", model)
     atomic_torch_save(run_dir / "model_state_dict.pt", model.state_dict())
     files = {"model": str(run_dir / "model.pt"), "state_dict": str(run_dir / "model_state_dict.pt")}
-    example = trainer.train.x[:2].cpu()  # stored form; two rows: a batch size export keeps dynamic
+    # Stored form; two rows: a batch size export keeps dynamic. A copy: the program saves its
+    # example input, and a view would save the whole training set it is cut from.
+    example = trainer.train.x[:2].clone().cpu()
     if exported := export_program(Prepared(trainer.spec.prepare, model), example, run_dir / EXPORTED_FILE):
         files["exported"] = exported
     if cfg.save_best and trainer.best is not None:

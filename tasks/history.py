@@ -8,10 +8,9 @@ import io
 import logging
 import math
 from pathlib import Path
-from typing import Any
 
-from tasks.checkpoint import atomic_write_text
-from tasks.store import checkpoints_for
+from tasks.kernel import atomic_write_text
+from tasks.run import Run
 
 log = logging.getLogger("trainflow.history")
 
@@ -40,19 +39,14 @@ def read_history_csv(path: Path) -> dict[str, list[float]]:
     return {c: [float(r[c]) for r in rows] for c in reader.fieldnames or []}
 
 
-def manifests(run_dir: Path) -> list[dict[str, Any]]:
-    """Manifests of the committed checkpoints (in the run folder, or on its store), oldest first."""
-    return [m for m in checkpoints_for(run_dir).manifests() if "chunk" in m]
-
-
-def read_history(run_dir: Path) -> dict[str, list[float]]:
+def read_history(run: Run) -> dict[str, list[float]]:
     """The per-epoch history of the newest checkpoint. ``history.csv`` is written right after
     each checkpoint; if the process died in between, the checkpoint's own history is used."""
-    history = read_history_csv(Path(run_dir) / HISTORY_FILE)
-    newest = manifests(run_dir)[-1:]
-    if newest and len(history.get("epoch", [])) < int(newest[0]["epoch"]) + 1:
+    history = read_history_csv(run.dir / HISTORY_FILE)
+    newest = run.store.checkpoints.manifests()[-1:]
+    if newest and len(history.get("epoch", [])) < newest[0].epoch + 1:
         try:
-            ckpt = checkpoints_for(run_dir).load(newest[0]["file"])
+            ckpt = run.store.checkpoints.load(newest[0].file)
             history = {k: [float(x) for x in v.tolist()] for k, v in ckpt["history"].items()}
         except Exception as exc:  # noqa: BLE001 - a damaged checkpoint is training's business
             log.warning("history: %s", exc)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-from tasks.jobs.spec import UserError
+from tasks.kernel import UserError
+from tasks.store import LeaseLost
 
 #: OS errors that a retry or a rerun meets again until the user changes something.
 NEEDS_A_FIX = {
@@ -31,7 +32,12 @@ def fix_first(exc: BaseException) -> str | None:
     return None
 
 
+def retried(exc: BaseException) -> bool:
+    """Whether a task retry may help: not bad input or divergence (UserError), not a lost lease
+    (it is lost for good), not a full or read-only disk."""
+    return not isinstance(exc, UserError | LeaseLost) and fix_first(exc) is None
+
+
 def NO_RETRY_ON_USER_ERROR(task: Any, task_run: Any, state: Any) -> bool:  # noqa: N802 - reads as a constant policy
-    """Prefect ``retry_condition_fn``: retry anything but bad input or divergence (UserError) and
-    a full or read-only disk, which would fail the same way again and only burn retries."""
-    return not isinstance(state.data, UserError) and fix_first(state.data) is None
+    """Prefect ``retry_condition_fn`` (see :func:`retried`)."""
+    return retried(state.data)

@@ -14,7 +14,6 @@ and nothing more until a tick is due (``benchmarks/progress_overhead.py`` measur
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any, Callable
 
@@ -30,17 +29,6 @@ LOG_EVERY = 10.0
 WIDE = 120
 #: Seconds between updates of the progress artifact.
 REPORT_EVERY = 5.0
-
-
-def terminal_console() -> Any | None:
-    """The rich console of Prefect's log handler, when it writes to a terminal; else None."""
-    from rich.console import Console
-
-    for handler in logging.getLogger().handlers:
-        console = getattr(handler, "console", None)  # prefect.logging.handlers.PrefectConsoleHandler
-        if isinstance(console, Console) and console.is_terminal:
-            return console
-    return None
 
 
 def live_line(console: Any | None) -> Any | None:
@@ -69,6 +57,8 @@ class ChunkProgress:
         self.epoch, self.loss = start, float("nan")  # the epoch in progress (0-based), its last known loss
         self.t0 = time.monotonic()
         self.next_tick, self.next_log, self.next_report = self.t0 + TICK, self.t0 + LOG_EVERY, self.t0 + REPORT_EVERY
+        from tasks.prefect_adapter import terminal_console
+
         self.live = live_line(terminal_console())
         if self.live is not None:
             self.bar = self.live.add_task(f"epoch {start + 1}/{epochs}", total=float(epochs) * steps, figures="")

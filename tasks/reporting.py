@@ -2,7 +2,7 @@
 
 Called from the flow body (``flows/train_flow.py`` ``run_job``), never with tensors:
 
-- :meth:`RunReport.start` once per attempt: ``run.json`` (:mod:`tasks.record`), the job's
+- :meth:`RunReport.start` once per attempt: ``run.json`` (:class:`tasks.records.RunRecord`), the job's
   ``latest`` pointer, a Prefect progress artifact.
 - :meth:`RunReport.chunk_done` after every chunk: TensorBoard events for the new epochs, the
   chunk's row (and the attempt's resume) in ``run.json``, the progress artifact.
@@ -27,27 +27,19 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from tasks.checkpoint import atomic_write_json, atomic_write_text, fsync_dir
 from tasks.history import duration, eta_seconds, read_history
-from tasks.jobs.spec import TrainConfig
-from tasks.record import (
-    begin_attempt,
-    chunk_row,
-    chunk_rows,
-    hash_files,
-    mark_interrupted,
-    resume_event,
-    verify_hashes,  # noqa: F401 - re-exported: tests and tools import it from here
-)
-from tasks.run import RUN_FILE, utc_now, where
-from tasks.store import push, remote_of
+from tasks.kernel import atomic_write_text, fsync_dir, sha256_file, utc_now
+from tasks.records import RUN_FILE, ChunkResult, RunRecord
+from tasks.run import Run
+from tasks.store import LATEST, LOCK_FILE, OWNER_FILE, LeaseLost
 
 log = logging.getLogger("trainflow.reporting")
 
 SUMMARY_FILE = "summary.md"
 LOSS_PNG = "loss.png"
 TB_DIR = "tensorboard"
-LATEST = "latest"
+#: Not hashed into run.json: run.json itself and the lock files of whoever holds the folder.
+UNHASHED = frozenset({RUN_FILE, LOCK_FILE, OWNER_FILE})
 PROGRESS = "create the progress artifact"
 #: history column -> TensorBoard tag (other ``val_<m>`` columns become ``<M>/val``).
 TB_TAGS = {"train_loss": "Loss/train", "val_loss": "Loss/val", "val_accuracy": "Accuracy/val", "lr": "LearningRate"}
@@ -121,23 +113,26 @@ def write_tensorboard(run_dir: Path, history: dict[str, list[float]], first: int
     return epochs[-1] if epochs else 0
 
 
-# --- latest pointer --------------------------------------------------------------------------
+# --- the run's files ------------------------------------------------------------------------
 
 
-def update_latest(run_dir: Path) -> Path | None:
-    """Write the run's name into ``<artifacts>/<job>/latest`` (on the run's store too),
-    atomically. A one-line file, not a symlink: TensorBoard (and any tool that walks the
-    artifacts folder) would list the run twice through a symlink, and object stores have none.
-    A symlink of an older version is replaced."""
-    run_dir = Path(run_dir)
-    link = run_dir.parent / LATEST
-    if link.is_dir() and not link.is_symlink():
-        log.warning("%s is a run folder, not a pointer; not updating it", link)
-        return None
-    atomic_write_text(link, run_dir.name + "\n")
-    if (remote := remote_of(run_dir)) is not None:
-        remote.parent().put(LATEST, (run_dir.name + "\n").encode())
-    return link
+def hash_files(run: Run) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every file of the run, except run.json, the lock files and hidden
+    temp files; committed checkpoints are listed from their manifests (on a store they are not
+    in the local folder)."""
+    out = {f"checkpoints/{m.file}": {"sha256": m.sha256, "bytes": m.bytes} for m in run.store.checkpoints.manifests()}
+    for path in sorted(run.dir.rglob("*")):
+        rel = path.relative_to(run.dir)
+        if path.is_file() and rel.as_posix() not in UNHASHED and not any(p.startswith(".") for p in rel.parts):
+            out[rel.as_posix()] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    return out
+
+
+def verify_hashes(run_dir: Path) -> list[str]:
+    """Files whose sha256 differs from run.json's record (empty when all match)."""
+    record = RunRecord.parse((Path(run_dir) / RUN_FILE).read_bytes()) if (Path(run_dir) / RUN_FILE).exists() else None
+    return [rel for rel, info in ((record.files or {}) if record else {}).items()
+            if not (Path(run_dir) / rel).is_file() or sha256_file(Path(run_dir) / rel) != info["sha256"]]
 
 
 def resolve_run(path: Path) -> Path:
@@ -331,38 +326,38 @@ class Artifacts:
 
 
 class RunReport:
-    """Reporting of one attempt at one run folder (see the module docstring)."""
+    """Reporting of one attempt at one run (see the module docstring); the one writer of run.json."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, logger: Any = log):
-        from prefect.runtime import flow_run
-
-        self.cfg, self.run_dir, self.log = cfg, Path(run_dir), logger
-        self.artifacts = Artifacts(cfg.job, self.run_dir.name, logger)
-        self.flow_run_id = flow_run.id  # None outside a flow run
-        self.record: dict[str, Any] = {}
+    def __init__(self, run: Run, logger: Any = log, flow_run_id: str | None = None):
+        self.run, self.cfg, self.run_dir, self.log = run, run.cfg, run.dir, logger
+        self.artifacts = Artifacts(run.cfg.job, run.name, logger)
+        self.flow_run_id = flow_run_id
+        self.record = RunRecord()
         self.t0 = time.monotonic()
         self.trained_epochs, self.trained_seconds = 0, 0.0  # this attempt's, for the ETA
         self.resume_known = False  # the attempt's first chunk tells whether and whence it resumed
 
     @classmethod
-    def start(cls, cfg: TrainConfig, run_dir: Path, data: dict[str, Any], fingerprint: str,
-              logger: Any = log) -> RunReport:
+    def start(cls, run: Run, logger: Any = log, flow_run_id: str | None = None) -> RunReport:
         """Begin an attempt: run.json, latest pointer, progress artifact."""
-        self = cls(cfg, run_dir, logger)
-        self.record = begin_attempt(self.run_dir, cfg, data["fingerprint"], fingerprint, self.flow_run_id,
-                                    data.get("source"))
+        self = cls(run, logger, flow_run_id)
+        self.record = run.record() or RunRecord()
+        self.record.begin_attempt(run.cfg, run.data, run.fingerprint, run.name, run.where, flow_run_id)
         self.save()
-        update_latest(self.run_dir)
-        self.artifacts.create_progress(*self.progress(read_history(self.run_dir)))
+        run.store.point_latest()
+        self.artifacts.create_progress(*self.progress(read_history(run)))
         return self
 
     def save(self, strict: bool = False) -> None:
         """run.json; for a run on a store, then every staged file that changed (run.json last).
         Only the final save must reach the store (``strict``): the checkpoints are committed by
-        the chunks themselves, and a later save pushes whatever an earlier one could not."""
-        atomic_write_json(self.run_dir / RUN_FILE, self.record)
+        the chunks themselves, and a later save pushes whatever an earlier one could not. A lost
+        lease is never a warning: the run must stop."""
+        atomic_write_text(self.run_dir / RUN_FILE, self.record.json_text())
         try:
-            push(self.run_dir)
+            self.run.store.push()
+        except LeaseLost:
+            raise
         except Exception as exc:  # noqa: BLE001 - see above
             if strict:
                 raise
@@ -384,78 +379,77 @@ class RunReport:
             parts.append("done" if finished else f"ETA {duration(eta)}")
         return (100.0 if finished else round(100.0 * done / self.cfg.epochs, 2)), ", ".join(parts)
 
-    def chunk_done(self, result: dict[str, Any]) -> None:
+    def chunk_done(self, result: ChunkResult) -> None:
         """After each chunk: the resume and the chunk's row in run.json, TensorBoard events for
         the new epochs, the progress artifact."""
-        history = read_history(self.run_dir)
+        history = read_history(self.run)
         self.note_resume(result)
-        if result.get("skipped"):
-            start = int(result["epoch"])
-        else:
-            start = int(result["start_epoch"])
-            self.trained_epochs += int(result["end_epoch"]) - start
-            self.trained_seconds += float(result["seconds"])
-            self.record["chunks"][str(result["chunk"])] = chunk_row(self.record, result)
-        self.tensorboard(history, start)
+        if result.trained:
+            self.trained_epochs += result.end_epoch - result.start_epoch
+            self.trained_seconds += result.seconds
+            self.record.add_chunk(result)
+        self.tensorboard(history, result.start_epoch)
         self.save()
         self.artifacts.update_progress(*self.progress(history))
 
     @property
     def later_attempt(self) -> bool:
-        """This attempt follows another on the same run folder (a rerun, a flow retry)."""
-        return self.record["attempts"] > 1
+        """This attempt follows another on the same run (a rerun, a flow retry)."""
+        return self.record.attempts > 1
 
-    def note_resume(self, result: dict[str, Any]) -> None:
+    def note_resume(self, result: ChunkResult) -> None:
         """Record how this attempt began, from its first chunk: a resume from the checkpoint it
         loaded, or (a later attempt that found no valid checkpoint) a start from scratch."""
         if self.resume_known:
             return
         self.resume_known = True
-        if result.get("loaded") or self.later_attempt:
-            self.record["resumes"].append(resume_event(self.record, result, self.flow_run_id))
+        if result.loaded or self.later_attempt:
+            self.record.resumes.append(self.record.resume_event(result, self.flow_run_id))
 
     def tensorboard(self, history: dict[str, list[float]], start: int | None = None) -> None:
         """Events from the first epoch not known to be written: run.json records the last one
         written, and ``start`` (epochs the checkpoint held) goes back further after a resume from
         an older checkpoint. A kill before run.json is saved only means a rewrite, which purges."""
-        written = int(self.record.get("tensorboard_epochs", 0))
+        written = self.record.tensorboard_epochs
         first = (written if start is None else min(written, start)) + 1
         try:
-            self.record["tensorboard_epochs"] = write_tensorboard(self.run_dir, history, first)
+            self.record.tensorboard_epochs = write_tensorboard(self.run_dir, history, first)
         except Exception as exc:  # noqa: BLE001
             self.log.warning("could not write TensorBoard events: %s: %s", type(exc).__name__, exc)
 
     def plot(self, history: dict[str, list[float]]) -> list[str]:
         """``loss.png``; the names of all PNGs in the run folder (jobs add their own)."""
-        from tasks.plots import plot_losses
+        from tasks.jobs.plots import plot_losses
 
         try:
-            plot_losses(history, self.run_dir / LOSS_PNG, f"{self.cfg.job} · {self.run_dir.name}: loss per epoch")
+            plot_losses(history, self.run_dir / LOSS_PNG, f"{self.cfg.job} · {self.run.name}: loss per epoch")
         except Exception as exc:  # noqa: BLE001
             self.log.warning("could not plot %s: %s: %s", LOSS_PNG, type(exc).__name__, exc)
         return sorted(p.name for p in self.run_dir.glob("*.png"))
 
-    def finish(self, metrics: dict[str, Any]) -> dict[str, Any]:
+    def finish(self, metrics: dict[str, Any]) -> RunRecord:
         """End of a completed run: loss.png, summary.md, Prefect summary + table artifacts,
         and run.json (status completed, sha256 of every file) written last."""
-        history = read_history(self.run_dir)
+        history = read_history(self.run)
         self.tensorboard(history)  # catches up if a chunk's write failed
         plots = self.plot(history)
-        chunks = chunk_rows(self.record, self.run_dir, history)
-        self.record.update(status="completed", finished_at=utc_now(), duration_s=round(time.monotonic() - self.t0, 3))
-        atomic_write_text(self.run_dir / SUMMARY_FILE, summary_markdown(self.record, metrics, chunks, plots, images=True))
-        self.artifacts.summary(summary_markdown(self.record, metrics, chunks, plots, images=False), chunks)
+        chunks = self.record.chunk_rows(self.run.store.checkpoints.manifests(), history)
+        record = self.record
+        record.status, record.finished_at, record.duration_s = "completed", utc_now(), round(time.monotonic() - self.t0, 3)
+        as_dict = record.model_dump(mode="json")
+        atomic_write_text(self.run_dir / SUMMARY_FILE, summary_markdown(as_dict, metrics, chunks, plots, images=True))
+        self.artifacts.summary(summary_markdown(as_dict, metrics, chunks, plots, images=False), chunks)
         self.artifacts.update_progress(*self.progress(history, finished=True))
-        self.record["files"] = hash_files(self.run_dir)
+        record.files = hash_files(self.run)
         self.save(strict=True)  # last: "completed" means every output is in place, on the store too
         self.settle()
         self.log.info("%s: summary in %s/%s; TensorBoard: tensorboard --logdir %s/%s", self.cfg.job,
-                      where(self.run_dir), SUMMARY_FILE, where(self.run_dir), TB_DIR)
-        return self.record
+                      self.run.where, SUMMARY_FILE, self.run.where, TB_DIR)
+        return record
 
     def interrupted(self, exc: BaseException) -> None:
         """The attempt ended without finishing: record why (a rerun resumes)."""
-        mark_interrupted(self.record, exc)
+        self.record.interrupted(exc)
         try:
             self.save()
         except Exception as err:  # noqa: BLE001 - the failure being recorded is the one to report

@@ -24,18 +24,16 @@ makes the server's slow first answers meanwhile (:meth:`TemporaryServer.make_fir
 - Only public interfaces: the ``prefect`` command and its options (the same in Prefect 3.8.8 and
   3.9.1), documented settings, the REST API; nothing of Prefect's or torch's whose name starts
   with ``_``.
-
-Measured (2026-12-02, ``--job nonlinear --epochs 2000 --chunk-epochs 1000 --fresh``, whole
-command's wall clock, 9 interleaved rounds on the shared 2-core VM at load 1.3-4.9): median
-ratio per round 0.74x Prefect's own temporary server and 1.01x a running server (``PREFECT_API_URL``,
-the fast path); first flow-run log line after a median 10.2 s, against 13.1 s and 5.4 s.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import os
+import runpy
+import signal
 import socket
 import subprocess
 import sys
@@ -43,41 +41,10 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
 from typing import IO
 
 #: Set to ``off`` (or 0, false, no) to never start the command's own server.
 OPT_OUT = "TRAINFLOW_TEMPORARY_SERVER"
-
-#: The child: on Linux, ask for SIGTERM when the parent dies (PR_SET_PDEATHSIG = 1; done in the new
-#: process, not between fork and exec, so it is safe whatever threads the parent runs), give up if
-#: the parent is already gone, then run ``python -m <module> <args>`` (``prefect``: the command).
-#: Its boot makes ~300 000 objects that live as long as the server; the full garbage collections
-#: among them put the server's boot 0.16-0.29 s behind this process's start-up. None run until
-#: the server answers; then those objects are frozen (Python's gc docs' pattern, as in
-#: flows/train_flow.py).
-#: Arguments: the parent's pid, the server's port, the module, its arguments.
-CHILD = """\
-import gc, os, runpy, signal, socket, sys, threading, time
-gc.disable()
-if sys.platform.startswith("linux"):
-    import ctypes
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)
-if os.getppid() != int(sys.argv[1]):
-    sys.exit(1)
-def freeze_once_up(port):
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    gc.freeze()
-    gc.enable()
-threading.Thread(target=freeze_once_up, args=(int(sys.argv[2]),), daemon=True).start()
-sys.argv = sys.argv[3:]
-runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
-"""
 
 #: Read-only REST requests (nothing is written to the database) whose first answer is slow; see
 #: TemporaryServer.make_first_requests.
@@ -140,7 +107,7 @@ class TemporaryServer:
         self.output = tempfile.TemporaryFile()  # noqa: SIM115 - open as long as the child runs
         env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_UI_URL")}
         self.process = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(os.getpid()), str(self.port), "prefect", "server", "start", "--host", "127.0.0.1",
+            [sys.executable, "-m", "tasks.server", str(os.getpid()), str(self.port), "prefect", "server", "start", "--host", "127.0.0.1",
              "--port", str(self.port), "--no-ui", "--no-scheduler", "--no-late-runs", "--log-level", "WARNING"],
             stdin=subprocess.DEVNULL, stdout=self.output, stderr=subprocess.STDOUT, env={**env, **SERVICES_OFF},
             start_new_session=True)  # Ctrl-C in the terminal is for this command, which stops gracefully
@@ -293,12 +260,37 @@ def warm_up() -> None:
     torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
 
 
-@contextlib.contextmanager
-def temporary_server_settings() -> Iterator[None]:
-    """Settings for a flow on the temporary server: no flow-run heartbeats. They exist so a real
-    server notices a dead run; the temporary server dies with this process, and stopping the
-    heartbeat thread holds up the end of every flow run by up to 1 s."""
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+def freeze_once_up(port: int) -> None:
+    """In the server's process: once it accepts connections, freeze what its boot made (it lives
+    as long as the server) and let the collector run again."""
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    gc.freeze()
+    gc.enable()
 
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        yield
+
+def child(argv: list[str]) -> None:
+    """The server's process (``python -m tasks.server <parent pid> <port> <module> <args>``): on
+    Linux, ask for SIGTERM when the parent dies (PR_SET_PDEATHSIG = 1; done in the new process, not
+    between fork and exec, so it is safe whatever threads the parent runs), give up if the parent
+    is already gone, then run ``python -m <module> <args>`` (``prefect``: the command). Its boot
+    makes many objects that live as long as the server; no full collection runs among them until
+    the server answers (:func:`freeze_once_up`), as in flows/train_flow.py."""
+    gc.disable()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+    if os.getppid() != int(argv[0]):
+        sys.exit(1)
+    threading.Thread(target=freeze_once_up, args=(int(argv[1]),), daemon=True).start()
+    sys.argv = argv[2:]
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    child(sys.argv[1:])

@@ -1,20 +1,24 @@
-"""Where a run's files live: a local folder, or an fsspec URL (``s3://``, ``gs://``, ``az://``).
-Deliberately free of Prefect.
+"""Where a run lives: one interface, :class:`RunStore`, with two implementations.
 
-A run on object storage trains in a local *staging* folder, a cache that the store overrides:
-holding the run (:class:`tasks.run.hold`) claims its :class:`Lease`, then pulls the run's
-files (never its checkpoints) from the store; each save of ``run.json`` pushes what changed,
-``run.json`` last, so a reader of the store sees "completed" only next to every output. The
-staging folder holds the run's URL in ``.remote``: code handed a run folder finds the store
-through :func:`remote_of` and needs nothing else.
+- :class:`LocalStore`: the run folder itself. Held with an OS file lock (released by the kernel
+  when the process dies, so a killed run never leaves a stale lock); checkpoints by the local
+  protocol (:class:`tasks.checkpoint.LocalCheckpoints`: temp file, fsync, rename).
+- :class:`ObjectStore`: a run under an fsspec URL (``s3://``, ``gs://``, ``az://``). The run
+  trains in a local *staging* folder, a cache that the store overrides: holding the run claims
+  its :class:`Lease` (one writer across machines), then pulls the run's files (never its
+  checkpoints); :meth:`ObjectStore.push` uploads what changed, ``run.json`` last, so a reader of
+  the store sees "completed" only next to every output. Checkpoints are committed straight to
+  the store (:class:`ObjectCheckpoints`). Every write to the store is fenced by the lease:
+  checked right before it, and after the lease is lost nothing is written, ever.
 
-Checkpoints never pass through staging. :class:`LocalCheckpoints` keeps the local protocol
-(tasks/checkpoint.py: temp file, fsync, rename, fsync of the folder); :class:`ObjectCheckpoints`
-has a commit protocol for stores that cannot rename. Both answer the same calls.
+Each store owns its state (lock or lease, what was synced, the manifests it has read); nothing
+here is module-level. Deliberately free of Prefect.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -24,34 +28,32 @@ import threading
 import time
 import uuid
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Protocol
+
+from filelock import FileLock, Timeout
 
 from tasks.checkpoint import (
     CheckpointError,
+    LocalCheckpoints,
+    Once,
     Resume,
-    atomic_write_bytes,
     checkpoint_bytes,
-    json_manifest,
-    latest_valid,
-    list_checkpoints,
-    load_checkpoint,
-    manifest_for,
-    prune_checkpoints,
+    foreign,
     retention,
-    save_checkpoint,
     verified_payload,
 )
-from tasks.jobs.spec import UserError
+from tasks.kernel import UserError, atomic_write_bytes, atomic_write_json, read_json, utc_now
+from tasks.records import Manifest
 
 log = logging.getLogger("trainflow.store")
 
 #: URL scheme -> (fsspec package, pip extra).
 SCHEMES = {"s3": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs"), "az": ("adlfs", "azure"),
            "abfs": ("adlfs", "azure"), "abfss": ("adlfs", "azure")}
-#: In a staging folder: the URL of its run on the store.
-REMOTE_FILE = ".remote"
 #: The lease object of a run on a store.
 LEASE_KEY = ".lease"
+LOCK_FILE = ".lock"
+OWNER_FILE = ".lock.owner"
 
 
 def is_url(location: Any) -> bool:
@@ -145,138 +147,6 @@ class Remote:
             raise store_error(self.url, exc) from None
 
 
-def remote_of(run_dir: Path) -> Remote | None:
-    """The store of a staging folder (None for a local run)."""
-    try:
-        return Remote((Path(run_dir) / REMOTE_FILE).read_text().strip())
-    except FileNotFoundError:
-        return None
-
-
-# --- checkpoints -------------------------------------------------------------------------------
-
-
-class LocalCheckpoints:
-    """``checkpoint-<k>.pt`` + manifest in a local folder (tasks/checkpoint.py's protocol)."""
-
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-
-    def save(self, payload: dict[str, Any]) -> PurePosixPath:
-        return PurePosixPath(save_checkpoint(self.folder, payload).name)
-
-    def latest_valid(self, fingerprint: str, map_location: Any = "cpu", warn: Callable[..., Any] = log.warning) -> Resume:
-        return latest_valid(self.folder, fingerprint, map_location=map_location, warn=warn)
-
-    def manifests(self) -> list[dict[str, Any]]:
-        """Committed checkpoints' manifests, oldest epoch first."""
-        found = [json_manifest(p) for _, p in list_checkpoints(self.folder)]
-        return sorted((m for m in found if "epoch" in m), key=lambda m: (int(m["epoch"]), int(m["chunk"])))
-
-    def load(self, name: str, fingerprint: str | None = None) -> dict[str, Any]:
-        return load_checkpoint(self.folder / name, fingerprint)
-
-    def prune(self, keep_last: int | None, values: list[float], higher_is_better: bool) -> list[str]:
-        return [p.name for p in prune_checkpoints(self.folder, keep_last, values, higher_is_better)]
-
-
-#: Parsed manifests by (path on the store, ETag): see ObjectCheckpoints.manifest.
-MANIFESTS: dict[tuple[str, str], dict[str, Any]] = {}
-
-
-class ObjectCheckpoints:
-    """Checkpoints on a store that cannot rename: the commit protocol.
-
-    - A save writes its bytes to a key never used before, ``checkpoint-<k>.<token>.pt``
-      (create-only), then commits them with the manifest ``checkpoint-<k>.<token>.json``
-      (sha256, size, epoch, fingerprint), written last, create-only (``If-None-Match: *``).
-      Nothing is overwritten: a SIGTERM's mid-chunk save and the chunk's end are two keys.
-    - A reader trusts only committed checkpoints, newest epoch first, and checks size and
-      sha256 itself (a store may not). Bytes without a manifest are a save a kill interrupted.
-    - A damaged checkpoint is skipped, not moved (a store cannot rename). Retention deletes a
-      manifest, then its bytes, and clears interrupted saves older than the newest commit.
-    """
-
-    def __init__(self, remote: Remote, lease: Lease | None = None):
-        self.remote, self.lease = remote, lease
-
-    def save(self, payload: dict[str, Any]) -> PurePosixPath:
-        data = checkpoint_bytes(payload)
-        stem = f"checkpoint-{int(payload['chunk'])}.{uuid.uuid4().hex[:12]}"
-        if self.lease is not None:
-            self.lease.check()  # a writer that lost the run commits nothing more
-        manifest = json.dumps(manifest_for(f"{stem}.pt", data, payload), indent=2).encode()
-        for key, blob in ((f"{stem}.pt", data), (f"{stem}.json", manifest)):
-            if not self.remote.put_new(key, blob):
-                raise CheckpointError(f"{key} exists already; not overwriting it")
-        return PurePosixPath(f"{stem}.pt")
-
-    def listing(self) -> tuple[list[dict[str, Any]], list[str]]:
-        """(manifests whose bytes exist, oldest epoch first; bytes without a manifest)."""
-        keys = self.remote.listed()
-        found = []
-        for key in sorted(k for k in keys if k.endswith(".json")):
-            try:
-                found.append({**self.manifest(key, keys[key]), "file": key[:-5] + ".pt"})
-            except (OSError, ValueError):
-                continue  # unreadable: not a commit
-        committed = {m["file"] for m in found}
-        orphans = sorted(k for k in keys if k.endswith(".pt") and k not in committed)
-        found = [m for m in found if m["file"] in keys and "epoch" in m]
-        return sorted(found, key=lambda m: (int(m["epoch"]), int(m.get("batch", 0)), int(m.get("chunk", 0)))), orphans
-
-    def manifest(self, key: str, etag: str | None) -> dict[str, Any]:
-        """The manifest at ``key``, read once per process: a manifest is never rewritten, and the
-        listing's ETag tells if its bytes changed. Saves a GET per manifest per listing (two
-        listings a chunk, and a run without --keep-last keeps every manifest)."""
-        if etag is None or (cached := MANIFESTS.get((self.remote.path(key), etag))) is None:
-            cached = json.loads(self.remote.get(key))
-            if etag is not None:
-                MANIFESTS[(self.remote.path(key), etag)] = cached
-        return cached
-
-    def manifests(self) -> list[dict[str, Any]]:
-        return self.listing()[0]
-
-    def latest_valid(self, fingerprint: str, map_location: Any = "cpu", warn: Callable[..., Any] = log.warning) -> Resume:
-        manifests, orphans = self.listing()
-        newest = max((int(m.get("chunk", 0)) for m in manifests), default=0)
-        rejected = [f"{k}: no manifest (write did not finish)" for k in orphans if chunk_of(k) >= newest]
-        for reason in rejected:
-            warn("skipping checkpoint: %s", reason)
-        for m in reversed(manifests):
-            try:
-                if m.get("fingerprint") != fingerprint:  # another run's: verified without downloading it
-                    verified_payload(m["file"], m, b"", fingerprint)
-                payload = verified_payload(m["file"], m, self.remote.get(m["file"]), fingerprint, map_location)
-            except FileNotFoundError:
-                rejected.append(f"{m['file']}: bytes missing")
-            except CheckpointError as exc:
-                rejected.append(str(exc))
-            else:
-                return Resume(PurePosixPath(m["file"]), payload, tuple(rejected))
-            warn("skipping checkpoint: %s", rejected[-1])
-        return Resume(None, None, tuple(rejected))
-
-    def load(self, name: str, fingerprint: str | None = None) -> dict[str, Any]:
-        manifest = json.loads(self.remote.get(name[:-3] + ".json"))
-        return verified_payload(name, manifest, self.remote.get(name), fingerprint)
-
-    def prune(self, keep_last: int | None, values: list[float], higher_is_better: bool) -> list[str]:
-        manifests, orphans = self.listing()
-        newest = max((int(m.get("chunk", 0)) for m in manifests), default=0)
-        for key in orphans:  # interrupted saves that a later commit superseded
-            if chunk_of(key) < newest:
-                self.remote.delete(key)
-        if keep_last is None:
-            return []
-        removed = [m["file"] for m in retention(manifests, keep_last, values, higher_is_better)]
-        for name in removed:
-            self.remote.delete(name[:-3] + ".json")  # manifest first: a half-pruned pair reads as absent
-            self.remote.delete(name)
-        return removed
-
-
 def chunk_of(key: str) -> int:
     """``checkpoint-3.ab12cd34ef56.pt`` -> 3 (0 for other names)."""
     try:
@@ -285,17 +155,15 @@ def chunk_of(key: str) -> int:
         return 0
 
 
-def checkpoints_for(run_dir: Path) -> LocalCheckpoints | ObjectCheckpoints:
-    """The checkpoint store of a run folder: its ``checkpoints/`` folder, or on its store."""
-    remote = remote_of(run_dir)
-    if remote is None:
-        return LocalCheckpoints(Path(run_dir) / "checkpoints")
-    return ObjectCheckpoints(remote.child("checkpoints"), HELD.get(remote.url))
-
-
 # --- the lease: one writer per run, across machines ----------------------------------------------
 
 
+class LeaseLost(RuntimeError):
+    """This process no longer holds the run's lease: another may own the run. Not bad input
+    (exit 1), and never retried: a retry could not get the lease back."""
+
+
+@functools.cache
 def boot_id() -> str | None:
     """This machine's identity for this boot (Linux), so a lease's pid is only judged where it lives."""
     try:
@@ -304,13 +172,10 @@ def boot_id() -> str | None:
         return None
 
 
-BOOT_ID = boot_id()
-
-
 def dead_here(held: dict[str, Any]) -> bool:
     """A lease written on this machine, in this boot, by a process that no longer exists: a
     SIGKILLed run, rerun at once, need not wait for its lease to expire."""
-    if BOOT_ID is None or held.get("boot") != BOOT_ID or not isinstance(held.get("pid"), int):
+    if boot_id() is None or held.get("boot") != boot_id() or not isinstance(held.get("pid"), int):
         return False
     try:
         os.kill(held["pid"], 0)
@@ -321,28 +186,36 @@ def dead_here(held: dict[str, Any]) -> bool:
     return False
 
 
-#: Leases this process holds, by run URL (a checkpoint commit checks its run's).
-HELD: dict[str, Lease] = {}
-
-
 class Lease:
     """Exclusive hold of a run on a store, across machines: the object ``<run>/.lease``.
 
     Claimed with a create-only write; renewed every ``ttl / 3`` s by compare-and-swap
     (``If-Match`` on its ETag). A holder that died stops blocking once its ``expires`` passes, and
     a claimant takes an expired lease over by compare-and-swap too, so of two claimants one wins.
-    A holder that cannot renew in time has lost the run: :meth:`check` then refuses commits.
-    Expiry is judged by the claimant's clock: machines must agree within seconds (NTP)."""
+    :meth:`check` fences every write: the lease must not have run out by this clock and must
+    still carry this holder's token on the store; once lost, it is lost for good. Expiry is
+    judged by the claimant's clock: machines must agree within seconds (NTP).
 
-    def __init__(self, remote: Remote, ttl: float = 60.0):
+    A rank of a multi-process chunk writes under its launcher's lease: :meth:`follow` checks the
+    same token without renewing it."""
+
+    def __init__(self, remote: Remote, ttl: float = 60.0, token: str | None = None):
         self.remote, self.ttl = remote, ttl
-        self.token, self.tag, self.lost, self.failing = uuid.uuid4().hex, None, None, None
+        self.token, self.tag, self.lost, self.failing = token or uuid.uuid4().hex, None, None, None
         self.expires = 0.0  # when the lease this holder last wrote runs out (this clock)
         self.stop = threading.Event()
+        self.renews = token is None
+
+    @classmethod
+    def follow(cls, remote: Remote, token: str) -> Lease:
+        """The lease another process of this run holds and renews, as ``token`` names it."""
+        lease = cls(remote, token=token)
+        lease.expires = float("inf")  # judged by the store's copy (check)
+        return lease
 
     def body(self) -> bytes:
         expires = time.time() + self.ttl
-        return json.dumps({"token": self.token, "host": socket.gethostname(), "boot": BOOT_ID, "pid": os.getpid(),
+        return json.dumps({"token": self.token, "host": socket.gethostname(), "boot": boot_id(), "pid": os.getpid(),
                            "expires": expires, "expires_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires))}
                           ).encode()
 
@@ -384,7 +257,6 @@ class Lease:
                                 f"{held.get('host', '?')}, lease until {held.get('expires_utc', '?')}); wait for it "
                                 f"to finish, pass --wait-lock SECONDS, or use another --run-name")
             time.sleep(min(2.0, max(deadline - time.monotonic(), 0.1)))
-        HELD[self.remote.url] = self
         threading.Thread(target=self.renew, name="trainflow-lease", daemon=True).start()
         return self
 
@@ -392,6 +264,8 @@ class Lease:
         """Every ``ttl / 3`` s, move the expiry on by compare-and-swap. A failed write is
         retried each second while the lease lasts; it is lost once another holds it or it expired."""
         while not self.stop.wait(self.ttl / 3 if self.failing is None else 1.0):
+            if self.lost is not None:
+                return
             try:
                 if self.write(IfMatch=self.tag):
                     self.failing = None
@@ -401,37 +275,419 @@ class Lease:
             except Exception as exc:  # noqa: BLE001 - the store may be back in a moment
                 self.failing = f"{type(exc).__name__}: {exc}".splitlines()[0]
             if self.failing is not None and (self.failing == "the lease was taken over" or time.time() + 5 >= self.expires):
-                self.lost = self.failing
-                log.error("lost the lease on %s (%s); this process commits nothing more to that run",
-                          self.remote.url, self.lost)
+                self.lose(self.failing)
                 return
 
+    def lose(self, why: str) -> None:
+        if self.lost is None:
+            self.lost = why
+            log.error("lost the lease on %s (%s); this process writes nothing more to that run", self.remote.url, why)
+
     def check(self) -> None:
+        """Fence a write: raise LeaseLost unless this lease still holds the run, now."""
+        if self.lost is None and time.time() >= self.expires:
+            self.lose("it ran out before this write (the process was stopped or the store unreachable)")
+        if self.lost is None:
+            held, _ = self.holder()
+            if held.get("token") != self.token:
+                self.lose("the lease was taken over")
+            elif float(held.get("expires", 0)) <= time.time():
+                self.lose("it expired")
         if self.lost is not None:
-            raise UserError(f"lost the lease on {self.remote.url} ({self.lost}); another worker may own the run, so "
-                            f"nothing more is committed; rerun to resume from its latest checkpoint")
+            raise LeaseLost(f"lost the lease on {self.remote.url} ({self.lost}); another process may own the run, "
+                            f"so this one wrote nothing more; rerun the same command to resume from the run's "
+                            f"latest checkpoint")
 
     def release(self) -> None:
         self.stop.set()
-        HELD.pop(self.remote.url, None)
         try:
-            if self.lost is None and self.holder()[0].get("token") == self.token:
+            if self.renews and self.lost is None and self.holder()[0].get("token") == self.token:
                 self.remote.delete(LEASE_KEY)
         except Exception as exc:  # noqa: BLE001 - it expires by itself
             log.warning("could not release the lease on %s (%s); it expires within %.0f s", self.remote.url, exc, self.ttl)
 
 
-# --- staging -------------------------------------------------------------------------------------
-
-#: (size, mtime_ns) of each staged file as last pulled or pushed, by staging folder and key.
-SYNCED: dict[Path, dict[str, tuple[int, int]]] = {}
+# --- checkpoints on a store ----------------------------------------------------------------------
 
 
-def cache_root() -> Path:
-    """Staging folders and downloaded data: ``$TRAINFLOW_CACHE``, else ~/.cache/trainflow."""
-    if os.environ.get("TRAINFLOW_CACHE"):
-        return Path(os.environ["TRAINFLOW_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "trainflow"
+class ObjectCheckpoints:
+    """Checkpoints on a store that cannot rename: the commit protocol.
+
+    - A save writes its bytes to a key never used before, ``checkpoint-<k>.<token>.pt``
+      (create-only), then commits them with the manifest ``checkpoint-<k>.<token>.json``
+      (:class:`~tasks.records.Manifest`), written last, create-only (``If-None-Match: *``).
+      Nothing is overwritten: a SIGTERM's mid-chunk save and the chunk's end are two keys.
+      ``fence`` is called right before each of the two writes (the lease check).
+    - A reader trusts only committed checkpoints, newest first, and checks size, sha256 and
+      that the payload is what its manifest says (chunk, epoch, fingerprint) itself.
+    - A damaged checkpoint is reported and skipped; retention deletes a manifest, then its
+      bytes, deletes bytes that no manifest commits once a newer commit supersedes them, and
+      moves a pair whose manifest cannot be read to ``quarantine/`` (never deleting those bytes).
+    """
+
+    def __init__(self, remote: Remote, fence: Callable[[], None] = lambda: None, lease: str | None = None):
+        self.remote, self.fence, self.lease = remote, fence, lease
+        self.once = Once()
+        #: Parsed manifests by (key, ETag): a manifest is never rewritten, and the listing's ETag
+        #: tells if its bytes changed; saves a GET per manifest per listing.
+        self.read: dict[tuple[str, str], Manifest] = {}
+
+    def save(self, payload: dict[str, Any]) -> PurePosixPath:
+        data = checkpoint_bytes(payload)
+        stem = f"checkpoint-{int(payload['chunk'])}.{uuid.uuid4().hex[:12]}"
+        manifest = Manifest.of(f"{stem}.pt", data, payload, lease=self.lease).json_bytes()
+        for key, blob in ((f"{stem}.pt", data), (f"{stem}.json", manifest)):
+            self.fence()  # a writer that lost the run writes nothing more
+            if not self.remote.put_new(key, blob):
+                raise CheckpointError(f"{key} exists already; not overwriting it")
+        return PurePosixPath(f"{stem}.pt")
+
+    def listing(self) -> tuple[list[Manifest], list[str], list[str], set[str]]:
+        """(manifests, oldest first; bytes that no manifest commits; manifests that cannot be
+        read; every key)."""
+        keys = self.remote.listed()
+        found, unreadable = [], []
+        for key in sorted(k for k in keys if k.endswith(".json") and "/" not in k):
+            try:
+                found.append(self.manifest(key, keys[key]).model_copy(update={"file": key[:-5] + ".pt"}))
+            except (OSError, ValueError):
+                unreadable.append(key)
+        orphans = sorted(k for k in keys if k.endswith(".pt") and "/" not in k and k[:-3] + ".json" not in keys)
+        return sorted(found, key=lambda m: m.position), orphans, unreadable, set(keys)
+
+    def manifest(self, key: str, etag: str | None) -> Manifest:
+        """The manifest at ``key``, read once while its ETag stays the same."""
+        cached = self.read.get((key, etag)) if etag is not None else None
+        if cached is None:
+            cached = Manifest.model_validate_json(self.remote.get(key))
+            if etag is not None:
+                self.read[(key, etag)] = cached
+        return cached
+
+    def manifests(self) -> list[Manifest]:
+        return self.listing()[0]
+
+    def latest_valid(self, fingerprint: str, map_location: Any = "cpu", warn: Callable[..., Any] = log.warning) -> Resume:
+        manifests, orphans, unreadable, keys = self.listing()
+        warn = self.once.wrap(warn)
+        newest = max((m.chunk for m in manifests), default=0)
+        rejected = [f"{k}: no manifest (write did not finish)" for k in orphans if chunk_of(k) >= newest]
+        rejected += [f"{k[:-5]}.pt: unreadable manifest {k}" for k in unreadable]
+        for reason in rejected:
+            warn("skipping checkpoint: %s", reason)
+        for m in reversed(manifests):
+            try:
+                foreign(m.file, m, fingerprint)  # another run's: told without downloading it
+                if m.file not in keys:
+                    raise CheckpointError(f"{m.file}: its bytes are missing (the manifest commits an absent object)")
+                payload = verified_payload(m.file, m, self.remote.get(m.file), fingerprint, map_location)
+            except FileNotFoundError:
+                rejected.append(f"{m.file}: its bytes are missing (the manifest commits an absent object)")
+            except CheckpointError as exc:
+                rejected.append(str(exc))
+            else:
+                return Resume(PurePosixPath(m.file), payload, tuple(rejected))
+            warn("skipping checkpoint: %s", rejected[-1])
+        return Resume(None, None, tuple(rejected))
+
+    def load(self, name: str, fingerprint: str | None = None) -> dict[str, Any]:
+        manifest = Manifest.model_validate_json(self.remote.get(name[:-3] + ".json"))
+        return verified_payload(name, manifest, self.remote.get(name), fingerprint)
+
+    def prune(self, keep_last: int | None, values: list[float], higher_is_better: bool) -> list[str]:
+        """After a commit: clear what it supersedes, then apply retention."""
+        manifests, orphans, unreadable, _ = self.listing()
+        newest = max((m.chunk for m in manifests), default=0)
+        for key in orphans:  # interrupted saves of this chunk or earlier: the newest commit supersedes them
+            if chunk_of(key) <= newest:
+                self.fence()
+                self.remote.delete(key)
+        for key in unreadable:
+            self.quarantine(key)
+        if keep_last is None:
+            return []
+        removed = [m.file for m in retention(manifests, keep_last, values, higher_is_better)]
+        for name in removed:
+            self.fence()
+            self.remote.delete(name[:-3] + ".json")  # manifest first: a half-pruned pair reads as absent
+            self.remote.delete(name)
+        return removed
+
+    def quarantine(self, manifest_key: str) -> None:
+        """Move a pair whose manifest cannot be read to ``quarantine/`` (copy, then delete)."""
+        for key in (manifest_key[:-5] + ".pt", manifest_key):
+            self.fence()
+            with contextlib.suppress(FileNotFoundError):
+                self.remote.fs.copy(self.remote.path(key), self.remote.path(f"quarantine/{key}"))
+                self.remote.delete(key)
+
+# --- the stores ----------------------------------------------------------------------------------
+
+LATEST = "latest"
+
+
+class RunStore(Protocol):
+    """Where one run's files live. ``folder`` is the local folder the run writes its files in
+    (the run folder itself, or a staging copy); the store decides where they end up."""
+
+    folder: Path
+    url: str | None
+    lease: Lease | None
+    checkpoints: LocalCheckpoints | ObjectCheckpoints
+
+    @property
+    def name(self) -> str:
+        """What to show a user: a path, or a URL."""
+
+    def hold(self, wait: float = 0, pull: bool = True) -> contextlib.AbstractContextManager[None]:
+        """Exclusive hold of the run (UserError naming the holder if another has it)."""
+
+    def push(self) -> list[str]:
+        """Make the store hold the folder's changed files (run.json last); their keys."""
+
+    def read(self, key: str) -> bytes | None:
+        """A run file as the store has it now, or None."""
+
+    def create(self, key: str, data: bytes) -> None:
+        """Write a run file that must not exist yet (config.json); keep it if it does."""
+
+    def point_latest(self) -> None:
+        """Make ``<job>/latest`` name this run."""
+
+    def archive(self) -> str | None:
+        """Move the run aside (``--fresh``); where it went, or None if there was nothing."""
+
+    def check_access(self) -> None:
+        """Fail in one line unless the run's parent takes writes (before any training)."""
+
+    def check_run_writable(self, complete: bool) -> None:
+        """Fail in one line if the run's own folders would refuse a write (found only after a
+        chunk has trained otherwise, three times over with the retries)."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, wait: float, shown: str) -> Iterator[None]:
+    """An OS file lock on ``folder`` (the kernel releases it when the process dies), with the
+    holder's pid, host and start written beside it for the next claimant's error."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder / LOCK_FILE), timeout=wait)
+    try:
+        lock.acquire()
+    except Timeout:
+        owner = read_json(folder / OWNER_FILE) or {}
+        who = f"pid {owner.get('pid', '?')} on {owner.get('host', '?')} since {owner.get('since', '?')}"
+        raise UserError(f"run folder {shown} is in use by another process ({who}); wait for it to finish, "
+                        f"pass --wait-lock SECONDS, or use another --run-name") from None
+    try:
+        atomic_write_json(folder / OWNER_FILE, {"pid": os.getpid(), "host": socket.gethostname(), "since": utc_now()})
+        yield
+    finally:
+        lock.release()
+
+
+def check_writable(folder: Path, what: str = "artifacts dir",
+                   fix: str = "pass --artifacts-dir to a writable folder") -> None:
+    """Fail early, in one line, when ``folder`` cannot be written (before any training)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"{what} {folder} is not writable ({exc.strerror or exc}); {fix}") from None
+
+
+def archived_name(name: str) -> str:
+    return f"{name}.archived-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+
+
+class LocalStore:
+    """A run in a local folder (``<artifacts>/<job>/<run>``)."""
+
+    url = None
+    lease = None  # the OS lock is enough on one file system
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.checkpoints = LocalCheckpoints(self.folder / "checkpoints")
+
+    @property
+    def name(self) -> str:
+        return str(self.folder)
+
+    def hold(self, wait: float = 0, pull: bool = True) -> contextlib.AbstractContextManager[None]:
+        return folder_lock(self.folder, wait, self.name)
+
+    def push(self) -> list[str]:
+        return []
+
+    def read(self, key: str) -> bytes | None:
+        try:
+            return (self.folder / key).read_bytes()
+        except OSError:
+            return None
+
+    def create(self, key: str, data: bytes) -> None:
+        if not (self.folder / key).exists():
+            atomic_write_bytes(self.folder / key, data)
+
+    def point_latest(self) -> None:
+        """A one-line file, not a symlink: TensorBoard (and any tool that walks the artifacts
+        folder) would list the run twice through a symlink, and object stores have none."""
+        link = self.folder.parent / LATEST
+        if link.is_dir() and not link.is_symlink():
+            log.warning("%s is a run folder, not a pointer; not updating it", link)
+            return
+        atomic_write_bytes(link, (self.folder.name + "\n").encode())
+
+    def archive(self) -> str | None:
+        if not self.folder.exists():
+            return None
+        with self.hold():  # never archive a folder another process is writing
+            pass
+        target = self.folder.with_name(archived_name(self.folder.name))
+        n = 1
+        while target.exists():
+            n += 1
+            target = target.with_name(f"{target.name.split('~')[0]}~{n}")
+        self.folder.rename(target)
+        return str(target)
+
+    def check_access(self) -> None:
+        check_writable(self.folder.parent)
+
+    def check_run_writable(self, complete: bool) -> None:
+        if complete:
+            return  # only read: a finished run on a read-only share still reports its result
+        for folder in (self.folder, self.folder / "checkpoints"):
+            if folder.is_dir():
+                check_writable(folder, "run folder" if folder == self.folder else "checkpoints folder",
+                               "make it writable, then rerun the same command to resume (nothing was trained)")
+
+
+class ObjectStore:
+    """A run under a store URL, trained in a local staging folder (see the module docstring)."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        self.remote = Remote(self.url)
+        self.folder = staging_dir(self.url)
+        self.lease: Lease | None = None
+        self.checkpoints = ObjectCheckpoints(self.remote.child("checkpoints"), fence=self.fence)
+        #: (size, mtime_ns) of each staged file as last pulled or pushed, by key.
+        self.synced: dict[str, tuple[int, int]] = {}
+
+    @property
+    def name(self) -> str:
+        return self.url
+
+    def follow(self, token: str) -> ObjectStore:
+        """Write under the lease that another process of this run holds (a rank's launcher)."""
+        self.lease = Lease.follow(self.remote, token)
+        self.checkpoints.lease = token
+        return self
+
+    def fence(self) -> None:
+        """Right before every write to the store: LeaseLost unless this process holds the run."""
+        if self.lease is not None:
+            self.lease.check()
+
+    @contextlib.contextmanager
+    def hold(self, wait: float = 0, pull: bool = True) -> Iterator[None]:
+        with folder_lock(self.folder, wait, self.name):
+            lease = Lease(self.remote).acquire(wait)
+            self.lease, self.checkpoints.lease = lease, lease.token
+            try:
+                if pull:
+                    self.pull()
+                yield
+            finally:
+                lease.release()
+                self.lease = None
+
+    def staged(self) -> dict[str, Path]:
+        """The staging folder's files by key: all but checkpoints and dot files (the lock, the
+        lease, temp files)."""
+        out = {}
+        for path in sorted(self.folder.rglob("*")):
+            key = path.relative_to(self.folder).as_posix()
+            if path.is_file() and is_staged(key):
+                out[key] = path
+        return out
+
+    def pull(self) -> int:
+        """Make the staging folder what the store holds (checkpoints excepted); the files fetched."""
+        for path in self.staged().values():
+            path.unlink()
+        self.synced.clear()
+        keys = [k for k in self.remote.keys() if is_staged(k)]
+        for key in keys:
+            path = self.folder / key
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, self.remote.get(key))
+            st = path.stat()
+            self.synced[key] = (st.st_size, st.st_mtime_ns)
+        return len(keys)
+
+    def push(self) -> list[str]:
+        files = {k: (p, p.stat()) for k, p in self.staged().items()}
+        changed = sorted((k for k, (_, st) in files.items() if self.synced.get(k) != (st.st_size, st.st_mtime_ns)),
+                         key=lambda k: k == "run.json")
+        for key in changed:
+            path, st = files[key]
+            self.fence()
+            self.remote.put(key, path.read_bytes())
+            self.synced[key] = (st.st_size, st.st_mtime_ns)
+        return changed
+
+    def read(self, key: str) -> bytes | None:
+        try:
+            return self.remote.get(key)
+        except FileNotFoundError:
+            return None
+
+    def create(self, key: str, data: bytes) -> None:
+        self.fence()
+        self.remote.put_new(key, data)
+
+    def point_latest(self) -> None:
+        self.fence()
+        self.remote.parent().put(LATEST, (self.url.rsplit("/", 1)[-1] + "\n").encode())
+
+    def archive(self) -> str | None:
+        """Copy every object under ``<run>.archived-<time>`` (on the store's side), then delete:
+        a kill leaves both, never neither. Holding the lease meanwhile."""
+        with self.hold(pull=False):
+            keys = [k for k in self.remote.keys() if k != LEASE_KEY]
+            if not keys:
+                return None
+            target = Remote(f"{self.remote.parent().url}/{archived_name(self.url.rsplit('/', 1)[-1])}")
+            for key in keys:
+                self.fence()
+                self.remote.fs.copy(self.remote.path(key), target.path(key))
+            for key in keys:
+                self.fence()
+                self.remote.delete(key)
+        return target.url
+
+    def check_access(self) -> None:
+        self.remote.parent().check()
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def check_run_writable(self, complete: bool) -> None:
+        pass  # the store's own refusals surface at check_access
+
+
+def open_store(artifacts_dir: Path | str, job: str, run_name: str) -> LocalStore | ObjectStore:
+    """The store of run ``run_name`` of ``job`` under ``artifacts_dir`` (a folder or a URL)."""
+    if is_url(artifacts_dir):
+        return ObjectStore(f"{str(artifacts_dir).rstrip('/')}/{job}/{run_name}")
+    return LocalStore(Path(artifacts_dir) / job / run_name)
+
+
+def is_staged(key: str) -> bool:
+    """Whether a run's file goes through staging: all but checkpoints and dot files."""
+    return not key.startswith("checkpoints/") and not any(p.startswith(".") for p in key.split("/"))
 
 
 def staging_dir(url: str) -> Path:
@@ -439,50 +695,14 @@ def staging_dir(url: str) -> Path:
     url = url.rstrip("/")
     return cache_root() / "runs" / hashlib.sha256(url.encode()).hexdigest()[:16] / url.rsplit("/", 1)[-1]
 
-
-def is_staged(key: str) -> bool:
-    """Whether a run's file goes through staging: all but checkpoints and dot files (the lock,
-    the pointer, the lease, temp files)."""
-    return not key.startswith("checkpoints/") and not any(p.startswith(".") for p in key.split("/"))
+# --- local copies of what is on a store ---------------------------------------------------------
 
 
-def staged(run_dir: Path) -> dict[str, Path]:
-    """A staging folder's files by key."""
-    paths = sorted(Path(run_dir).rglob("*"))
-    return {k: p for p in paths if p.is_file() and is_staged(k := p.relative_to(run_dir).as_posix())}
-
-
-def pull(run_dir: Path, remote: Remote) -> int:
-    """Make the staging folder what the store holds (checkpoints excepted); returns the files fetched."""
-    for path in staged(run_dir).values():
-        path.unlink()
-    synced = SYNCED.setdefault(Path(run_dir), {})
-    synced.clear()
-    keys = [k for k in remote.keys() if is_staged(k)]
-    for key in keys:
-        path = Path(run_dir) / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, remote.get(key))
-        st = path.stat()
-        synced[key] = (st.st_size, st.st_mtime_ns)
-    return len(keys)
-
-
-def push(run_dir: Path) -> list[str]:
-    """Upload the staged files changed since the last pull or push, ``run.json`` last; returns
-    their keys. A no-op for a local run."""
-    remote = remote_of(run_dir)
-    if remote is None:
-        return []
-    synced = SYNCED.setdefault(Path(run_dir), {})
-    files = {k: (p, p.stat()) for k, p in staged(run_dir).items()}
-    changed = sorted((k for k, (_, st) in files.items() if synced.get(k) != (st.st_size, st.st_mtime_ns)),
-                     key=lambda k: k == "run.json")
-    for key in changed:
-        path, st = files[key]
-        remote.put(key, path.read_bytes())
-        synced[key] = (st.st_size, st.st_mtime_ns)
-    return changed
+def cache_root() -> Path:
+    """Staging folders and downloaded data: ``$TRAINFLOW_CACHE``, else ~/.cache/trainflow."""
+    if os.environ.get("TRAINFLOW_CACHE"):
+        return Path(os.environ["TRAINFLOW_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "trainflow"
 
 
 def fetch_data(url: str) -> Path:

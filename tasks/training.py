@@ -9,8 +9,8 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterator
+from pathlib import PurePosixPath
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -18,10 +18,11 @@ from torch import nn
 from tasks.checkpoint import capture_rng, restore_rng
 from tasks.data import load_job_data, read_split, split_tensors
 from tasks.history import HISTORY_FILE, duration, eta_seconds, write_history_csv
-from tasks.jobs import get_job
-from tasks.jobs.spec import JobSpec, Tensors, TrainConfig, UserError
-from tasks.progress import ChunkProgress
-from tasks.store import checkpoints_for
+from tasks.jobs.spec import JobSpec, Tensors
+from tasks.kernel import TrainConfig, UserError
+from tasks.records import ChunkResult
+from tasks.registry import get_job
+from tasks.run import Run
 
 log = logging.getLogger("trainflow.training")
 
@@ -50,6 +51,10 @@ class GracefulStop:
         self.signum: int | None = None
         self.when = when
         self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:
@@ -245,32 +250,71 @@ def to_device(t: Tensors, device: torch.device) -> Tensors:
     return Tensors(t.x.to(device), t.y.to(device))
 
 
-#: Checkpoint problems this process has reported, by run folder. Every chunk looks for the latest
-#: valid checkpoint again; a problem that stays (a .pt without manifest, a damaged checkpoint in
-#: a read-only folder) is news once.
-REPORTED: set[tuple[Path, str]] = set()
+
+class Progress(Protocol):
+    """What the loop tells about a chunk while it trains (tasks/progress.py's ChunkProgress for
+    one process; a rank of several tells its launcher)."""
+
+    def __enter__(self) -> Progress: ...
+    def __exit__(self, *exc: object) -> None: ...
+    def batch(self, done: int, loss_sum: torch.Tensor) -> None: ...
+    def epoch_done(self, epoch: int, train_loss: float) -> None: ...
 
 
-def warn_once(logger: Any, run_dir: Path, message: str, *args: Any) -> None:
-    """``logger.warning(message % args)``, unless this process said it about ``run_dir`` already."""
-    text = message % args
-    if (run_dir, text) not in REPORTED:
-        REPORTED.add((run_dir, text))
-        logger.warning(text)
+class Stop(Protocol):
+    """Whether someone asked the chunk to stop (a signal, a launcher's request)."""
+
+    @property
+    def requested(self) -> bool: ...
+
+
+class SingleProcess:
+    """The data-parallel strategy of one process: every batch whole, nothing to agree on. Its
+    multi-process twin is :class:`tasks.distributed.DataParallel`; the Trainer only talks to these."""
+
+    #: Whether a stop may end an epoch after any batch (several processes stop at epoch ends).
+    stops_inside_epoch = True
+    #: Whether this process writes the checkpoints.
+    writes = True
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        return model
+
+    def seed(self, seed: int) -> None:
+        """After a fresh model's initialisation (no checkpoint was loaded)."""
+
+    def share(self, order: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, int]:
+        """This process's rows of an epoch's order, and its part of a batch."""
+        return order, batch_size
+
+    def epoch_cost(self, model: nn.Module, cost: float) -> float:
+        """The epoch's mean batch loss over all processes (and their buffers made one)."""
+        return cost
+
+    def agree(self, flag: bool) -> bool:
+        """``flag`` as every process sees it: true if any process's is."""
+        return flag
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the checkpoint needs beyond one process's state (a collective for several)."""
+        return {}
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        pass
 
 
 class Trainer:
     """Model, optimizer and data of one run, positioned at the latest valid checkpoint. It owns
-    its state: :meth:`state_dict` builds the checkpoint payload, :meth:`load_state_dict` reads it."""
+    its state: :meth:`state_dict` builds the checkpoint payload, :meth:`load_state_dict` reads it.
+    ``parallel``: how the processes of a chunk share the work (one process by default)."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, fingerprint: str, logger: Any = log):
-        self.cfg, self.run_dir, self.fingerprint, self.log = cfg, Path(run_dir), fingerprint, logger
+    def __init__(self, run: Run, logger: Any = log, parallel: Any = None):
+        cfg = run.cfg
+        self.run, self.cfg, self.log = run, cfg, logger
+        self.parallel = parallel or SingleProcess()
         self.spec = get_job(cfg.job)
         self.device = setup_torch(cfg)
-        data = load_job_data(cfg)
-        split = read_split(self.run_dir, data)
-        self.train = to_device(split_tensors(data, split, "train"), self.device)
-        self.val = to_device(split_tensors(data, split, "val"), self.device)
+        self.load_data()
         self.loss_fn = self.spec.loss(cfg).to(self.device)
         torch.manual_seed(cfg.seed)  # model init is part of the seeded, reproducible run
         self.model = self.spec.build_model(cfg).to(self.device)
@@ -285,12 +329,19 @@ class Trainer:
         metric, self.higher_is_better = self.spec.monitor
         self.monitor = f"val_{metric}"
         self.best: dict[str, Any] | None = None  # {"epoch", "value", "metric", "model_state_dict"}
-        self.checkpoints = checkpoints_for(self.run_dir)  # the run folder's, or on its store
-        found = self.checkpoints.latest_valid(fingerprint, map_location=self.device,
-                                              warn=functools.partial(warn_once, logger, self.run_dir))
+        found = run.store.checkpoints.latest_valid(run.fingerprint, map_location=self.device, warn=logger.warning)
         self.resumed_from, self.rejected = found.path, found.rejected
         if found.payload is not None:
             self.load_state_dict(found.payload)
+        else:
+            self.parallel.seed(cfg.seed)
+        self.net = self.parallel.wrap(self.model, self.device)
+
+    def load_data(self) -> None:
+        data = load_job_data(self.cfg)
+        split = read_split(self.run.dir, data)
+        self.train = to_device(split_tensors(data, split, "train"), self.device)
+        self.val = to_device(split_tensors(data, split, "val"), self.device)
 
     def state_dict(self, chunk: int) -> dict[str, Any]:
         """The checkpoint payload after the last completed epoch (``epoch``, the tutorial's keys
@@ -302,9 +353,10 @@ class Trainer:
             "model": label, "epoch": epoch, "model_state_dict": self.model.state_dict(),
             "optimizer_state_dict": self.optimizer.state_dict(), "cost": cost,
             "description": f"{label} 체크포인트-{chunk} (epoch {epoch + 1}/{self.cfg.epochs})",
-            "chunk": chunk, "format": 1, "job": self.cfg.job, "fingerprint": self.fingerprint,
+            "chunk": chunk, "format": 1, "job": self.cfg.job, "fingerprint": self.run.fingerprint,
             "config": self.cfg.identity(), "rng": capture_rng(), "stopped_early": self.stopped_early,
             "history": {k: torch.tensor(v, dtype=torch.float64) for k, v in self.history.items()},
+            **self.parallel.state_dict(),
         }
         if self.best is not None:
             payload["best"] = self.best
@@ -321,6 +373,7 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.load_state_dict(ckpt["scheduler_state_dict"])
         restore_rng(ckpt["rng"])
+        self.parallel.load_state_dict(ckpt)
         self.history = {k: v.tolist() for k, v in ckpt["history"].items()}
         self.next_epoch = int(ckpt["epoch"]) + 1
         self.stopped_early = bool(ckpt.get("stopped_early", False))
@@ -336,17 +389,17 @@ class Trainer:
         """All epochs done, or early stopping ended the run."""
         return self.next_epoch >= self.cfg.epochs or self.stopped_early
 
-    def _better(self, value: float, than: float) -> bool:
+    def better(self, value: float, than: float) -> bool:
         return value > than if self.higher_is_better else value < than
 
-    def _track_best(self, epoch: int) -> None:
+    def track_best(self, epoch: int) -> None:
         """Keep the best validation epoch's weights; decide early stopping. Both follow from
         the history alone, so they are identical with or without interruptions."""
         values = self.history.get(self.monitor)
         if not values:
             return
         value = values[-1]
-        if self.best is None or self._better(value, self.best["value"]):
+        if self.best is None or self.better(value, self.best["value"]):
             self.best = {"epoch": epoch, "value": value, "metric": self.monitor,
                          "model_state_dict": {k: v.detach().clone() for k, v in self.model.state_dict().items()}}
         patience = self.cfg.early_stopping_patience
@@ -371,32 +424,36 @@ class Trainer:
         row = {"epoch": float(epoch + 1), "train_loss": cost, "lr": lr, **{f"val_{k}": v for k, v in val.items()}}
         for k, v in row.items():
             self.history.setdefault(k, []).append(v)
-        self._track_best(epoch)
+        self.track_best(epoch)
         return row
 
     def fit(self, epoch: int, on_batch: Callable[[int, torch.Tensor], bool | None] | None = None) -> float:
-        """Train epoch ``epoch`` (the rest of it, after a stop inside it); its mean batch loss.
-        The one step a data-parallel trainer replaces (tasks/distributed.py)."""
-        order = epoch_order(self.cfg.seed, epoch, len(self.train))
-        return train_epoch(self.model, self.optimizer, self.scheduler, self.loss_fn, self.train, order,
-                           self.cfg.batch_size, self.spec.prepare, on_batch, self.skip, self.partial)
+        """Train epoch ``epoch`` (the rest of it, after a stop inside it): this process's share
+        of every batch; the mean batch loss."""
+        order, batch_size = self.parallel.share(epoch_order(self.cfg.seed, epoch, len(self.train)), self.cfg.batch_size)
+        cost = train_epoch(self.net, self.optimizer, self.scheduler, self.loss_fn, self.train, order,
+                           batch_size, self.spec.prepare, on_batch, self.skip, self.partial)
+        return self.parallel.epoch_cost(self.model, cost)
 
-    def save(self, chunk: int) -> PurePosixPath:
+    def save(self, chunk: int) -> PurePosixPath | None:
         """Checkpoint the state after the last completed epoch, then drop what retention allows;
-        returns the checkpoint's name."""
-        name = self.checkpoints.save(self.state_dict(chunk))
-        self.checkpoints.prune(self.cfg.keep_last, self.history.get(self.monitor, []), self.higher_is_better)
+        the checkpoint's name (None in a process that does not write)."""
+        payload = self.state_dict(chunk)  # every process: it may be a collective
+        if not self.parallel.writes:
+            return None
+        checkpoints = self.run.store.checkpoints
+        name = checkpoints.save(payload)
+        checkpoints.prune(self.cfg.keep_last, self.history.get(self.monitor, []), self.higher_is_better)
         return name
 
-    def train_until(self, end: int, stop: GracefulStop, progress: ChunkProgress | None = None) -> None:
-        """Train epochs up to ``end`` (exclusive). A signal caught by ``stop`` ends after the
-        current batch (the state to checkpoint is then inside an epoch); early stopping ends at
-        the epoch's end."""
+    def train_until(self, end: int, stop: Stop, progress: Progress) -> None:
+        """Train epochs up to ``end`` (exclusive). A stop request ends after the current batch
+        (the state to checkpoint is then inside an epoch) or, with several processes, at the
+        epoch's end; early stopping ends at the epoch's end."""
 
         def after_batch(done: int, loss_sum: torch.Tensor) -> bool:
-            if progress:
-                progress.batch(done, loss_sum)
-            return stop.signum is not None and done < self.steps_per_epoch  # the last batch ends the epoch
+            progress.batch(done, loss_sum)
+            return self.parallel.stops_inside_epoch and stop.requested and done < self.steps_per_epoch
 
         for epoch in range(self.next_epoch, end):
             try:
@@ -404,55 +461,52 @@ class Trainer:
             except EpochStopped:
                 return
             self.next_epoch = epoch + 1
-            if progress:
-                progress.epoch_done(epoch, row["train_loss"])
-            if stop.signum is not None or self.stopped_early:
+            progress.epoch_done(epoch, row["train_loss"])
+            if self.parallel.agree(stop.requested) or self.stopped_early:
                 return
 
 
-def run_chunk(cfg: TrainConfig, run_dir: Path, fingerprint: str, chunk: int, logger: Any = log,
-              resumed: bool = False, report: Callable[[float, str], None] | None = None) -> dict[str, Any]:
-    """Train chunk ``chunk`` (1-based) from the latest valid checkpoint and end by writing
-    ``checkpoint-<chunk>.pt``. Idempotent: a chunk already covered returns at once. ``resumed``:
-    what the checkpoint holds is an earlier attempt's (a new attempt, or a retry of this chunk);
-    ``report(percent, text)``: progress within the chunk, every few seconds (tasks/progress.py).
-
-    ``checkpoint-<k>.pt`` normally holds the state at the end of chunk k; after a SIGTERM it
-    holds a mid-chunk state, which the next attempt continues and then overwrites."""
-    if cfg.nproc_per_node > 1:  # N processes train it together; torch.distributed is imported only then
-        from tasks.distributed import launch_chunk
-
-        return launch_chunk(cfg, run_dir, fingerprint, chunk, logger, resumed, report)
-    trainer = Trainer(cfg, run_dir, fingerprint, logger)  # reports skipped checkpoints, once
-    start, end = trainer.next_epoch, chunk_end(cfg, chunk)
-    base = chunk_base(trainer, chunk, resumed)
+def train_chunk(trainer: Trainer, chunk: int, resumed: bool, stop: Stop,
+                progress: Callable[[int, int], Progress]) -> ChunkResult:
+    """The one chunk protocol, whatever runs it: train chunk ``chunk`` (1-based) from where the
+    trainer stands, checkpoint, write the history. Idempotent: a chunk its checkpoints already
+    cover returns at once. ``progress(start, end)`` makes the chunk's progress reporter."""
+    cfg, start, end = trainer.cfg, trainer.next_epoch, chunk_end(trainer.cfg, chunk)
+    base = ChunkResult(chunk=chunk, trained=False, start_epoch=start, end_epoch=start, resumed=resumed,
+                       loaded=trainer.resumed_from.name if trainer.resumed_from else None,
+                       skipped_checkpoints=list(trainer.rejected))
     if start >= end or trainer.finished:
-        return {**base, "skipped": True, "epoch": start}
-    log_start(logger, trainer, chunk, end, resumed)
+        return base
+    log_start(trainer, chunk, end, resumed)
     if cfg.compile:
         trainer.model.compile()  # in place: the state_dict keys stay the model's own
-    with GracefulStop() as stop:  # a signal during the checkpoint write waits for it, too
-        t0 = time.perf_counter()
-        with ChunkProgress(start, end, cfg.epochs, trainer.steps_per_epoch, cfg.batch_size, logger, report) as progress:
-            trainer.train_until(end, stop, progress)
-        seconds = time.perf_counter() - t0
-        path = trainer.save(chunk)
-        write_history_csv(Path(run_dir) / HISTORY_FILE, trainer.history)
-    signum = stop.signum
-    result = chunk_outcome(base, trainer, start, seconds, path)
-    log_chunk(logger, cfg, result)
-    if signum is not None:
-        name = signal.Signals(signum).name
-        message = (f"{name}: saved {path.name} at epoch {trainer.next_epoch}/{cfg.epochs}{trainer.inside()}; "
-                   f"rerun the same command to resume from there")
-        logger.warning(message)
-        raise StopRequested(signum, message)
-    return result
+    t0 = time.perf_counter()
+    with progress(start, end) as reporter:
+        trainer.train_until(end, stop, reporter)
+    seconds = time.perf_counter() - t0
+    name = trainer.save(chunk)
+    if trainer.parallel.writes:
+        write_history_csv(trainer.run.dir / HISTORY_FILE, trainer.history)
+    return base.model_copy(update=outcome(trainer, start, seconds, name))
 
 
-def log_start(logger: Any, trainer: Trainer, chunk: int, end: int, resumed: bool) -> None:
+def outcome(trainer: Trainer, start: int, seconds: float, name: PurePosixPath | None) -> dict[str, Any]:
+    """What a trained chunk adds to its result: epochs, time, checkpoint, the last history row,
+    and why it stopped early."""
+    out = {"trained": True, "end_epoch": trainer.next_epoch, "seconds": seconds,
+           "checkpoint": name.name if name else None, "stopped_early": trainer.stopped_early,
+           "samples": (trainer.next_epoch - start) * trainer.steps_per_epoch * trainer.cfg.batch_size,
+           "last": {k: v[-1] for k, v in trainer.history.items()}}
+    if trainer.stopped_early:
+        out["early_stop"] = (f"early stopping at epoch {trainer.next_epoch}: no better {trainer.monitor} for "
+                             f"{trainer.cfg.early_stopping_patience} epochs (best {trainer.best['value']:.6g} at "
+                             f"epoch {trainer.best['epoch'] + 1})")
+    return out
+
+
+def log_start(trainer: Trainer, chunk: int, end: int, resumed: bool) -> None:
     """``chunk 3/6: training epochs 501-750``, after where a resumed chunk took its state from."""
-    cfg, start = trainer.cfg, trainer.next_epoch
+    cfg, start, logger = trainer.cfg, trainer.next_epoch, trainer.log
     if resumed:
         skipped = f" ({len(trainer.rejected)} damaged or unfinished checkpoints skipped)" if trainer.rejected else ""
         whence = (f"{trainer.resumed_from.name}, {start} of {cfg.epochs} epochs kept{trainer.inside()}"
@@ -461,35 +515,19 @@ def log_start(logger: Any, trainer: Trainer, chunk: int, end: int, resumed: bool
     logger.info("chunk %d/%d: training epochs %d-%d", chunk, chunk_count(cfg), start + 1, end)
 
 
-def chunk_base(trainer: Trainer, chunk: int, resumed: bool) -> dict[str, Any]:
-    """What a chunk's result says about where it started."""
-    loaded = trainer.resumed_from.name if trainer.resumed_from else None
-    return {"chunk": chunk, "loaded": loaded, "resumed_from": loaded if resumed else None,
-            "skipped_checkpoints": list(trainer.rejected)}
-
-
-def chunk_outcome(base: dict[str, Any], trainer: Trainer, start: int, seconds: float,
-                  path: PurePosixPath) -> dict[str, Any]:
-    """A trained chunk's result: epochs, time, checkpoint, the last history row, and why it
-    stopped early (``early_stop``)."""
-    result = {**base, "skipped": False, "start_epoch": start, "end_epoch": trainer.next_epoch,
-              "seconds": seconds, "checkpoint": path.name, "stopped_early": trainer.stopped_early,
-              "samples": (trainer.next_epoch - start) * trainer.steps_per_epoch * trainer.cfg.batch_size,
-              **{k: v[-1] for k, v in trainer.history.items()}}
-    if trainer.stopped_early:
-        result["early_stop"] = (f"early stopping at epoch {trainer.next_epoch}: no better {trainer.monitor} for "
-                                f"{trainer.cfg.early_stopping_patience} epochs (best {trainer.best['value']:.6g} at "
-                                f"epoch {trainer.best['epoch'] + 1})")
-    return result
-
-
-def log_chunk(logger: Any, cfg: TrainConfig, result: dict[str, Any]) -> None:
+def log_chunk(logger: Any, cfg: TrainConfig, result: ChunkResult) -> None:
     """One line per chunk: epochs, losses, speed, ETA, checkpoint; and why it stopped early."""
-    done, seconds, end = result["end_epoch"] - result["start_epoch"], result["seconds"], result["end_epoch"]
+    done, seconds, end = result.end_epoch - result.start_epoch, result.seconds, result.end_epoch
     eta = eta_seconds(done, seconds, cfg.epochs - end)
     logger.info("chunk %d: epochs %d-%d/%d, train loss %.4g, val loss %.4g, %.0f samples/s, ETA %s, wrote %s",
-                result["chunk"], result["start_epoch"] + 1, end, cfg.epochs, result.get("train_loss", math.nan),
-                result.get("val_loss", math.nan), result["samples"] / max(seconds, 1e-9), duration(eta),
-                result["checkpoint"])
-    if "early_stop" in result:
-        logger.info("%s", result["early_stop"])
+                result.chunk, result.start_epoch + 1, end, cfg.epochs, result.last.get("train_loss", math.nan),
+                result.last.get("val_loss", math.nan), result.samples / max(seconds, 1e-9), duration(eta),
+                result.checkpoint)
+    if result.early_stop:
+        logger.info("%s", result.early_stop)
+
+
+def stop_message(stop_signal: int, checkpoint: str | None, position: str) -> str:
+    """What a stop on request says: where the run stopped (``epoch 500/1500``) and how to resume."""
+    return (f"{signal.Signals(stop_signal).name}: saved {checkpoint} at {position}; "
+            f"rerun the same command to resume from there")

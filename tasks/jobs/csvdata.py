@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.jobs.spec import UserError
+from tasks.kernel import UserError
 
 
 def read_xy_csv(path: Path, columns: int = 2, header: str = "x,y") -> np.ndarray:

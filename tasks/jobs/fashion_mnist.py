@@ -152,28 +152,6 @@ def split_sizes(n: int) -> tuple[int, int, int]:
     return n - val, val, 0
 
 
-def write_idx(path: Path, tensor: torch.Tensor) -> None:
-    """Write a uint8 tensor as a gzipped IDX file (the real format; used for tiny test data)."""
-    header = struct.pack(">HBB", 0, 0x08, tensor.dim()) + struct.pack(f">{tensor.dim()}I", *tensor.shape)
-    path.write_bytes(gzip.compress(header + tensor.contiguous().numpy().tobytes(), mtime=0))
-
-
-def make_test_data(folder: Path, train: int = 600, test: int = 200, seed: int = 0) -> Path:
-    """Tiny, learnable FashionMNIST-format data (class k = bright band at row 2k) for tests;
-    returns the ``--data`` folder."""
-    g = torch.Generator().manual_seed(seed)
-    raw = Path(folder) / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    for prefix, n in (("train", train), ("t10k", test)):
-        labels = torch.randint(0, 10, (n,), generator=g, dtype=torch.uint8)
-        images = torch.randint(0, 60, (n, 28, 28), generator=g, dtype=torch.uint8)
-        for i, k in enumerate(labels.tolist()):
-            images[i, 2 * k + 4 : 2 * k + 6, 4:24] = 255
-        write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", images)
-        write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", labels)
-    return Path(folder)
-
-
 # --- models --------------------------------------------------------------------------------
 
 
@@ -374,6 +352,5 @@ JOB = JobSpec(
     report=report,
     model_label=lambda cfg: type(MODELS[cfg.model]()).__name__,
     data_help="folder with FashionMNIST/raw/*.gz (default data/)",
-    make_test_data=make_test_data,
     predict=Predictor(add_arguments=_predict_arguments, inputs=_predict_inputs, format=_predict_format),
 )

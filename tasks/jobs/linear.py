@@ -37,9 +37,6 @@ from tasks.jobs.csvdata import read_xy_csv, train_on_all_rows
 from tasks.jobs.spec import DATA_DIR, JobData, JobSpec, Tensors
 
 CSV_PATH = DATA_DIR / "salary.csv"
-#: The tutorial's data.
-X = [1, 2, 3, 4, 5, 6, 7]
-Y = [25000, 55000, 75000, 110000, 128000, 155000, 180000]
 #: The tutorial predicts the salary for this x.
 PREDICT_X = 8.0
 

@@ -32,9 +32,6 @@ from tasks.jobs.spec import DATA_DIR, JobData, JobSpec, Tensors
 
 CSV_PATH = DATA_DIR / "multi_linear.csv"
 HEADER = "x1,x2,y1,y2"
-#: The tutorial's data.
-TRAIN_X = [[1, 2], [2, 3], [3, 4], [4, 5], [5, 6], [6, 7]]
-TRAIN_Y = [[0.1, 1.5], [1, 2.8], [1.9, 4.1], [2.8, 5.4], [3.7, 6.7], [4.6, 8]]
 #: A point beyond the data, to show the fitted map (y1 = 0.9 x1 - 0.8, y2 = 1.3 x1 + 0.2 there).
 PROBE_X = [[7.0, 8.0]]
 

@@ -104,7 +104,7 @@ FIT_PNG = "fit.png"
 
 def plot_fit(path: Path, model: nn.Module, pool: Tensors, split: dict[str, torch.Tensor], opt: torch.Tensor) -> Path:
     """The data (train/val/test), the trained model's curve and the least-squares curve."""
-    from tasks.plots import new_figure, save_png
+    from tasks.jobs.plots import new_figure, save_png
 
     xs = pool.x[:, 1].double()  # the feature column [x^2, x] -> x
     grid = np.linspace(float(xs.min()), float(xs.max()), 400)

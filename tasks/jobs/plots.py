@@ -1,6 +1,6 @@
 """Generic plots (PNG, matplotlib, headless). No pyplot: each figure is a private ``Figure``
 with an Agg canvas, so plotting never touches a global backend or a display, and is safe in
-Prefect's worker threads. Job-specific plots live in the job's module and use these helpers."""
+Prefect's worker threads. Jobs draw with these helpers; the pipeline draws its loss curve here too."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from tasks.checkpoint import atomic_write_bytes
+from tasks.kernel import atomic_write_bytes
 
 DPI = 100
 

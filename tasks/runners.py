@@ -1,0 +1,66 @@
+"""Chunk runners: what trains one chunk. One contract, :class:`ChunkRunner`, two
+implementations: :class:`InProcess` (this process) and :class:`tasks.distributed.Torchrun`
+(N processes through torchrun and DDP). Both run the same protocol
+(:func:`tasks.training.train_chunk`) and return the same :class:`~tasks.records.ChunkResult`.
+A runner on a cluster engine is a third implementation of the same contract."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+from tasks.kernel import TrainConfig
+from tasks.progress import ChunkProgress
+from tasks.records import ChunkResult
+from tasks.run import Run
+from tasks.training import (
+    GracefulStop,
+    StopRequested,
+    Trainer,
+    log_chunk,
+    stop_message,
+    train_chunk,
+)
+
+#: ``report(percent, text)``: progress inside a chunk, every few seconds (the Prefect artifact).
+Report = Callable[[float, str], None]
+
+
+class ChunkRunner(Protocol):
+    def run(self, run: Run, chunk: int, resumed: bool, logger: Any, report: Report | None = None) -> ChunkResult:
+        """Train chunk ``chunk`` of ``run`` from its latest valid checkpoint and end by committing
+        ``checkpoint-<chunk>``; a chunk already covered returns at once. ``resumed``: the
+        checkpoint is an earlier attempt's (a new attempt, or a retry of this chunk). A stop on
+        request (SIGTERM, Ctrl-C) checkpoints, then raises StopRequested."""
+
+
+class InProcess:
+    """The chunk in this process. A signal stops it after the current batch, and the checkpoint
+    then holds the state inside the epoch (a rerun continues that epoch exactly)."""
+
+    def run(self, run: Run, chunk: int, resumed: bool, logger: Any, report: Report | None = None) -> ChunkResult:
+        trainer = Trainer(run, logger)  # reports skipped checkpoints, once
+        cfg = run.cfg
+
+        def progress(start: int, end: int) -> ChunkProgress:
+            return ChunkProgress(start, end, cfg.epochs, trainer.steps_per_epoch, cfg.batch_size, logger, report)
+
+        with GracefulStop() as stop:  # a signal during the checkpoint write waits for it, too
+            result = train_chunk(trainer, chunk, resumed, stop, progress)
+        if result.trained:
+            log_chunk(logger, cfg, result)
+        if stop.signum is not None:
+            message = stop_message(stop.signum, result.checkpoint,
+                                   f"epoch {trainer.next_epoch}/{cfg.epochs}{trainer.inside()}")
+            logger.warning(message)
+            raise StopRequested(stop.signum, message)
+        return result
+
+
+def runner_for(cfg: TrainConfig) -> ChunkRunner:
+    """The runner the config asks for: torchrun's for ``--nproc-per-node`` > 1 (torch.distributed
+    is imported only then), else this process."""
+    if cfg.nproc_per_node > 1:
+        from tasks.distributed import Torchrun
+
+        return Torchrun()
+    return InProcess()
