@@ -163,6 +163,19 @@ class LeaseLost(RuntimeError):
     (exit 1), and never retried: a retry could not get the lease back."""
 
 
+#: The lease's lifetime in seconds without a renewal (documented in docs/storage.md).
+LEASE_SECONDS = "TRAINFLOW_LEASE_SECONDS"
+
+
+def lease_seconds() -> float:
+    """``$TRAINFLOW_LEASE_SECONDS``, else 60: how long a holder that stopped renewing (dead,
+    stopped, cut off) keeps other machines off the run."""
+    try:
+        return max(float(os.environ.get(LEASE_SECONDS, "60")), 3.0)
+    except ValueError:
+        raise UserError(f"${LEASE_SECONDS} must be a number of seconds (got {os.environ[LEASE_SECONDS]!r})") from None
+
+
 @functools.cache
 def boot_id() -> str | None:
     """This machine's identity for this boot (Linux), so a lease's pid is only judged where it lives."""
@@ -199,8 +212,8 @@ class Lease:
     A rank of a multi-process chunk writes under its launcher's lease: :meth:`follow` checks the
     same token without renewing it."""
 
-    def __init__(self, remote: Remote, ttl: float = 60.0, token: str | None = None):
-        self.remote, self.ttl = remote, ttl
+    def __init__(self, remote: Remote, ttl: float | None = None, token: str | None = None):
+        self.remote, self.ttl = remote, ttl or lease_seconds()
         self.token, self.tag, self.lost, self.failing = token or uuid.uuid4().hex, None, None, None
         self.expires = 0.0  # when the lease this holder last wrote runs out (this clock)
         self.stop = threading.Event()
