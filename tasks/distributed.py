@@ -38,7 +38,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 def become_rank() -> None:
@@ -66,7 +66,7 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from tasks.checkpoint import capture_rng, restore_rng  # noqa: E402
 from tasks.kernel import TrainConfig, UserError  # noqa: E402
-from tasks.progress import ChunkProgress  # noqa: E402
+from tasks.progress import ChunkProgress, Watchers  # noqa: E402
 from tasks.records import ChunkResult  # noqa: E402
 from tasks.run import Run, RunSpec  # noqa: E402
 from tasks.training import (  # noqa: E402
@@ -232,8 +232,8 @@ class Watch:
     """The chunk's progress as rank 0 tells it (``progress.json``), drawn and reported the way
     one process does it (tasks/progress.py), at each epoch's end."""
 
-    def __init__(self, cfg: TrainConfig, folder: Path, logger: Any, report: Callable[[float, str], None] | None):
-        self.cfg, self.file, self.log, self.report = cfg, folder / "progress.json", logger, report
+    def __init__(self, cfg: TrainConfig, folder: Path, watchers: Watchers):
+        self.cfg, self.file, self.watchers = cfg, folder / "progress.json", watchers
         self.seen, self.progress = "", None
 
     def poll(self) -> None:
@@ -243,7 +243,7 @@ class Watch:
         self.seen, state = text, json.loads(text)
         if self.progress is None:
             self.progress = ChunkProgress(state["start"], state["end"], self.cfg.epochs, state["steps"],
-                                          self.cfg.batch_size, self.log, self.report).__enter__()
+                                          self.cfg.batch_size, self.watchers).__enter__()
         if state["done"] > state["start"]:
             self.progress.epoch_done(state["done"] - 1, state["loss"])
 
@@ -344,15 +344,14 @@ class Torchrun:
     torchrun's launcher in a thread of this process, the ranks in their own sessions. A stop
     request (SIGTERM, Ctrl-C) is passed to the ranks, which checkpoint at the epoch's end."""
 
-    def run(self, run: Run, chunk: int, resumed: bool, logger: Any,
-            report: Callable[[float, str], None] | None = None) -> ChunkResult:
-        cfg = run.cfg
+    def run(self, run: Run, chunk: int, resumed: bool, watchers: Watchers) -> ChunkResult:
+        cfg, logger = run.cfg, watchers.logger
         logger.info("chunk %d: %d processes (torch.distributed, %s)", chunk, cfg.nproc_per_node, backend(cfg))
         job = ChunkJob(run=run.spec(), chunk=chunk, resumed=resumed)
         with tempfile.TemporaryDirectory(prefix="trainflow-ranks-") as tmp, GracefulStop("at the end of this epoch") as stop:
             folder = Path(tmp)
             (folder / "spec.json").write_text(job.model_dump_json())
-            ok, output = run_ranks(cfg, folder, stop, Watch(cfg, folder, logger, report))
+            ok, output = run_ranks(cfg, folder, stop, Watch(cfg, folder, watchers))
             done = folder / "result.json"
             outcome = RankOutcome.model_validate_json(done.read_text()) if done.exists() else None
         if outcome is not None and outcome.error is not None:

@@ -15,6 +15,7 @@ and nothing more until a tick is due (``benchmarks/progress_overhead.py`` measur
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -46,20 +47,28 @@ def live_line(console: Any | None) -> Any | None:
     return Progress(*columns, console=console, auto_refresh=False, transient=True)
 
 
+@dataclass(frozen=True)
+class Watchers:
+    """Who watches a chunk train: the run's logger, the Prefect progress artifact
+    (``report(percent, text)``), and a terminal's rich console for the live line (None: log
+    lines instead)."""
+
+    logger: Any
+    report: Callable[[float, str], None] | None = None
+    console: Any | None = None
+
+
 class ChunkProgress:
     """Progress of one chunk: epochs ``start``..``end`` (exclusive) of ``epochs``, with
     ``steps`` batches of ``batch_size`` samples per epoch."""
 
-    def __init__(self, start: int, end: int, epochs: int, steps: int, batch_size: int,
-                 logger: Any, report: Callable[[float, str], None] | None = None):
+    def __init__(self, start: int, end: int, epochs: int, steps: int, batch_size: int, watchers: Watchers):
         self.start, self.end, self.epochs = start, end, epochs
-        self.steps, self.batch_size, self.log, self.report = steps, batch_size, logger, report
+        self.steps, self.batch_size, self.log, self.report = steps, batch_size, watchers.logger, watchers.report
         self.epoch, self.loss = start, float("nan")  # the epoch in progress (0-based), its last known loss
         self.t0 = time.monotonic()
         self.next_tick, self.next_log, self.next_report = self.t0 + TICK, self.t0 + LOG_EVERY, self.t0 + REPORT_EVERY
-        from tasks.prefect_adapter import terminal_console
-
-        self.live = live_line(terminal_console())
+        self.live = live_line(watchers.console)
         if self.live is not None:
             self.bar = self.live.add_task(f"epoch {start + 1}/{epochs}", total=float(epochs) * steps, figures="")
 

@@ -6,10 +6,10 @@ A runner on a cluster engine is a third implementation of the same contract."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from typing import Protocol
 
 from tasks.kernel import TrainConfig
-from tasks.progress import ChunkProgress
+from tasks.progress import ChunkProgress, Watchers
 from tasks.records import ChunkResult
 from tasks.run import Run
 from tasks.training import (
@@ -21,15 +21,13 @@ from tasks.training import (
     train_chunk,
 )
 
-#: ``report(percent, text)``: progress inside a chunk, every few seconds (the Prefect artifact).
-Report = Callable[[float, str], None]
-
 
 class ChunkRunner(Protocol):
-    def run(self, run: Run, chunk: int, resumed: bool, logger: Any, report: Report | None = None) -> ChunkResult:
+    def run(self, run: Run, chunk: int, resumed: bool, watchers: Watchers) -> ChunkResult:
         """Train chunk ``chunk`` of ``run`` from its latest valid checkpoint and end by committing
         ``checkpoint-<chunk>``; a chunk already covered returns at once. ``resumed``: the
-        checkpoint is an earlier attempt's (a new attempt, or a retry of this chunk). A stop on
+        checkpoint is an earlier attempt's (a new attempt, or a retry of this chunk); ``watchers``:
+        who sees its progress. A stop on
         request (SIGTERM, Ctrl-C) checkpoints, then raises StopRequested."""
 
 
@@ -37,12 +35,12 @@ class InProcess:
     """The chunk in this process. A signal stops it after the current batch, and the checkpoint
     then holds the state inside the epoch (a rerun continues that epoch exactly)."""
 
-    def run(self, run: Run, chunk: int, resumed: bool, logger: Any, report: Report | None = None) -> ChunkResult:
+    def run(self, run: Run, chunk: int, resumed: bool, watchers: Watchers) -> ChunkResult:
+        cfg, logger = run.cfg, watchers.logger
         trainer = Trainer(run, logger)  # reports skipped checkpoints, once
-        cfg = run.cfg
 
         def progress(start: int, end: int) -> ChunkProgress:
-            return ChunkProgress(start, end, cfg.epochs, trainer.steps_per_epoch, cfg.batch_size, logger, report)
+            return ChunkProgress(start, end, cfg.epochs, trainer.steps_per_epoch, cfg.batch_size, watchers)
 
         with GracefulStop() as stop:  # a signal during the checkpoint write waits for it, too
             result = train_chunk(trainer, chunk, resumed, stop, progress)

@@ -16,6 +16,8 @@ from tasks.evaluation import evaluate_run
 from tasks.export import save_model_files
 from tasks.kernel import TrainConfig
 from tasks.policy import NO_RETRY_ON_USER_ERROR
+from tasks.prefect_adapter import terminal_console
+from tasks.progress import Watchers
 from tasks.records import ChunkResult, DataInfo
 from tasks.run import Run
 from tasks.runners import runner_for
@@ -42,7 +44,7 @@ def train_chunk(run: Run, chunk: int, resuming: bool = False,
     """One checkpointed chunk; a retry resumes from the latest valid checkpoint. ``resuming``:
     no chunk of this attempt has trained yet, so the checkpoint is an earlier attempt's."""
     resumed = resuming or task_run.run_count > 1  # a new attempt, or a retry of this chunk
-    return runner_for(run.cfg).run(run, chunk, resumed, get_run_logger(), report)
+    return runner_for(run.cfg).run(run, chunk, resumed, Watchers(get_run_logger(), report, terminal_console()))
 
 
 @task(name="evaluate", retries=1, retry_delay_seconds=1, cache_policy=NO_CACHE, retry_condition_fn=NO_RETRY_ON_USER_ERROR)
