@@ -25,12 +25,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.data import load_job_data, make_split, save_split
-from tasks.jobs import get_job
+from tasks.checkpoint import LocalCheckpoints
+from tasks.data import describe_data, ensure_split
 from tasks.jobs.spec import Tensors
-from tasks.run import prepare_run_dir
+from tasks.registry import get_job
+from tasks.run import Run
 from tasks.server import reserve_port
-from tasks.store import LocalCheckpoints, ObjectCheckpoints, Remote
+from tasks.store import ObjectCheckpoints, Remote
 from tasks.training import Trainer, epoch_order, evaluate_model, train_epoch
 
 FEW_BATCHES = 20
@@ -62,10 +63,10 @@ def start_moto() -> subprocess.Popen | None:
 def trainer_for(root: Path) -> Trainer:
     """The run's Trainer, prepared as the flow does, after 20 batches and one validation pass."""
     cfg = get_job("fashion_mnist").config(model="cnn", artifacts_dir=root)
-    data = load_job_data(cfg)
-    run_dir, _ = prepare_run_dir(cfg, data.fingerprint)
-    save_split(run_dir, make_split(data, cfg), data, cfg)
-    tr = Trainer(cfg, run_dir, cfg.fingerprint(data.fingerprint))
+    run = Run.of(cfg, describe_data(cfg))
+    run.prepare()
+    ensure_split(run)
+    tr = Trainer(run)
     full, n = tr.train, FEW_BATCHES * cfg.batch_size
     tr.train = Tensors(full.x[:n], full.y[:n])
     tr.run_epoch(0)

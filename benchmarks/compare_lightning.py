@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from benchmarks.measure import ROOT, Launch, become_subreaper, files, first_line_time, new_files
-from tasks.jobs import get_job
-from tasks.jobs.spec import TrainConfig
+from tasks.kernel import TrainConfig
+from tasks.registry import get_job
 
 #: --quick: a smoke run of each job, a few chunks long.
 QUICK = {"nonlinear": {"epochs": 300, "chunk_epochs": 100}, "fashion_mnist": {"epochs": 2, "chunk_epochs": 1}}

@@ -35,7 +35,7 @@ def worker(model: str, batch: int, steps: int, ddp: bool) -> None:
 
     from tasks.data import load_job_data, make_split, split_tensors
     from tasks.distributed import shard
-    from tasks.jobs import get_job
+    from tasks.registry import get_job
     from tasks.training import build_optimizer, epoch_order, train_epoch
 
     torch.set_num_threads(1)

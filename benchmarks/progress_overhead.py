@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from rich.console import Console
 
-from tasks.jobs import get_job
 from tasks.jobs.spec import Tensors
-from tasks.progress import ChunkProgress
+from tasks.progress import ChunkProgress, Watchers
+from tasks.registry import get_job
 from tasks.training import build_optimizer, epoch_order, train_epoch
 
 CASES = {  # job, rows, input shape and dtype, epochs per round
@@ -53,8 +53,7 @@ def progress(side: str, cfg, steps: int) -> ChunkProgress | None:
     if side == "plain":
         return None
     console = Console(file=io.StringIO(), force_terminal=True, width=160) if side == "terminal" else None
-    with mock.patch("tasks.progress.terminal_console", return_value=console):
-        return ChunkProgress(0, 10**6, 10**6, steps, cfg.batch_size, logger=mock.Mock())
+    return ChunkProgress(0, 10**6, 10**6, steps, cfg.batch_size, Watchers(logger=mock.Mock(), console=console))
 
 
 def epoch_seconds(case: str, side: str, state: tuple) -> float:
