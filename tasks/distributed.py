@@ -255,7 +255,7 @@ class Watch:
 def run_ranks(cfg: TrainConfig, folder: Path, stop: GracefulStop, watch: Watch) -> tuple[bool, str]:
     """torchrun's own entry point (``torch.distributed.run.main``, what ``python -m
     torch.distributed.run`` calls) in a thread of this process, which has torch imported already
-    (a torchrun process cost ~1.5 s to start and ~0.5 s to exit, per chunk). A stop request is
+    (a torchrun process of its own would start and exit for every chunk). A stop request is
     passed on through ``folder/stop``, progress comes back through ``watch``. Returns whether every
     rank succeeded, and the launcher's log and the ranks' output (``--redirects``: ``folder/logs``)."""
     from torch.distributed.run import main as torchrun

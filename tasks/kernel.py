@@ -140,8 +140,8 @@ def auto_threads(processes: int) -> int:
     """What ``--threads auto`` means here: $OMP_NUM_THREADS (per process, as OpenMP and torchrun
     read it) if set, else the cores this process may use but one, shared by the processes. One
     core stays free because a thread team stalls at every op while one of its threads waits for
-    a core: on 2 shared cores, 2 threads trained small_cnn 1.75x faster than 1 on an idle
-    machine, and 6-8x slower beside one busy process."""
+    a core: on shared cores, a team that takes them all is many times slower beside one busy
+    process (docs/performance.md)."""
     env = os.environ.get("OMP_NUM_THREADS", "")
     if env.isdigit() and int(env) > 0:
         return int(env)

@@ -127,8 +127,8 @@ class TemporaryServer:
 
     def make_first_requests(self) -> None:
         """In a daemon thread: as soon as the server answers, make the requests whose first
-        answer is slow (~0.6 s in all; the version check every client makes loads Prefect's
-        version lazily), while this process is still importing rather than in the first flow run."""
+        answer is slow (the version check every client makes loads Prefect's version lazily),
+        while this process is still importing rather than in the first flow run."""
 
         def get(path: str, body: bytes | None) -> None:
             request = urllib.request.Request(f"{self.api_url}{path}", data=body, method="POST" if body else "GET",
@@ -229,7 +229,7 @@ class TemporaryServer:
             return
         get_logger().info("Stopping temporary server on http://127.0.0.1:%d", self.port)
         # No waiting: every request this process made has been answered, and the server shuts
-        # down cleanly on SIGTERM by itself (waiting for it cost ~0.2 s per run).
+        # down cleanly on SIGTERM by itself.
         self.process.terminate()
 
 
@@ -249,7 +249,7 @@ def launch() -> TemporaryServer | None:
 def warm_up() -> None:
     """Training's one-off set-up, done while the server boots: the modules the first chunk's
     report and the plots import, and a first torch optimizer (the first one built in a process
-    imports torch's compiler stack: ~1.3 s, which the first chunk would otherwise spend)."""
+    imports torch's compiler stack, which the first chunk would otherwise wait for)."""
     import importlib
 
     import torch

@@ -217,9 +217,8 @@ MODELS: dict[str, type[nn.Module]] = {"small_cnn": SmallCNN, "cnn": CNN, "lenet"
 
 
 def build_model(cfg: TrainConfig) -> nn.Module:
-    """The model named by ``cfg.model`` in channels_last layout: a training step on one CPU
-    thread took 0.74x (small_cnn), 0.87x (lenet) and 0.73x (cnn) the time of the plain layout
-    (medians of 5 interleaved rounds of 40 steps, batch 128). The same ops: only the layout."""
+    """The model named by ``cfg.model`` in channels_last layout: the same ops, only the layout,
+    which makes a CPU training step of every model faster (docs/performance.md)."""
     return MODELS[cfg.model]().to(memory_format=torch.channels_last)
 
 
@@ -234,8 +233,7 @@ def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
     """Predicted class per uint8 image [N, 28, 28] -> [N]. Batches of 128, as the job's
-    evaluation: the test set's 10 000 images take 0.41 s on one CPU thread, 1.0 s in batches of
-    1 000 (the same predictions)."""
+    evaluation (faster on a CPU than larger ones, with the same predictions)."""
     model.eval()
     device = next(model.parameters()).device
     return torch.cat([model(prepare(images[i : i + batch_size].to(device))).argmax(1).cpu()
@@ -332,11 +330,10 @@ TUTORIAL_RECIPE = "--model lenet --optimizer sgd --lr 1e-3 --momentum 0.9 --sche
 JOB = JobSpec(
     name="fashion_mnist",
     description="FashionMNIST (real data, official test set), CNN, cross-entropy, accuracy",
-    # Measured (docs/performance.md): small_cnn + Adam + OneCycle reaches >= 91% in 10 epochs at
-    # the least CPU time; TUTORIAL_RECIPE is the tutorial's, and `--model cnn --optimizer adamw
-    # --lr 3e-3 --weight-decay 1e-4 --label-smoothing 0.1` is the stronger option. Evaluating in
-    # batches of 128 took 0.39x (small_cnn) and 0.43x (cnn) the time of batches of 1000 on one
-    # thread, 0.31x on two (6 000 images, medians of 3 interleaved rounds; LeNet: the same).
+    # small_cnn + Adam + OneCycle reaches >= 91% in 10 epochs at the least CPU time
+    # (docs/performance.md); TUTORIAL_RECIPE is the tutorial's, and `--model cnn --optimizer adamw
+    # --lr 3e-3 --weight-decay 1e-4 --label-smoothing 0.1` is the stronger option. Evaluation in
+    # batches of 128: faster on a CPU than larger batches.
     defaults=dict(
         data=DATA_DIR, model="small_cnn", epochs=10, chunk_epochs=2, lr=5e-3, batch_size=128, eval_batch_size=128,
         optimizer="adam", schedule="onecycle",
