@@ -42,9 +42,11 @@ if __name__ == "__main__":
 
 import contextlib  # noqa: E402 - the command starts up before these imports (above)
 import os  # noqa: E402
+import signal  # noqa: E402
 
 from prefect import flow, get_run_logger  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
+from prefect.states import Cancelled  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 
 from flows.options import config_parameters, with_parameters  # noqa: E402
@@ -64,7 +66,7 @@ from tasks.reporting import RunReport  # noqa: E402
 from tasks.run import METRICS_FILE, Run  # noqa: E402
 from tasks.steps import evaluate, load_data, save_model, split_data, train_chunk  # noqa: E402
 from tasks.store import LeaseLost  # noqa: E402
-from tasks.training import StopRequested, chunk_count  # noqa: E402
+from tasks.training import GracefulStop, StopRequested, chunk_count  # noqa: E402
 
 
 def build_configs(job: str | None, overrides: dict[str, Any]) -> list[TrainConfig]:
@@ -74,7 +76,14 @@ def build_configs(job: str | None, overrides: dict[str, Any]) -> list[TrainConfi
 
 
 def run_job(cfg: TrainConfig) -> dict[str, Any]:
-    """The pipeline for one job: load -> split -> train_chunk x N -> evaluate -> save_model."""
+    """The pipeline for one job: load -> split -> train_chunk x N -> evaluate -> save_model. A
+    SIGTERM or Ctrl-C at any moment stops it at the next checkpoint or step (GracefulStop)."""
+    with GracefulStop() as stop:
+        return attempt(cfg, stop)
+
+
+def attempt(cfg: TrainConfig, stop: GracefulStop) -> dict[str, Any]:
+    """One attempt at ``cfg``'s run, holding it."""
     logger, chain = get_run_logger(), Chain()
     run = Run.of(cfg, chain(load_data, cfg))
     archived = run.prepare()
@@ -89,7 +98,7 @@ def run_job(cfg: TrainConfig) -> dict[str, Any]:
             return outcome(run, "already complete")
         report = RunReport.start(run, logger, flow_run.id)  # run.json, progress
         try:
-            metrics = pipeline(run, report, chain)
+            metrics = pipeline(run, report, chain, stop)
             report.finish(metrics)  # plots, summary.md + artifacts, run.json "completed" with file hashes
         except BaseException as exc:
             report.interrupted(exc)  # run.json "failed" (or "stopped") with the error
@@ -103,24 +112,35 @@ def outcome(run: Run, status: str) -> dict[str, Any]:
     return {"job": run.cfg.job, "run_dir": run.where, "status": status, "metrics": read_json(run.dir / METRICS_FILE)}
 
 
-def pipeline(run: Run, report: RunReport, chain: Chain) -> dict[str, Any]:
-    """split -> train_chunk x N -> evaluate -> save_model, one chain in the UI; the metrics."""
+def pipeline(run: Run, report: RunReport, chain: Chain, stop: GracefulStop) -> dict[str, Any]:
+    """split -> train_chunk x N -> evaluate -> save_model, one chain in the UI; the metrics.
+    Between two steps, a stop request ends the attempt there."""
     chain(split_data, run)
     # A later attempt (a rerun, a flow retry) resumes until one of its chunks trains; the first
     # attempt of a run has nothing to resume, so its first chunk does not say "resuming".
-    resuming = report.later_attempt
-    for chunk in range(1, chunk_count(run.cfg) + 1):
-        result = chain(train_chunk, run, chunk=chunk, resuming=resuming, report=report.artifacts.update_progress)
+    resuming, saved, chunks = report.later_attempt, "", chunk_count(run.cfg)
+    for chunk in range(1, chunks + 1):
+        stop.check(f"before chunk {chunk}/{chunks}{saved}")
+        result = chain(train_chunk, run, stop, chunk=chunk, resuming=resuming, report=report.artifacts.update_progress)
         resuming = resuming and not result.trained
+        saved = f", with epochs 1-{result.end_epoch} of {run.cfg.epochs} saved"
         report.chunk_done(result)  # TensorBoard, progress artifact, run.json
+        if result.stopped_by is not None:
+            raise StopRequested(result.stopped_by, result.stop_message)
+    stop.check(f"after training, before the evaluation{saved}")
     metrics = chain(evaluate, run)
     chain(save_model, run)
     return metrics
 
 
 def train(job: str | None = None, **options: Any) -> dict[str, Any]:
-    """Train ``job`` (or every default job) resumably; parameters left None take the job's defaults."""
-    return {cfg.job: run_job(cfg) for cfg in build_configs(job, options)}
+    """Train ``job`` (or every default job) resumably; parameters left None take the job's defaults.
+    A stop on request (SIGTERM, Ctrl-C) ends the flow run Cancelled, with where it stopped and
+    how to resume as its message: a stop the user asked for, not a crash."""
+    try:
+        return {cfg.job: run_job(cfg) for cfg in build_configs(job, options)}
+    except StopRequested as exc:
+        return Cancelled(message=str(exc))
 
 
 #: The flow: its parameters are TrainConfig's fields (flows/options.py), all optional.
@@ -209,10 +229,11 @@ def run_flow(job: str | None, args: dict[str, Any]) -> int:
     """Run the flow; print its results, or one line on why it stopped and what to do; the exit status."""
     started = utc_now()
     try:
-        results = train_flow(job=job, **args)
-    except StopRequested as exc:
-        print(f"stopped: {exc}", file=sys.stderr)
-        return 128 + exc.signum
+        state = train_flow(job=job, **args, return_state=True)
+        if state.is_cancelled():  # a stop on request: the message names the signal first
+            print(f"stopped: {state.message}", file=sys.stderr)
+            return 128 + signal.Signals[state.message.split(":", 1)[0]].value
+        results = state.result()
     except KeyboardInterrupt:
         # A second signal, or the first outside a chunk's epochs: the last checkpoint is the latest state.
         print("stopped at once; rerun the same command to resume from the last checkpoint", file=sys.stderr)

@@ -71,10 +71,9 @@ from tasks.records import ChunkResult  # noqa: E402
 from tasks.run import Run, RunSpec  # noqa: E402
 from tasks.training import (  # noqa: E402
     GracefulStop,
-    StopRequested,
     Trainer,
     log_chunk,
-    stop_message,
+    stopped,
     train_chunk,
 )
 
@@ -344,11 +343,11 @@ class Torchrun:
     torchrun's launcher in a thread of this process, the ranks in their own sessions. A stop
     request (SIGTERM, Ctrl-C) is passed to the ranks, which checkpoint at the epoch's end."""
 
-    def run(self, run: Run, chunk: int, resumed: bool, watchers: Watchers) -> ChunkResult:
+    def run(self, run: Run, chunk: int, resumed: bool, watchers: Watchers, stop: GracefulStop) -> ChunkResult:
         cfg, logger = run.cfg, watchers.logger
         logger.info("chunk %d: %d processes (torch.distributed, %s)", chunk, cfg.nproc_per_node, backend(cfg))
         job = ChunkJob(run=run.spec(), chunk=chunk, resumed=resumed)
-        with tempfile.TemporaryDirectory(prefix="trainflow-ranks-") as tmp, GracefulStop("at the end of this epoch") as stop:
+        with tempfile.TemporaryDirectory(prefix="trainflow-ranks-") as tmp:
             folder = Path(tmp)
             (folder / "spec.json").write_text(job.model_dump_json())
             ok, output = run_ranks(cfg, folder, stop, Watch(cfg, folder, watchers))
@@ -362,13 +361,10 @@ class Torchrun:
         result = outcome.result
         if result.resumed_from:
             logger.info("chunk %d: resumed from %s", chunk, result.resumed_from)
-        if result.trained:
-            log_chunk(logger, cfg, result)
-        if stop.signum is not None:
-            message = stop_message(stop.signum, result.checkpoint, f"epoch {result.end_epoch}/{cfg.epochs}")
-            logger.warning(message)
-            raise StopRequested(stop.signum, message)
-        return result
+        log_chunk(logger, cfg, result)
+        if stop.signum is None:
+            return result
+        return stopped(result, stop.signum, f"epoch {result.end_epoch}/{cfg.epochs}", logger)
 
 
 if __name__ == "__main__":

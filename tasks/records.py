@@ -101,6 +101,10 @@ class ChunkResult(BaseModel):
     last: dict[str, float] = Field(default_factory=dict)
     stopped_early: bool = False
     early_stop: str | None = None
+    #: A stop on request (SIGTERM, Ctrl-C) ended the chunk at this checkpoint: the signal, and
+    #: the line that says where and how to resume.
+    stopped_by: int | None = None
+    stop_message: str | None = None
 
     @property
     def resumed_from(self) -> str | None:

@@ -14,44 +14,38 @@ from tasks.records import ChunkResult
 from tasks.run import Run
 from tasks.training import (
     GracefulStop,
-    StopRequested,
     Trainer,
     log_chunk,
-    stop_message,
+    stopped,
     train_chunk,
 )
 
 
 class ChunkRunner(Protocol):
-    def run(self, run: Run, chunk: int, resumed: bool, watchers: Watchers) -> ChunkResult:
+    def run(self, run: Run, chunk: int, resumed: bool, watchers: Watchers, stop: GracefulStop) -> ChunkResult:
         """Train chunk ``chunk`` of ``run`` from its latest valid checkpoint and end by committing
         ``checkpoint-<chunk>``; a chunk already covered returns at once. ``resumed``: the
         checkpoint is an earlier attempt's (a new attempt, or a retry of this chunk); ``watchers``:
-        who sees its progress. A stop on
-        request (SIGTERM, Ctrl-C) checkpoints, then raises StopRequested."""
+        who sees its progress; ``stop``: the attempt's stop request (SIGTERM, Ctrl-C): the chunk
+        then checkpoints where it is, and its result says so (``stopped_by``)."""
 
 
 class InProcess:
     """The chunk in this process. A signal stops it after the current batch, and the checkpoint
     then holds the state inside the epoch (a rerun continues that epoch exactly)."""
 
-    def run(self, run: Run, chunk: int, resumed: bool, watchers: Watchers) -> ChunkResult:
+    def run(self, run: Run, chunk: int, resumed: bool, watchers: Watchers, stop: GracefulStop) -> ChunkResult:
         cfg, logger = run.cfg, watchers.logger
         trainer = Trainer(run, logger)  # reports skipped checkpoints, once
 
         def progress(start: int, end: int) -> ChunkProgress:
             return ChunkProgress(start, end, cfg.epochs, trainer.steps_per_epoch, cfg.batch_size, watchers)
 
-        with GracefulStop() as stop:  # a signal during the checkpoint write waits for it, too
-            result = train_chunk(trainer, chunk, resumed, stop, progress)
-        if result.trained:
-            log_chunk(logger, cfg, result)
-        if stop.signum is not None:
-            message = stop_message(stop.signum, result.checkpoint,
-                                   f"epoch {trainer.next_epoch}/{cfg.epochs}{trainer.inside()}")
-            logger.warning(message)
-            raise StopRequested(stop.signum, message)
-        return result
+        result = train_chunk(trainer, chunk, resumed, stop, progress)
+        log_chunk(logger, cfg, result)
+        if stop.signum is None:
+            return result
+        return stopped(result, stop.signum, f"epoch {trainer.next_epoch}/{cfg.epochs}{trainer.inside()}", logger)
 
 
 def runner_for(cfg: TrainConfig) -> ChunkRunner:

@@ -21,6 +21,7 @@ from tasks.progress import Watchers
 from tasks.records import ChunkResult, DataInfo
 from tasks.run import Run
 from tasks.runners import runner_for
+from tasks.training import GracefulStop
 
 
 @task(name="load_data", retries=1, retry_delay_seconds=1, retry_condition_fn=NO_RETRY_ON_USER_ERROR)
@@ -39,12 +40,14 @@ def split_data(run: Run) -> dict[str, int]:
 
 @task(name="train_chunk", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE,
       retry_condition_fn=NO_RETRY_ON_USER_ERROR, task_run_name="train_chunk-{chunk}")
-def train_chunk(run: Run, chunk: int, resuming: bool = False,
+def train_chunk(run: Run, stop: GracefulStop, chunk: int, resuming: bool = False,
                 report: Callable[[float, str], None] | None = None) -> ChunkResult:
     """One checkpointed chunk; a retry resumes from the latest valid checkpoint. ``resuming``:
-    no chunk of this attempt has trained yet, so the checkpoint is an earlier attempt's."""
+    no chunk of this attempt has trained yet, so the checkpoint is an earlier attempt's;
+    ``stop``: the attempt's stop request (a signal)."""
     resumed = resuming or task_run.run_count > 1  # a new attempt, or a retry of this chunk
-    return runner_for(run.cfg).run(run, chunk, resumed, Watchers(get_run_logger(), report, terminal_console()))
+    watchers = Watchers(get_run_logger(), report, terminal_console())
+    return runner_for(run.cfg).run(run, chunk, resumed, watchers, stop)
 
 
 @task(name="evaluate", retries=1, retry_delay_seconds=1, cache_policy=NO_CACHE, retry_condition_fn=NO_RETRY_ON_USER_ERROR)

@@ -42,39 +42,48 @@ class StopRequested(KeyboardInterrupt):
 
 
 class GracefulStop:
-    """While active (main thread only), SIGTERM and SIGINT (Ctrl-C) only set ``signum``: the
-    loop finishes the current batch, checkpoints (inside the epoch: the batches done and their
-    loss sum go into the checkpoint, so the rerun continues that epoch exactly), then stops. A second signal goes to the
-    handler that was there before (Prefect's, or Python's KeyboardInterrupt): stop at once."""
+    """While active (main thread only), SIGTERM and SIGINT (Ctrl-C) only set ``signum``, and the
+    run stops at its next safe point: after the current batch, with a checkpoint (inside the
+    epoch: the batches done and their loss sum go into it, so the rerun continues that epoch
+    exactly; several processes stop at the epoch's end), or before its next step (:meth:`check`).
+    It is active for a whole attempt, so a signal between two chunks is not lost. A second signal
+    goes to the handler that was there before (Prefect's, or Python's KeyboardInterrupt): stop
+    at once."""
 
-    def __init__(self, when: str = "after this batch") -> None:
+    def __init__(self) -> None:
         self.signum: int | None = None
-        self.when = when
-        self._previous: dict[int, Any] = {}
+        self.previous: dict[int, Any] = {}
 
     @property
     def requested(self) -> bool:
         return self.signum is not None
 
-    def _handle(self, signum: int, frame: Any) -> None:
+    def handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:
-            previous = self._previous.get(signum)
+            previous = self.previous.get(signum)
             if callable(previous):
                 previous(signum, frame)
             raise KeyboardInterrupt
         self.signum = signum
-        log.warning("%s received: saving a checkpoint %s (send it again to stop at once)",
-                    signal.Signals(signum).name, self.when)
+        log.warning("%s received: stopping at the next checkpoint (send it again to stop at once)",
+                    signal.Signals(signum).name)
 
-    def __enter__(self) -> "GracefulStop":
+    def check(self, where: str) -> None:
+        """Raise StopRequested if a stop was asked for: the run stops ``where`` (a safe point)."""
+        if self.signum is not None:
+            raise StopRequested(self.signum, f"{signal.Signals(self.signum).name}: stopped {where}; "
+                                             f"rerun the same command to resume from there")
+
+    def __enter__(self) -> GracefulStop:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
+                self.previous[sig] = signal.signal(sig, self.handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for sig, previous in self._previous.items():
+        for sig, previous in self.previous.items():
             signal.signal(sig, previous)
+        self.previous.clear()
 
 
 def resolve_device(cfg: TrainConfig) -> torch.device:
@@ -516,7 +525,10 @@ def log_start(trainer: Trainer, chunk: int, end: int, resumed: bool) -> None:
 
 
 def log_chunk(logger: Any, cfg: TrainConfig, result: ChunkResult) -> None:
-    """One line per chunk: epochs, losses, speed, ETA, checkpoint; and why it stopped early."""
+    """One line per chunk that completed an epoch: epochs, losses, speed, ETA, checkpoint; and
+    why it stopped early."""
+    if result.end_epoch <= result.start_epoch:
+        return  # nothing to report but where it stopped (stopped())
     done, seconds, end = result.end_epoch - result.start_epoch, result.seconds, result.end_epoch
     eta = eta_seconds(done, seconds, cfg.epochs - end)
     logger.info("chunk %d: epochs %d-%d/%d, train loss %.4g, val loss %.4g, %.0f samples/s, ETA %s, wrote %s",
@@ -527,7 +539,10 @@ def log_chunk(logger: Any, cfg: TrainConfig, result: ChunkResult) -> None:
         logger.info("%s", result.early_stop)
 
 
-def stop_message(stop_signal: int, checkpoint: str | None, position: str) -> str:
-    """What a stop on request says: where the run stopped (``epoch 500/1500``) and how to resume."""
-    return (f"{signal.Signals(stop_signal).name}: saved {checkpoint} at {position}; "
-            f"rerun the same command to resume from there")
+def stopped(result: ChunkResult, signum: int, position: str, logger: Any) -> ChunkResult:
+    """``result`` of a chunk that a stop request ended, saying where it stopped (``epoch
+    500/1500``) and how to resume."""
+    message = (f"{signal.Signals(signum).name}: saved {result.checkpoint} at {position}; "
+               f"rerun the same command to resume from there")
+    logger.warning(message)
+    return result.model_copy(update={"stopped_by": signum, "stop_message": message})
