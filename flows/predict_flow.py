@@ -62,7 +62,9 @@ def predict(run: str | Path, inputs: dict[str, Any]) -> list[dict[str, Any]]:
     x, labels = spec.predict.inputs(argparse.Namespace(**inputs), cfg)
     out = model(spec.prepare(x))
     lines = spec.predict.format(labels, out)
-    return [{"input": label, "output": o.tolist(), "text": line} for label, o, line in zip(labels, out, lines)]
+    fields = spec.predict.fields(out) if spec.predict.fields else [{} for _ in lines]
+    return [{"input": label, **f, "output": o.tolist(), "text": line}
+            for label, o, line, f in zip(labels, out, lines, fields)]
 
 
 @flow(name="predict")
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if as_json:
-        print(json.dumps([{"input": r["input"], "output": r["output"]} for r in rows]))
+        print(json.dumps([{k: v for k, v in r.items() if k != "text"} for r in rows]))
     else:
         for row in rows:
             print(row["text"])

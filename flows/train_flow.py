@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import sys
 from typing import Any
 
@@ -17,6 +18,9 @@ def start_up(argv: list[str]) -> Any:
         from flows.options import train_parser
 
         train_parser().parse_args(argv)  # prints the help and exits
+    # Prefect's client-side opt-out of its usage data (pyproject.toml opts the server out): the
+    # same for every run of the command, and no first-run notice on a rerun.
+    os.environ.setdefault("DO_NOT_TRACK", "1")
     gc.disable()
     from tasks.server import launch
 
@@ -41,7 +45,6 @@ if __name__ == "__main__":
     sys.exit(command(sys.argv[1:]))
 
 import contextlib  # noqa: E402 - the command starts up before these imports (above)
-import os  # noqa: E402
 import signal  # noqa: E402
 
 from prefect import flow, get_run_logger  # noqa: E402
@@ -52,7 +55,7 @@ from pydantic import ValidationError  # noqa: E402
 from flows.options import config_parameters, with_parameters  # noqa: E402
 from flows.options import train_parser as parser  # noqa: E402
 from tasks.data import describe_data, load_job_data, make_split  # noqa: E402
-from tasks.kernel import TrainConfig, UserError, read_json, remove_debris, utc_now  # noqa: E402
+from tasks.kernel import TrainConfig, UserError, remove_debris, utc_now  # noqa: E402
 from tasks.policy import fix_first  # noqa: E402
 from tasks.prefect_adapter import (  # noqa: E402
     Chain,
@@ -63,10 +66,10 @@ from tasks.prefect_adapter import (  # noqa: E402
 )
 from tasks.registry import default_jobs, get_job  # noqa: E402
 from tasks.reporting import RunReport  # noqa: E402
-from tasks.run import METRICS_FILE, Run  # noqa: E402
+from tasks.run import Run  # noqa: E402
 from tasks.steps import evaluate, load_data, save_model, split_data, train_chunk  # noqa: E402
-from tasks.store import LeaseLost  # noqa: E402
-from tasks.training import GracefulStop, StopRequested, chunk_count  # noqa: E402
+from tasks.store import LeaseLost, StoreUnreachable  # noqa: E402
+from tasks.training import GracefulStop, StopRequested, check_job, chunk_count  # noqa: E402
 
 
 def build_configs(job: str | None, overrides: dict[str, Any]) -> list[TrainConfig]:
@@ -93,23 +96,31 @@ def attempt(cfg: TrainConfig, stop: GracefulStop) -> dict[str, Any]:
     with run.store.hold(cfg.wait_lock):
         if debris := remove_debris([run.dir, run.dir / "checkpoints"]):
             logger.info("removed %d temp files left by writes that a kill interrupted", len(debris))
+        status = "already complete" if run.complete else "completed"
         if run.complete:
             logger.info("%s is already complete; not retraining (use --fresh to start over)", run.where)
-            return outcome(run, "already complete")
-        report = RunReport.start(run, logger, flow_run.id)  # run.json, progress
-        try:
-            metrics = pipeline(run, report, chain, stop)
-            report.finish(metrics)  # plots, summary.md + artifacts, run.json "completed" with file hashes
-        except BaseException as exc:
-            report.interrupted(exc)  # run.json "failed" (or "stopped") with the error
-            raise
-    logger.info("%s: done, test loss %.6g, outputs in %s", cfg.job, metrics["test"].get("loss", float("nan")), run.where)
-    return outcome(run, "completed")
+        else:
+            train_and_report(run, logger, chain, stop)
+    run.store.release_local_copy()
+    return outcome(run, status)
+
+
+def train_and_report(run: Run, logger: Any, chain: Chain, stop: GracefulStop) -> None:
+    """The attempt's pipeline, recorded in run.json from start to end (or to why it ended)."""
+    report = RunReport.start(run, logger, flow_run.id)  # run.json, progress
+    try:
+        metrics = pipeline(run, report, chain, stop)
+        report.finish(metrics)  # plots, summary.md + artifacts, run.json "completed" with file hashes
+    except BaseException as exc:
+        report.interrupted(exc)  # run.json "failed" (or "stopped") with the error
+        raise
+    logger.info("%s: done, test loss %.6g, outputs in %s", run.cfg.job, metrics["test"].get("loss", float("nan")),
+                run.where)
 
 
 def outcome(run: Run, status: str) -> dict[str, Any]:
     """A job's result, as the flow returns it and the command prints it."""
-    return {"job": run.cfg.job, "run_dir": run.where, "status": status, "metrics": read_json(run.dir / METRICS_FILE)}
+    return {"job": run.cfg.job, "run_dir": run.where, "status": status, "metrics": run.metrics()}
 
 
 def pipeline(run: Run, report: RunReport, chain: Chain, stop: GracefulStop) -> dict[str, Any]:
@@ -161,20 +172,26 @@ def one_line(exc: ValidationError) -> str:
 
 def preflight(configs: list[TrainConfig]) -> None:
     """Check everything checkable before Prefect starts, so bad input fails in one line and
-    touches nothing: data, split size, artifacts folder or store, run-folder conflicts."""
+    touches nothing: data, split size, the model and loss on the data, artifacts folder or
+    store, run-folder conflicts."""
     for cfg in configs:
-        make_split(load_job_data(cfg), cfg)
+        data = load_job_data(cfg)
+        make_split(data, cfg)
+        check_job(cfg, data)
         Run.of(cfg, describe_data(cfg)).check()
 
 
-def refused(job: str | None, args: dict[str, Any]) -> str | None:
-    """The one-line error for input that cannot run, or None (see :func:`preflight`)."""
+def refused(job: str | None, args: dict[str, Any]) -> tuple[str, int] | None:
+    """The one-line error for input that cannot run and the exit status (2: bad input, 1: the
+    store does not answer), or None (see :func:`preflight`)."""
     try:
         preflight(build_configs(job, args))
     except ValidationError as exc:
-        return f"error: {one_line(exc)}"
+        return f"error: {one_line(exc)}", 2
     except UserError as exc:
-        return f"error: {exc}"
+        return f"error: {exc}", 2
+    except StoreUnreachable as exc:
+        return f"error: {exc}", 1
     return None
 
 
@@ -201,8 +218,8 @@ def main(argv: list[str] | None = None, server: Any = None) -> int:
     args = vars(parser().parse_args(argv))
     job = args.pop("job")
     if error := refused(job, args):
-        print(error, file=sys.stderr)
-        return 2
+        print(error[0], file=sys.stderr)
+        return error[1]
     try:
         settings = flow_settings(server)
     except RuntimeError as exc:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from tasks.jobs.spec import JobData, Tensors
-from tasks.kernel import TrainConfig, UserError, atomic_write_json
+from tasks.kernel import TrainConfig, UserError, atomic_write_json, saved_traceback
 from tasks.records import DataInfo
 from tasks.registry import get_job
 from tasks.run import Run
@@ -32,7 +32,14 @@ def load_job_data(cfg: TrainConfig) -> JobData:
 
 @lru_cache(maxsize=4)
 def _load_cached(job: str, path: str, stamp: int | None) -> JobData:
-    return get_job(job).load(Path(path))
+    try:
+        return get_job(job).load(Path(path))
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the job's own code: it fails the same on every retry
+        raise UserError(f"job {job}: its load({path}) failed ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}); fix the job's load or --data "
+                        f"(traceback in {saved_traceback(exc)})") from None
 
 
 def make_split(data: JobData, cfg: TrainConfig) -> dict[str, torch.Tensor]:

@@ -32,9 +32,9 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -347,12 +347,18 @@ class Torchrun:
         cfg, logger = run.cfg, watchers.logger
         logger.info("chunk %d: %d processes (torch.distributed, %s)", chunk, cfg.nproc_per_node, backend(cfg))
         job = ChunkJob(run=run.spec(), chunk=chunk, resumed=resumed)
-        with tempfile.TemporaryDirectory(prefix="trainflow-ranks-") as tmp:
-            folder = Path(tmp)
+        # In the run's own folder (hidden), not the temp directory: a killed command's leftovers
+        # are cleared by the run's next chunk, on whatever machine.
+        folder = run.dir / ".ranks"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        try:
             (folder / "spec.json").write_text(job.model_dump_json())
             ok, output = run_ranks(cfg, folder, stop, Watch(cfg, folder, watchers))
             done = folder / "result.json"
             outcome = RankOutcome.model_validate_json(done.read_text()) if done.exists() else None
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
         if outcome is not None and outcome.error is not None:
             raise UserError(outcome.error)
         if not ok or outcome is None or outcome.result is None:

@@ -14,7 +14,9 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -41,7 +43,12 @@ def location(value: Any) -> Any:
     text = str(value)
     if text.startswith("file://"):
         return Path(text.removeprefix("file://"))
-    return text if "://" in text else Path(value)
+    if "://" not in text:
+        return Path(value)
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*://[^/]+(/.*)?", text):
+        scheme = text.split("://", 1)[0]
+        raise ValueError(f"the URL names no bucket: use {scheme}://BUCKET or {scheme}://BUCKET/PREFIX")
+    return text
 
 
 #: A local folder or file, or the URL of one on a store.
@@ -85,6 +92,8 @@ class TrainConfig(BaseModel):
                                 "data-parallel (torch.distributed DDP, torchrun's name; docs/distributed.md)")
     dist_backend: Literal["auto", "gloo", "nccl"] = Field(
         default="auto", description="torch.distributed backend with --nproc-per-node > 1 (auto: nccl on CUDA, gloo on CPU)")
+    oversubscribe: bool = Field(default=False, description="allow more CPU processes (--nproc-per-node) than this "
+                                "machine has cores (default: refused; they would only wait for each other)")
     # Execution details. Those that do not change the trained numbers are left out of the run's
     # identity (IDENTITY_EXCLUDE); `threads` and `compile` stay in: they change the floats (an
     # "auto" run is identified as "auto" and trains with the count its config.json stored).
@@ -145,8 +154,12 @@ def auto_threads(processes: int) -> int:
     env = os.environ.get("OMP_NUM_THREADS", "")
     if env.isdigit() and int(env) > 0:
         return int(env)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, (cores - 1) // processes)
+    return max(1, (usable_cores() - 1) // processes)
+
+
+def usable_cores() -> int:
+    """The cores this process may use (its affinity where the OS tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 #: Raised when training changes its floats for an existing config. 2: the textbook step (LeNet
@@ -155,7 +168,7 @@ TRAINING_FORMAT = 2
 
 # `data` is identified by content (data fingerprint), not by where the file lives.
 IDENTITY_EXCLUDE = frozenset(
-    {"run_name", "artifacts_dir", "fresh", "device", "data", "keep_last", "save_best", "wait_lock"}
+    {"run_name", "artifacts_dir", "fresh", "device", "data", "keep_last", "save_best", "wait_lock", "oversubscribe"}
 )
 
 
@@ -228,6 +241,15 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+
+
+def saved_traceback(exc: BaseException) -> str:
+    """Write ``exc``'s traceback to a file of its own; its path. Bad input is one line; the
+    line names this file, where the detail is kept for whoever needs it."""
+    fd, name = tempfile.mkstemp(prefix="trainflow-traceback-", suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(traceback.format_exception(exc)))
+    return name
 
 
 def sha256_file(path: Path) -> str:

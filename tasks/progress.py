@@ -62,8 +62,9 @@ class ChunkProgress:
     """Progress of one chunk: epochs ``start``..``end`` (exclusive) of ``epochs``, with
     ``steps`` batches of ``batch_size`` samples per epoch."""
 
-    def __init__(self, start: int, end: int, epochs: int, steps: int, batch_size: int, watchers: Watchers):
-        self.start, self.end, self.epochs = start, end, epochs
+    def __init__(self, start: int, end: int, epochs: int, steps: int, batch_size: int, watchers: Watchers,
+                 skip: int = 0):
+        self.start, self.end, self.epochs, self.skip = start, end, epochs, skip
         self.steps, self.batch_size, self.log, self.report = steps, batch_size, watchers.logger, watchers.report
         self.epoch, self.loss = start, float("nan")  # the epoch in progress (0-based), its last known loss
         self.t0 = time.monotonic()
@@ -98,7 +99,9 @@ class ChunkProgress:
         self.next_tick = now + TICK
         if loss_sum is not None and done:
             self.loss = float(loss_sum) / done  # one device sync per tick, not per batch
-        rate = ((self.epoch - self.start) * self.steps + done) / max(now - self.t0, 1e-9)  # batches/s
+        # batches/s trained by this chunk: after a resume inside an epoch, its first ``skip``
+        # batches were done before and took no time here
+        rate = max((self.epoch - self.start) * self.steps + done - self.skip, 0) / max(now - self.t0, 1e-9)
         where, figures = self.position(done, rate), self.figures(done, rate)
         if self.live is not None:
             self.draw(float(self.epoch) * self.steps + done, where, figures)

@@ -14,7 +14,7 @@ from types import ModuleType
 
 from tasks.jobs import fashion_mnist, linear, multi_linear, nonlinear
 from tasks.jobs.spec import JobSpec
-from tasks.kernel import TrainConfig, UserError
+from tasks.kernel import TrainConfig, UserError, saved_traceback
 
 JOBS: dict[str, JobSpec] = {spec.name: spec for spec in (
     nonlinear.JOB,
@@ -71,8 +71,8 @@ def import_job(path: str) -> JobSpec:
 
 
 def import_module(module_name: str, job: str) -> ModuleType:
-    """Import the user's module; a missing module is a UserError, any other error in the
-    module's own code keeps its traceback (that is where the fix is)."""
+    """Import the user's module; whatever fails (a missing module, an error in the module's own
+    code) is a UserError in one line, naming a file that keeps the traceback."""
     # Like `python -m` and uvicorn, the current directory is importable; last, so that it never
     # shadows an installed module. PYTHONPATH works as usual (and from any folder).
     if "" not in sys.path and os.getcwd() not in sys.path:
@@ -85,6 +85,10 @@ def import_module(module_name: str, job: str) -> ModuleType:
                             "folder on PYTHONPATH, or check the spelling") from None
         raise UserError(f"job {job}: module {module_name!r} imports {exc.name!r}, which is not installed here "
                         f"({sys.executable}); install it, or put its folder on PYTHONPATH") from None
+    except Exception as exc:  # noqa: BLE001 - an error in the module's own code: the same on every retry
+        raise UserError(f"job {job}: importing module {module_name!r} failed ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}); fix the module (traceback in "
+                        f"{saved_traceback(exc)})") from None
 
 
 def default_jobs() -> list[str]:

@@ -77,17 +77,22 @@ class Run:
         return self.store.name
 
     def record(self) -> RunRecord | None:
-        """``run.json`` as the local folder has it."""
-        try:
-            return RunRecord.parse((self.dir / RUN_FILE).read_bytes())
-        except OSError:
-            return None
+        """``run.json`` as the store has it."""
+        return RunRecord.parse(self.store.read(RUN_FILE))
 
     @property
     def complete(self) -> bool:
         """Complete once ``run.json`` says so (written after every output is in place)."""
         record = self.record()
-        return record is not None and record.complete and (self.dir / METRICS_FILE).exists()
+        return record is not None and record.complete and self.metrics() is not None
+
+    def metrics(self) -> dict[str, Any] | None:
+        """``metrics.json`` as the store has it (None until the run is evaluated)."""
+        blob = self.store.read(METRICS_FILE)
+        try:
+            return json.loads(blob) if blob else None
+        except ValueError:
+            return None
 
     def config_record(self) -> dict[str, Any]:
         """What ``config.json`` holds."""

@@ -39,7 +39,7 @@ class InProcess:
         trainer = Trainer(run, logger)  # reports skipped checkpoints, once
 
         def progress(start: int, end: int) -> ChunkProgress:
-            return ChunkProgress(start, end, cfg.epochs, trainer.steps_per_epoch, cfg.batch_size, watchers)
+            return ChunkProgress(start, end, cfg.epochs, trainer.steps_per_epoch, cfg.batch_size, watchers, trainer.skip)
 
         result = train_chunk(trainer, chunk, resumed, stop, progress)
         log_chunk(logger, cfg, result)

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
 import threading
 import time
@@ -61,9 +62,26 @@ def is_url(location: Any) -> bool:
     return "://" in str(location)
 
 
-def store_error(url: str, exc: BaseException) -> UserError:
-    """The one-line error for a store that refuses us: no bucket, no or refused credentials."""
+class StoreUnreachable(RuntimeError):
+    """The store does not answer (no connection, a timeout): not bad input, so exit 1."""
+
+
+def unreachable(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or what caused it) is a failure to reach the store at all."""
+    while exc is not None:
+        if any(c.__name__ in ("ConnectionError", "TimeoutError", "ClientConnectorError", "ServerDisconnectedError",
+                              "ConnectTimeoutError", "ReadTimeoutError") for c in type(exc).__mro__):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def store_error(url: str, exc: BaseException) -> Exception:
+    """The one-line error for a store that refuses us (no bucket, no or refused credentials: a
+    UserError) or does not answer (StoreUnreachable)."""
     text = (str(exc).splitlines() or [""])[0] or type(exc).__name__
+    if unreachable(exc):
+        return StoreUnreachable(f"the store at {url} is unreachable ({text}); rerun when it is back")
     if isinstance(exc, FileNotFoundError):
         return UserError(f"{url}: the bucket does not exist ({text}); create it, or fix --artifacts-dir")
     return UserError(f"{url}: access failed ({type(exc).__name__}: {text}); set credentials the usual way "
@@ -473,6 +491,10 @@ class RunStore(Protocol):
     def check_access(self) -> None:
         """Fail in one line unless the run's parent takes writes (before any training)."""
 
+    def release_local_copy(self) -> None:
+        """Once the run is complete and no longer held: drop what this machine keeps of it only
+        as a working copy (a store's staging folder; a local run folder is the run itself)."""
+
     def check_run_writable(self, complete: bool) -> None:
         """Fail in one line if the run's own folders would refuse a write (found only after a
         chunk has trained otherwise, three times over with the retries)."""
@@ -568,6 +590,9 @@ class LocalStore:
 
     def check_access(self) -> None:
         check_writable(self.folder.parent)
+
+    def release_local_copy(self) -> None:
+        pass
 
     def check_run_writable(self, complete: bool) -> None:
         if complete:
@@ -686,6 +711,10 @@ class ObjectStore:
     def check_access(self) -> None:
         self.remote.parent().check()
         self.folder.mkdir(parents=True, exist_ok=True)
+
+    def release_local_copy(self) -> None:
+        shutil.rmtree(self.folder.parent, ignore_errors=True)  # <cache>/runs/<hash of the URL>/<run>
+        self.synced.clear()
 
     def check_run_writable(self, complete: bool) -> None:
         pass  # the store's own refusals surface at check_access

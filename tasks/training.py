@@ -18,8 +18,8 @@ from torch import nn
 from tasks.checkpoint import capture_rng, restore_rng
 from tasks.data import load_job_data, read_split, split_tensors
 from tasks.history import HISTORY_FILE, duration, eta_seconds, write_history_csv
-from tasks.jobs.spec import JobSpec, Tensors
-from tasks.kernel import TrainConfig, UserError
+from tasks.jobs.spec import JobData, JobSpec, Tensors
+from tasks.kernel import TrainConfig, UserError, saved_traceback
 from tasks.records import ChunkResult
 from tasks.registry import get_job
 from tasks.run import Run
@@ -252,6 +252,33 @@ def evaluate_model(
         outputs.append(out)
     out = torch.cat(outputs)
     return {"loss": loss_sum / len(data), **spec.metrics(out, data.y)}
+
+
+#: Losses that broadcast an output against a target of another shape, with only a warning.
+BROADCASTING_LOSSES = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)
+
+
+@torch.no_grad()
+def check_job(cfg: TrainConfig, data: JobData) -> None:
+    """Before anything trains: the job's model takes two rows of its data and its loss takes the
+    output, with the targets' shape where the loss would broadcast. What fails here would fail
+    the same way in every chunk and every retry: a UserError naming the job, in one line."""
+    spec = get_job(cfg.job)
+    x, y = data.pool.x[:2], data.pool.y[:2]
+    try:
+        model = spec.build_model(cfg).eval()
+        out, loss_fn = model(spec.prepare(x)), spec.loss(cfg)
+        if isinstance(loss_fn, BROADCASTING_LOSSES) and out.shape != y.shape:
+            raise UserError(f"job {cfg.job}: the model's output {list(out.shape)} and the targets {list(y.shape)} "
+                            f"differ in shape, and {type(loss_fn).__name__} would broadcast them; make build_model's "
+                            f"output match the targets of load")
+        loss_fn(out, y)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the job's own code: the same failure in every chunk
+        raise UserError(f"job {cfg.job}: its model or loss fails on two rows of its data ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}); fix build_model, loss or load "
+                        f"(traceback in {saved_traceback(exc)})") from None
 
 
 def to_device(t: Tensors, device: torch.device) -> Tensors:

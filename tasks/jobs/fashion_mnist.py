@@ -318,9 +318,13 @@ def _predict_inputs(args: Any, cfg: TrainConfig) -> tuple[torch.Tensor, list[str
     return test.x[idx], [f"test image {i} (true: {LABELS[int(test.y[i])]})" for i in args.index]
 
 
-def _predict_format(labels: list[str], outputs: torch.Tensor) -> list[str]:
+def _predict_fields(outputs: torch.Tensor) -> list[dict[str, Any]]:
     probs = outputs.softmax(1)  # [N, 10]
-    return [f"{label}: {LABELS[int(p.argmax())]} ({float(p.max()):.1%})" for label, p in zip(labels, probs)]
+    return [{"label": LABELS[int(p.argmax())], "class": int(p.argmax()), "probability": float(p.max())} for p in probs]
+
+
+def _predict_format(labels: list[str], outputs: torch.Tensor) -> list[str]:
+    return [f"{label}: {f['label']} ({f['probability']:.1%})" for label, f in zip(labels, _predict_fields(outputs))]
 
 
 #: The tutorial's own recipe (its LeNet, SGD lr 1e-3, momentum 0.9, batch 128, 10 epochs), as
@@ -349,5 +353,6 @@ JOB = JobSpec(
     report=report,
     model_label=lambda cfg: type(MODELS[cfg.model]()).__name__,
     data_help="folder with FashionMNIST/raw/*.gz (default data/)",
-    predict=Predictor(add_arguments=_predict_arguments, inputs=_predict_inputs, format=_predict_format),
+    predict=Predictor(add_arguments=_predict_arguments, inputs=_predict_inputs, format=_predict_format,
+                      fields=_predict_fields),
 )

@@ -141,7 +141,8 @@ def _predict_format(labels: list[str], outputs: torch.Tensor) -> list[str]:
     return [f"{label}: y={float(y):.4f}" for label, y in zip(labels, outputs.flatten())]
 
 
-PREDICTOR = Predictor(add_arguments=_predict_arguments, inputs=_predict_inputs, format=_predict_format)
+PREDICTOR = Predictor(add_arguments=_predict_arguments, inputs=_predict_inputs, format=_predict_format,
+                      fields=lambda outputs: [{"y": float(y)} for y in outputs.flatten()])
 
 
 JOB = JobSpec(

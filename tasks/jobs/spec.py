@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from tasks.kernel import DATA_DIR, TrainConfig, UserError
+from tasks.kernel import DATA_DIR, TrainConfig, UserError, usable_cores
 
 __all__ = ["DATA_DIR", "JobData", "JobSpec", "Predictor", "Tensors", "TrainConfig", "UserError", "split_8_1_1"]
 
@@ -57,6 +57,9 @@ class Predictor:
     inputs: Callable[[Any, TrainConfig], tuple[torch.Tensor, list[str]]]
     #: ``(labels, outputs [N, ...]) -> one printable line per row``.
     format: Callable[[list[str], torch.Tensor], list[str]]
+    #: ``outputs [N, ...] -> one dict per row`` of what the text says, for ``--json`` (e.g.
+    #: ``{"label": "Bag", "probability": 0.97}``); None: the raw outputs only.
+    fields: Callable[[torch.Tensor], list[dict[str, Any]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -121,4 +124,8 @@ def check_processes(cfg: TrainConfig) -> None:
     if n > 1 and cuda and n > torch.cuda.device_count():
         raise UserError(f"--nproc-per-node {n} needs {n} GPUs, this machine has {torch.cuda.device_count()}; "
                         f"use at most that many (one GPU per process)")
+    cores = usable_cores()
+    if n > 1 and not cuda and n > cores and not cfg.oversubscribe:
+        raise UserError(f"--nproc-per-node {n} is more CPU processes than this machine's {cores} cores; use at most "
+                        f"{cores}, or add --oversubscribe to run them anyway")
 
