@@ -36,6 +36,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,7 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from tasks.checkpoint import capture_rng, restore_rng  # noqa: E402
 from tasks.kernel import TrainConfig, UserError  # noqa: E402
-from tasks.progress import ChunkProgress, Watchers  # noqa: E402
+from tasks.progress import TICK, ChunkProgress, Watchers  # noqa: E402
 from tasks.records import ChunkResult  # noqa: E402
 from tasks.run import Run, RunSpec  # noqa: E402
 from tasks.training import (  # noqa: E402
@@ -160,12 +161,14 @@ class FileStop:
 
 
 class Tell:
-    """Rank 0's progress for the launcher (``progress.json``, at each epoch's end), which shows
-    it the way one process does (:class:`Watch`). Other ranks tell nothing."""
+    """Rank 0's progress for the launcher (``progress.json``: at each epoch's end, and inside an
+    epoch every ``TICK`` seconds), which shows it the way one process does (:class:`Watch`).
+    Other ranks tell nothing."""
 
     def __init__(self, folder: Path, start: int, end: int, steps: int, rank: int):
-        self.file, self.rank = folder / "progress.json", rank
-        self.state = {"start": start, "end": end, "steps": steps, "done": start, "loss": float("nan")}
+        self.file, self.rank, self.next = folder / "progress.json", rank, 0.0
+        self.state = {"start": start, "end": end, "steps": steps, "done": start, "loss": float("nan"),
+                      "batch": 0, "loss_sum": 0.0}
 
     def write(self) -> None:
         if self.rank == 0:
@@ -181,10 +184,13 @@ class Tell:
         pass
 
     def batch(self, done: int, loss_sum: torch.Tensor) -> None:
-        pass
+        if self.rank == 0 and time.monotonic() >= self.next:
+            self.next = time.monotonic() + TICK
+            self.state.update(batch=done, loss_sum=float(loss_sum))
+            self.write()
 
     def epoch_done(self, epoch: int, train_loss: float) -> None:
-        self.state.update(done=epoch + 1, loss=train_loss)
+        self.state.update(done=epoch + 1, loss=train_loss, batch=0, loss_sum=0.0)
         self.write()
 
 
@@ -233,7 +239,7 @@ class Watch:
 
     def __init__(self, cfg: TrainConfig, folder: Path, watchers: Watchers):
         self.cfg, self.file, self.watchers = cfg, folder / "progress.json", watchers
-        self.seen, self.progress = "", None
+        self.seen, self.progress, self.done = "", None, 0
 
     def poll(self) -> None:
         text = self.file.read_text() if self.file.exists() else self.seen
@@ -243,8 +249,12 @@ class Watch:
         if self.progress is None:
             self.progress = ChunkProgress(state["start"], state["end"], self.cfg.epochs, state["steps"],
                                           self.cfg.batch_size, self.watchers).__enter__()
-        if state["done"] > state["start"]:
+            self.done = state["start"]
+        if state["done"] > self.done:
+            self.done = state["done"]
             self.progress.epoch_done(state["done"] - 1, state["loss"])
+        if state["batch"]:
+            self.progress.batch(state["batch"], torch.tensor(state["loss_sum"]))
 
     def close(self) -> None:
         if self.progress is not None:

@@ -242,4 +242,15 @@ def environment(cfg: TrainConfig) -> dict[str, Any]:
     if cuda:
         dev.update(name=torch.cuda.get_device_name(0), cuda=torch.version.cuda, count=torch.cuda.device_count())
     return {"python": sys.version.split()[0], "platform": platform.platform(), "host": platform.node(),
-            "libraries": versions, "device": dev, "git": git_info()}
+            "libraries": versions, "device": dev, "git": git_info(), **job_code(cfg.job)}
+
+
+def job_code(job: str) -> dict[str, Any]:
+    """For a job of the user's own (``--job module:NAME``): where its module is, and its git
+    commit when it is in a repository; trainflow's own commit is ``git``."""
+    module = sys.modules.get(job.rpartition(".")[0]) if "." in job else None
+    if module is None or not getattr(module, "__file__", None):
+        return {}
+    folder = Path(module.__file__).resolve().parent
+    return {"job_code": {"module": module.__name__, "file": str(Path(module.__file__).resolve()),
+                         "git": git_info(folder)}}

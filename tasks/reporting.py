@@ -208,6 +208,8 @@ def overview(record: dict[str, Any], metrics: dict[str, Any], chunks: list[dict[
         ["training time", per_chunk],
         ["device", env.get("device", {}).get("type")],
         ["git commit", (env.get("git") or {}).get("commit", "-")],
+        *([["job code", f"`{env['job_code']['file']}` at {(env['job_code'].get('git') or {}).get('commit', '-')}"]]
+          if env.get("job_code") else []),
     ]
 
 
