@@ -61,6 +61,7 @@ from tasks.prefect_adapter import (  # noqa: E402
     Chain,
     api_answers,
     one_crash_line,
+    quiet_exit,
     quiet_user_errors,
     without_heartbeats,
 )
@@ -227,6 +228,7 @@ def main(argv: list[str] | None = None, server: Any = None) -> int:
         return 1
     quiet_user_errors()
     one_crash_line()
+    quiet_exit()
     if not gc.isenabled():  # started as a command: what exists now lives until the exit
         gc.freeze()
         gc.enable()

@@ -19,6 +19,9 @@ behaviour it depends on; tests/test_prefect_adapter.py fails if Prefect changes 
    ``.console``; drawing the live progress line on it keeps log lines above the line.
 6. :func:`api_answers`: at exit, Prefect's handlers try to deliver every queued event to the API,
    for minutes when the API is gone.
+7. :func:`quiet_exit`: while the events worker delivers what is still queued at exit, it logs
+   ``Still processing items: N items remaining...`` on the ``EventsWorker`` logger, even when
+   it is done a moment later: a finished command should exit quietly.
 
 Prefect is imported inside the functions: the progress line (item 5) is drawn by modules that
 a multi-process chunk's ranks import, and they start without Prefect.
@@ -81,6 +84,19 @@ def one_crash_line() -> None:
     logger = logging.getLogger("prefect.task_runs")
     if not any(isinstance(f, OneCrashLine) for f in logger.filters):
         logger.addFilter(OneCrashLine())
+
+
+class NoDrainNotice(logging.Filter):
+    """Drop the events worker's ``Still processing items`` line (item 7)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Still processing items")
+
+
+def quiet_exit() -> None:
+    logger = logging.getLogger("EventsWorker")
+    if not any(isinstance(f, NoDrainNotice) for f in logger.filters):
+        logger.addFilter(NoDrainNotice())
 
 
 @contextlib.contextmanager

@@ -13,7 +13,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 
 from tasks.kernel import UserError
-from tasks.prefect_adapter import Chain, HideUserErrorTracebacks, terminal_console, without_heartbeats
+from tasks.prefect_adapter import (
+    Chain,
+    HideUserErrorTracebacks,
+    terminal_console,
+    without_heartbeats,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,3 +94,13 @@ def test_the_heartbeat_setting_and_the_console_handler_are_what_the_adapter_uses
         assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() is None
     assert isinstance(PrefectConsoleHandler().console, Console)  # item 5
     assert terminal_console() is None  # the test's output is not a terminal
+
+
+def test_the_events_worker_logs_its_drain_on_a_logger_of_its_class_name() -> None:
+    import inspect
+
+    from prefect.events.worker import EventsWorker
+
+    source = inspect.getsource(inspect.getmodule(EventsWorker.__mro__[1]))  # its queue service's module
+    assert 'logging.getLogger(f"{type(self).__name__}")' in source  # item 7: the logger "EventsWorker"
+    assert "Still processing items" in source
