@@ -25,14 +25,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.checkpoint import LocalCheckpoints
-from tasks.data import describe_data, ensure_split
+from tasks.engine.training import Trainer, epoch_order, evaluate_model, train_epoch
+from tasks.jobs.registry import get_job
 from tasks.jobs.spec import Tensors
-from tasks.registry import get_job
-from tasks.run import Run
-from tasks.server import reserve_port
-from tasks.store import ObjectCheckpoints, Remote
-from tasks.training import Trainer, epoch_order, evaluate_model, train_epoch
+from tasks.orchestration.server import reserve_port
+from tasks.storage.checkpoint import LocalCheckpoints
+from tasks.storage.data import describe_data, ensure_split
+from tasks.storage.run import Run
+from tasks.storage.store import ObjectCheckpoints, Remote
 
 FEW_BATCHES = 20
 RULE = 2.0  # percent: "If uploads cost more than 2% of a chunk, upload in the background"

@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from benchmarks.measure import ROOT, Launch, become_subreaper, files, first_line_time, new_files
+from tasks.jobs.registry import get_job
 from tasks.kernel import TrainConfig
-from tasks.registry import get_job
 
 #: --quick: a smoke run of each job, a few chunks long.
 QUICK = {"nonlinear": {"epochs": 300, "chunk_epochs": 100}, "fashion_mnist": {"epochs": 2, "chunk_epochs": 1}}
@@ -163,8 +163,8 @@ def kill_and_resume(side: Side, tag: str, steps_samples: int) -> dict:
 
 def save_split(cfg: TrainConfig, path: Path) -> int:
     """Our run's split, made by our own code, for the Lightning script; returns the training
-    rows. (Imported here: tasks.data imports Prefect, which the Lightning side must not pay for.)"""
-    from tasks.data import load_job_data, make_split
+    rows. (Imported here: tasks.storage.data imports Prefect, which the Lightning side must not pay for.)"""
+    from tasks.storage.data import load_job_data, make_split
 
     data = load_job_data(cfg)
     split = make_split(data, cfg)

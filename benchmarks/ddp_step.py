@@ -6,8 +6,8 @@ ceiling: the gradient all-reduce added). 1 thread per process, interleaved round
     python benchmarks/ddp_step.py                          # small_cnn, 3 rounds
     python benchmarks/ddp_step.py --model lenet --rounds 5 --steps 200
 
-The step is tasks/training.py's ``train_epoch`` over real FashionMNIST batches, the model,
-optimizer and loss built as a run builds them, wrapped in DDP as tasks/distributed.py does.
+The step is tasks/engine/training.py's ``train_epoch`` over real FashionMNIST batches, the model,
+optimizer and loss built as a run builds them, wrapped in DDP as tasks/engine/distributed.py does.
 benchmarks/distributed.py measures the whole command; this one says how much of its gap to the
 ``--nproc-per-node`` goal (>= 1.6x) is the machine's and the all-reduce's.
 """
@@ -33,10 +33,10 @@ def worker(model: str, batch: int, steps: int, ddp: bool) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from tasks.data import load_job_data, make_split, split_tensors
-    from tasks.distributed import shard
-    from tasks.registry import get_job
-    from tasks.training import build_optimizer, epoch_order, train_epoch
+    from tasks.engine.distributed import shard
+    from tasks.engine.training import build_optimizer, epoch_order, train_epoch
+    from tasks.jobs.registry import get_job
+    from tasks.storage.data import load_job_data, make_split, split_tensors
 
     torch.set_num_threads(1)
     cfg = get_job("fashion_mnist").config(model=model, threads=1)
@@ -47,7 +47,7 @@ def worker(model: str, batch: int, steps: int, ddp: bool) -> None:
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if ddp:
         dist.init_process_group("gloo")
-        net = DistributedDataParallel(net, broadcast_buffers=False)  # as tasks/distributed.py
+        net = DistributedDataParallel(net, broadcast_buffers=False)  # as tasks/engine/distributed.py
     order = shard(epoch_order(cfg.seed, 0, len(train)), batch * world, rank, world)  # [n]: this process's rows
     warm, timed = order[: 10 * batch], order[10 * batch : (10 + steps) * batch]
     train_epoch(net, optimizer, None, loss_fn, train, warm, batch, spec.prepare)

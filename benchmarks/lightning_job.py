@@ -35,8 +35,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.plain_job import command_line, optimizer_and_schedule, prepared_sets
+from tasks.jobs.registry import get_job
 from tasks.kernel import TrainConfig
-from tasks.registry import get_job
 
 #: Printed (flushed) at the end of the first epoch this process trains: the benchmark's marker.
 FIRST_EPOCH_MARK = "lightning: first epoch of this process done"

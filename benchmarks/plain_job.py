@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tasks.jobs.registry import get_job
 from tasks.kernel import TrainConfig
-from tasks.registry import get_job
 
 
 def prepared_sets(cfg: TrainConfig, split_file: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

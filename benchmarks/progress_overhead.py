@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from rich.console import Console
 
+from tasks.engine.progress import ChunkProgress, Watchers
+from tasks.engine.training import build_optimizer, epoch_order, train_epoch
+from tasks.jobs.registry import get_job
 from tasks.jobs.spec import Tensors
-from tasks.progress import ChunkProgress, Watchers
-from tasks.registry import get_job
-from tasks.training import build_optimizer, epoch_order, train_epoch
 
 CASES = {  # job, rows, input shape and dtype, epochs per round
     "nonlinear": ("nonlinear", 20_000, (2,), torch.float32, 3),

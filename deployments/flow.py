@@ -21,9 +21,9 @@ from prefect.runtime import flow_run
 
 from flows.options import config_parameters, parameter, with_parameters
 from flows.train_flow import train_flow
+from tasks.jobs.registry import get_job
 from tasks.kernel import UserError
-from tasks.prefect_adapter import quiet_user_errors
-from tasks.registry import get_job
+from tasks.orchestration.prefect_adapter import quiet_user_errors
 
 #: Default ``run_name`` of a deployment run: ``artifacts/<job>/scheduled-20250101T020000Z``.
 RUN_NAME_TEMPLATE = "scheduled-{scheduled:%Y%m%dT%H%M%SZ}"

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from tasks.registry import JOBS, get_job
+from tasks.jobs.registry import JOBS, get_job
 
 HERE = Path(__file__).resolve().parent
 PREFECT_YAML = HERE / "prefect.yaml"

@@ -26,9 +26,9 @@ from deployments.registry import (
     deployments,
     prefect_yaml,
 )
+from tasks.jobs.registry import JOBS
 from tasks.kernel import UserError
-from tasks.registry import JOBS
-from tasks.store import is_url
+from tasks.storage.store import is_url
 
 
 def parser() -> argparse.ArgumentParser:

@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 from pydantic.fields import FieldInfo
 
+from tasks.jobs.registry import JOBS, default_jobs
 from tasks.kernel import ROOT, TrainConfig
-from tasks.registry import JOBS, default_jobs
 
 #: Field name -> field, in TrainConfig's order.
 FIELDS: dict[str, FieldInfo] = dict(TrainConfig.model_fields)

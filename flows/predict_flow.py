@@ -23,12 +23,12 @@ import torch
 from prefect import flow, get_run_logger
 
 from flows.options import OneLineParser
+from tasks.jobs.registry import JOBS, get_job
 from tasks.jobs.spec import JobSpec
 from tasks.kernel import TrainConfig, UserError, read_json
-from tasks.registry import JOBS, get_job
 from tasks.reporting import resolve_run
-from tasks.run import CONFIG_FILE
-from tasks.store import fetch_run, is_url
+from tasks.storage.run import CONFIG_FILE
+from tasks.storage.store import fetch_run, is_url
 
 STATE_DICT = "model_state_dict.pt"
 

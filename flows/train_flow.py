@@ -11,7 +11,7 @@ from typing import Any
 def start_up(argv: list[str]) -> Any:
     """What the command does before Prefect and torch are imported: ``--help`` without them (the
     jobs' defaults need only torch), else start the command's temporary Prefect server
-    (tasks/server.py), so that it boots while they import. Start-up creates objects that live as
+    (tasks/orchestration/server.py), so that it boots while they import. Start-up creates objects that live as
     long as the command (torch's, Prefect's); Python's gc docs' pattern: no collections while
     they are made, then gc.freeze() in :func:`main`. Returns the server (None: one is configured)."""
     if {"-h", "--help"} & set(argv):
@@ -22,7 +22,7 @@ def start_up(argv: list[str]) -> Any:
     # same for every run of the command, and no first-run notice on a rerun.
     os.environ.setdefault("DO_NOT_TRACK", "1")
     gc.disable()
-    from tasks.server import launch
+    from tasks.orchestration.server import launch
 
     return launch()
 
@@ -54,10 +54,11 @@ from pydantic import ValidationError  # noqa: E402
 
 from flows.options import config_parameters, with_parameters  # noqa: E402
 from flows.options import train_parser as parser  # noqa: E402
-from tasks.data import describe_data, load_job_data, make_split  # noqa: E402
+from tasks.engine.training import GracefulStop, StopRequested, check_job, chunk_count  # noqa: E402
+from tasks.jobs.registry import default_jobs, get_job  # noqa: E402
 from tasks.kernel import TrainConfig, UserError, remove_debris, utc_now  # noqa: E402
-from tasks.policy import fix_first  # noqa: E402
-from tasks.prefect_adapter import (  # noqa: E402
+from tasks.orchestration.policy import fix_first  # noqa: E402
+from tasks.orchestration.prefect_adapter import (  # noqa: E402
     Chain,
     api_answers,
     one_crash_line,
@@ -65,12 +66,11 @@ from tasks.prefect_adapter import (  # noqa: E402
     quiet_user_errors,
     without_heartbeats,
 )
-from tasks.registry import default_jobs, get_job  # noqa: E402
+from tasks.orchestration.steps import evaluate, load_data, save_model, split_data, train_chunk  # noqa: E402
 from tasks.reporting import RunReport  # noqa: E402
-from tasks.run import Run  # noqa: E402
-from tasks.steps import evaluate, load_data, save_model, split_data, train_chunk  # noqa: E402
-from tasks.store import LeaseLost, StoreUnreachable  # noqa: E402
-from tasks.training import GracefulStop, StopRequested, check_job, chunk_count  # noqa: E402
+from tasks.storage.data import describe_data, load_job_data, make_split  # noqa: E402
+from tasks.storage.run import Run  # noqa: E402
+from tasks.storage.store import LeaseLost, StoreUnreachable  # noqa: E402
 
 
 def build_configs(job: str | None, overrides: dict[str, Any]) -> list[TrainConfig]:

@@ -39,7 +39,7 @@ class UserError(Exception):
 
 def location(value: Any) -> Any:
     """A local path (``Path``; ``file://`` URLs too) or a store URL (``s3://...``, kept as text:
-    ``Path`` would fold its ``//``). tasks/store.py resolves URLs."""
+    ``Path`` would fold its ``//``). tasks/storage/store.py resolves URLs."""
     text = str(value)
     if text.startswith("file://"):
         return Path(text.removeprefix("file://"))

@@ -2,7 +2,7 @@
 
 Called from the flow body (``flows/train_flow.py`` ``run_job``), never with tensors:
 
-- :meth:`RunReport.start` once per attempt: ``run.json`` (:class:`tasks.records.RunRecord`), the job's
+- :meth:`RunReport.start` once per attempt: ``run.json`` (:class:`tasks.storage.records.RunRecord`), the job's
   ``latest`` pointer, a Prefect progress artifact.
 - :meth:`RunReport.chunk_done` after every chunk: TensorBoard events for the new epochs, the
   chunk's row (and the attempt's resume) in ``run.json``, the progress artifact.
@@ -27,11 +27,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from tasks.history import duration, eta_seconds, read_history
 from tasks.kernel import atomic_write_text, fsync_dir, sha256_file, utc_now
-from tasks.records import RUN_FILE, ChunkResult, RunRecord
-from tasks.run import Run
-from tasks.store import LATEST, LOCK_FILE, OWNER_FILE, LeaseLost
+from tasks.storage.history import duration, eta_seconds, read_history
+from tasks.storage.records import RUN_FILE, ChunkResult, RunRecord
+from tasks.storage.run import Run
+from tasks.storage.store import LATEST, LOCK_FILE, OWNER_FILE, LeaseLost
 
 log = logging.getLogger("trainflow.reporting")
 

@@ -1,4 +1,4 @@
-"""The behaviours of Prefect that tasks/prefect_adapter.py works around, one test each: if Prefect
+"""The behaviours of Prefect that tasks/orchestration/prefect_adapter.py works around, one test each: if Prefect
 changes one, its test fails and the workaround can go (or must change)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 
 from tasks.kernel import UserError
-from tasks.prefect_adapter import (
+from tasks.orchestration.prefect_adapter import (
     Chain,
     HideUserErrorTracebacks,
     terminal_console,

@@ -1,1 +1,1 @@
-"""The built-in jobs, one module each (the registry: tasks/registry.py)."""
+"""The built-in jobs, one module each (the registry: tasks/jobs/registry.py)."""

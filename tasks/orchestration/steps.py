@@ -11,17 +11,17 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import task_run
 
-from tasks.data import describe_data, ensure_split
-from tasks.evaluation import evaluate_run
-from tasks.export import save_model_files
+from tasks.engine.evaluation import evaluate_run
+from tasks.engine.export import save_model_files
+from tasks.engine.progress import Watchers
+from tasks.engine.runners import runner_for
+from tasks.engine.training import GracefulStop
 from tasks.kernel import TrainConfig
-from tasks.policy import NO_RETRY_ON_USER_ERROR
-from tasks.prefect_adapter import terminal_console
-from tasks.progress import Watchers
-from tasks.records import ChunkResult, DataInfo
-from tasks.run import Run
-from tasks.runners import runner_for
-from tasks.training import GracefulStop
+from tasks.orchestration.policy import NO_RETRY_ON_USER_ERROR
+from tasks.orchestration.prefect_adapter import terminal_console
+from tasks.storage.data import describe_data, ensure_split
+from tasks.storage.records import ChunkResult, DataInfo
+from tasks.storage.run import Run
 
 
 @task(name="load_data", retries=1, retry_delay_seconds=1, retry_condition_fn=NO_RETRY_ON_USER_ERROR)

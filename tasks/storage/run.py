@@ -11,8 +11,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from tasks.kernel import TRAINING_FORMAT, TrainConfig, UserError
-from tasks.records import RUN_FILE, DataInfo, RunRecord
-from tasks.store import LocalStore, ObjectStore, open_store
+from tasks.storage.records import RUN_FILE, DataInfo, RunRecord
+from tasks.storage.store import LocalStore, ObjectStore, open_store
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 
 from tasks.kernel import atomic_write_bytes, sha256_file  # noqa: F401 - sha256_file: the files' hash, as manifests hold it
-from tasks.records import Manifest
+from tasks.storage.records import Manifest
 
 log = logging.getLogger("trainflow.checkpoint")
 
@@ -278,7 +278,7 @@ class Once:
 
 class LocalCheckpoints:
     """``checkpoint-<k>.pt`` + manifest in a local folder: temp file, fsync, rename, fsync of
-    the folder, the manifest last. The object-store twin is :class:`tasks.store.ObjectCheckpoints`."""
+    the folder, the manifest last. The object-store twin is :class:`tasks.storage.store.ObjectCheckpoints`."""
 
     def __init__(self, folder: Path):
         self.folder, self.once = Path(folder), Once()

@@ -11,10 +11,10 @@ from typing import Callable
 
 import torch
 
-from tasks.checkpoint import atomic_torch_save
-from tasks.evaluation import final_trainer
+from tasks.engine.evaluation import final_trainer
 from tasks.kernel import atomic_write_bytes
-from tasks.run import Run
+from tasks.storage.checkpoint import atomic_torch_save
+from tasks.storage.run import Run
 
 log = logging.getLogger("trainflow.export")
 EXPORTED_FILE = "model.pt2"

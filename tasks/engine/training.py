@@ -15,14 +15,14 @@ from typing import Any, Callable, Iterator, Protocol
 import torch
 from torch import nn
 
-from tasks.checkpoint import capture_rng, restore_rng
-from tasks.data import load_job_data, read_split, split_tensors
-from tasks.history import HISTORY_FILE, duration, eta_seconds, write_history_csv
+from tasks.jobs.registry import get_job
 from tasks.jobs.spec import JobData, JobSpec, Tensors
 from tasks.kernel import TrainConfig, UserError, saved_traceback
-from tasks.records import ChunkResult
-from tasks.registry import get_job
-from tasks.run import Run
+from tasks.storage.checkpoint import capture_rng, restore_rng
+from tasks.storage.data import load_job_data, read_split, split_tensors
+from tasks.storage.history import HISTORY_FILE, duration, eta_seconds, write_history_csv
+from tasks.storage.records import ChunkResult
+from tasks.storage.run import Run
 
 log = logging.getLogger("trainflow.training")
 
@@ -288,7 +288,7 @@ def to_device(t: Tensors, device: torch.device) -> Tensors:
 
 
 class Progress(Protocol):
-    """What the loop tells about a chunk while it trains (tasks/progress.py's ChunkProgress for
+    """What the loop tells about a chunk while it trains (tasks/engine/progress.py's ChunkProgress for
     one process; a rank of several tells its launcher)."""
 
     def __enter__(self) -> Progress: ...
@@ -306,7 +306,7 @@ class Stop(Protocol):
 
 class SingleProcess:
     """The data-parallel strategy of one process: every batch whole, nothing to agree on. Its
-    multi-process twin is :class:`tasks.distributed.DataParallel`; the Trainer only talks to these."""
+    multi-process twin is :class:`tasks.engine.distributed.DataParallel`; the Trainer only talks to these."""
 
     #: Whether a stop may end an epoch after any batch (several processes stop at epoch ends).
     stops_inside_epoch = True

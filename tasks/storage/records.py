@@ -3,7 +3,7 @@ manifest, a chunk's result and the run's record (``run.json``). Free of Prefect 
 each record knows its own JSON form; who writes it where is the caller's business.
 
 The tutorial-format checkpoint dict exists only at the ``torch.save`` boundary
-(:meth:`tasks.training.Trainer.state_dict`); a :class:`Manifest` is what vouches for it.
+(:meth:`tasks.engine.training.Trainer.state_dict`); a :class:`Manifest` is what vouches for it.
 """
 
 from __future__ import annotations

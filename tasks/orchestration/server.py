@@ -107,7 +107,7 @@ class TemporaryServer:
         self.output = tempfile.TemporaryFile()  # noqa: SIM115 - open as long as the child runs
         env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_UI_URL")}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tasks.server", str(os.getpid()), str(self.port), "prefect", "server", "start", "--host", "127.0.0.1",
+            [sys.executable, "-m", "tasks.orchestration.server", str(os.getpid()), str(self.port), "prefect", "server", "start", "--host", "127.0.0.1",
              "--port", str(self.port), "--no-ui", "--no-scheduler", "--no-late-runs", "--log-level", "WARNING"],
             stdin=subprocess.DEVNULL, stdout=self.output, stderr=subprocess.STDOUT, env={**env, **SERVICES_OFF},
             start_new_session=True)  # Ctrl-C in the terminal is for this command, which stops gracefully
@@ -274,7 +274,7 @@ def freeze_once_up(port: int) -> None:
 
 
 def child(argv: list[str]) -> None:
-    """The server's process (``python -m tasks.server <parent pid> <port> <module> <args>``): on
+    """The server's process (``python -m tasks.orchestration.server <parent pid> <port> <module> <args>``): on
     Linux, ask for SIGTERM when the parent dies (PR_SET_PDEATHSIG = 1; done in the new process, not
     between fork and exec, so it is safe whatever threads the parent runs), give up if the parent
     is already gone, then run ``python -m <module> <args>`` (``prefect``: the command). Its boot

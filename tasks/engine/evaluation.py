@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.data import load_job_data, read_split, split_tensors
+from tasks.engine.training import Trainer, evaluate_model, to_device
 from tasks.kernel import UserError, atomic_write_json
-from tasks.run import METRICS_FILE, Run
-from tasks.training import Trainer, evaluate_model, to_device
+from tasks.storage.data import load_job_data, read_split, split_tensors
+from tasks.storage.run import METRICS_FILE, Run
 
 
 def final_trainer(run: Run) -> Trainer:

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from tasks.history import duration
+from tasks.storage.history import duration
 
 #: Seconds between refreshes of the terminal line.
 TICK = 0.5

@@ -2,12 +2,12 @@
 
 The ``train_chunk`` task stays the unit of retry. It runs PyTorch's elastic launcher, torchrun
 with ``--standalone`` (one machine, a free local port for the rendezvous), in a thread
-(:class:`Torchrun`, a :class:`~tasks.runners.ChunkRunner`); it starts N ranks of :func:`main` and waits for them; torchrun's other
+(:class:`Torchrun`, a :class:`~tasks.engine.runners.ChunkRunner`); it starts N ranks of :func:`main` and waits for them; torchrun's other
 options come from its ``PET_*`` environment variables (``PET_MAX_RESTARTS``, ...). A rank that
 fails or dies stops the group (torchrun), the task fails, and Prefect's retry starts the whole
 group again from the latest valid checkpoint.
 
-Each rank builds the same :class:`~tasks.training.Trainer` from the same checkpoint, with the
+Each rank builds the same :class:`~tasks.engine.training.Trainer` from the same checkpoint, with the
 :class:`DataParallel` strategy: the model in ``DistributedDataParallel``, and each rank trains on its contiguous share of every global batch of
 the epoch's ``(seed, epoch)`` order, so an epoch's samples and batches do not depend on N: DDP
 averages the gradients of the N equal shares, i.e. the gradient of the global batch's mean loss.
@@ -43,7 +43,7 @@ from typing import Any
 
 
 def become_rank() -> None:
-    """The first thing a rank does (``python -m tasks.distributed``), before its imports: no
+    """The first thing a rank does (``python -m tasks.engine.distributed``), before its imports: no
     full garbage collections among the imports' objects (as flows/train_flow.py), and on Linux
     be SIGKILLed when its launcher dies (the command's torchrun thread, or a torchrun of its
     own), gone at once if the launcher is gone already: a launcher stopped while it starts the
@@ -65,18 +65,18 @@ import torch.distributed as dist  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
-from tasks.checkpoint import capture_rng, restore_rng  # noqa: E402
-from tasks.kernel import TrainConfig, UserError  # noqa: E402
-from tasks.progress import TICK, ChunkProgress, Watchers  # noqa: E402
-from tasks.records import ChunkResult  # noqa: E402
-from tasks.run import Run, RunSpec  # noqa: E402
-from tasks.training import (  # noqa: E402
+from tasks.engine.progress import TICK, ChunkProgress, Watchers  # noqa: E402
+from tasks.engine.training import (  # noqa: E402
     GracefulStop,
     Trainer,
     log_chunk,
     stopped,
     train_chunk,
 )
+from tasks.kernel import TrainConfig, UserError  # noqa: E402
+from tasks.storage.checkpoint import capture_rng, restore_rng  # noqa: E402
+from tasks.storage.records import ChunkResult  # noqa: E402
+from tasks.storage.run import Run, RunSpec  # noqa: E402
 
 #: A collective that waits longer than this (a rank died without torchrun noticing) fails.
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=120)
@@ -99,7 +99,7 @@ def shard(order: torch.Tensor, batch_size: int, rank: int, world: int) -> torch.
 
 
 class DataParallel:
-    """The Trainer's strategy for one rank of N (:class:`tasks.training.SingleProcess`'s twin):
+    """The Trainer's strategy for one rank of N (:class:`tasks.engine.training.SingleProcess`'s twin):
     the model in DDP, this rank's share of each global batch, buffers and loss averaged at each
     epoch's end, every rank's RNG state in the checkpoint, rank 0 writes."""
 
@@ -146,7 +146,7 @@ class DataParallel:
         restore_rng(ckpt["rng_ranks"][self.rank])
 
 
-# --- one rank (python -m tasks.distributed <folder>, started by torchrun) ----------------------
+# --- one rank (python -m tasks.engine.distributed <folder>, started by torchrun) ----------------------
 
 
 class FileStop:
@@ -235,7 +235,7 @@ def launcher_args(cfg: TrainConfig) -> list[str]:
 
 class Watch:
     """The chunk's progress as rank 0 tells it (``progress.json``), drawn and reported the way
-    one process does it (tasks/progress.py), at each epoch's end."""
+    one process does it (tasks/engine/progress.py), at each epoch's end."""
 
     def __init__(self, cfg: TrainConfig, folder: Path, watchers: Watchers):
         self.cfg, self.file, self.watchers = cfg, folder / "progress.json", watchers
@@ -270,7 +270,7 @@ def run_ranks(cfg: TrainConfig, folder: Path, stop: GracefulStop, watch: Watch) 
     from torch.distributed.run import main as torchrun
 
     args = [*launcher_args(cfg), "--redirects", "3", "--log-dir", str(folder / "logs"),
-            "-m", "tasks.distributed", str(folder)]
+            "-m", "tasks.engine.distributed", str(folder)]
     failed: list[BaseException] = []
 
     def launch() -> None:
@@ -349,7 +349,7 @@ class RankOutcome(BaseModel):
 
 
 class Torchrun:
-    """The chunk on ``cfg.nproc_per_node`` processes (a :class:`~tasks.runners.ChunkRunner`):
+    """The chunk on ``cfg.nproc_per_node`` processes (a :class:`~tasks.engine.runners.ChunkRunner`):
     torchrun's launcher in a thread of this process, the ranks in their own sessions. A stop
     request (SIGTERM, Ctrl-C) is passed to the ranks, which checkpoint at the epoch's end."""
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
+from tasks.jobs.registry import get_job
 from tasks.jobs.spec import JobData, Tensors
 from tasks.kernel import TrainConfig, UserError, atomic_write_json, saved_traceback
-from tasks.records import DataInfo
-from tasks.registry import get_job
-from tasks.run import Run
-from tasks.store import fetch_data, is_url
+from tasks.storage.records import DataInfo
+from tasks.storage.run import Run
+from tasks.storage.store import fetch_data, is_url
 
 SPLIT_FILE = "split.json"
 PARTS = ("train", "val", "test")

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 from tasks.kernel import atomic_write_text
-from tasks.run import Run
+from tasks.storage.run import Run
 
 log = logging.getLogger("trainflow.history")
 

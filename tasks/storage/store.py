@@ -2,7 +2,7 @@
 
 - :class:`LocalStore`: the run folder itself. Held with an OS file lock (released by the kernel
   when the process dies, so a killed run never leaves a stale lock); checkpoints by the local
-  protocol (:class:`tasks.checkpoint.LocalCheckpoints`: temp file, fsync, rename).
+  protocol (:class:`tasks.storage.checkpoint.LocalCheckpoints`: temp file, fsync, rename).
 - :class:`ObjectStore`: a run under an fsspec URL (``s3://``, ``gs://``, ``az://``). The run
   trains in a local *staging* folder, a cache that the store overrides: holding the run claims
   its :class:`Lease` (one writer across machines), then pulls the run's files (never its
@@ -33,7 +33,8 @@ from typing import Any, Callable, Iterator, Protocol
 
 from filelock import FileLock, Timeout
 
-from tasks.checkpoint import (
+from tasks.kernel import UserError, atomic_write_bytes, atomic_write_json, read_json, utc_now
+from tasks.storage.checkpoint import (
     CheckpointError,
     LocalCheckpoints,
     Once,
@@ -43,8 +44,7 @@ from tasks.checkpoint import (
     retention,
     verified_payload,
 )
-from tasks.kernel import UserError, atomic_write_bytes, atomic_write_json, read_json, utc_now
-from tasks.records import Manifest
+from tasks.storage.records import Manifest
 
 log = logging.getLogger("trainflow.store")
 
@@ -346,7 +346,7 @@ class ObjectCheckpoints:
 
     - A save writes its bytes to a key never used before, ``checkpoint-<k>.<token>.pt``
       (create-only), then commits them with the manifest ``checkpoint-<k>.<token>.json``
-      (:class:`~tasks.records.Manifest`), written last, create-only (``If-None-Match: *``).
+      (:class:`~tasks.storage.records.Manifest`), written last, create-only (``If-None-Match: *``).
       Nothing is overwritten: a SIGTERM's mid-chunk save and the chunk's end are two keys.
       ``fence`` is called right before each of the two writes (the lease check).
     - A reader trusts only committed checkpoints, newest first, and checks size, sha256 and

@@ -1,24 +1,24 @@
 """Chunk runners: what trains one chunk. One contract, :class:`ChunkRunner`, two
-implementations: :class:`InProcess` (this process) and :class:`tasks.distributed.Torchrun`
+implementations: :class:`InProcess` (this process) and :class:`tasks.engine.distributed.Torchrun`
 (N processes through torchrun and DDP). Both run the same protocol
-(:func:`tasks.training.train_chunk`) and return the same :class:`~tasks.records.ChunkResult`.
+(:func:`tasks.engine.training.train_chunk`) and return the same :class:`~tasks.storage.records.ChunkResult`.
 A runner on a cluster engine is a third implementation of the same contract."""
 
 from __future__ import annotations
 
 from typing import Protocol
 
-from tasks.kernel import TrainConfig
-from tasks.progress import ChunkProgress, Watchers
-from tasks.records import ChunkResult
-from tasks.run import Run
-from tasks.training import (
+from tasks.engine.progress import ChunkProgress, Watchers
+from tasks.engine.training import (
     GracefulStop,
     Trainer,
     log_chunk,
     stopped,
     train_chunk,
 )
+from tasks.kernel import TrainConfig
+from tasks.storage.records import ChunkResult
+from tasks.storage.run import Run
 
 
 class ChunkRunner(Protocol):
@@ -52,7 +52,7 @@ def runner_for(cfg: TrainConfig) -> ChunkRunner:
     """The runner the config asks for: torchrun's for ``--nproc-per-node`` > 1 (torch.distributed
     is imported only then), else this process."""
     if cfg.nproc_per_node > 1:
-        from tasks.distributed import Torchrun
+        from tasks.engine.distributed import Torchrun
 
         return Torchrun()
     return InProcess()

@@ -1,0 +1,1 @@
+"""The arithmetic: the Trainer, the chunk protocol and its runners, evaluation, export. No Prefect."""

@@ -1,0 +1,1 @@
+"""Prefect: the tasks, their retry policy, the workarounds, the temporary server."""
