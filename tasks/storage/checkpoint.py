@@ -135,6 +135,8 @@ def load_checkpoint(
     manifest = read_manifest(path)
     try:
         data = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.name}: its bytes are missing (the manifest commits an absent file)") from None
     except OSError as exc:
         raise CheckpointError(f"{path.name}: unreadable ({exc})") from None
     return verified_payload(path.name, manifest, data, fingerprint, map_location)
@@ -190,6 +192,13 @@ def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
+def candidates(folder: Path) -> list[Path]:
+    """Every checkpoint a ``.pt`` or a manifest names, newest (highest k) first."""
+    chunks = {int(m.group(1)) for p in (Path(folder).iterdir() if Path(folder).is_dir() else ())
+              if (m := re.match(r"^checkpoint-(\d+)\.(pt|json)$", p.name))}
+    return [checkpoint_path(folder, k) for k in sorted(chunks, reverse=True)]
+
+
 @dataclass(frozen=True)
 class Resume:
     """The newest valid checkpoint and what was skipped to find it."""
@@ -205,7 +214,8 @@ def quarantine(path: Path, reason: str) -> Path:
     qdir.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     moved = qdir / f"{path.stem}.{stamp}{path.suffix}"
-    shutil.move(str(path), moved)
+    if path.exists():
+        shutil.move(str(path), moved)
     m = manifest_path(path)
     if m.exists():
         shutil.move(str(m), qdir / f"{m.stem}.{stamp}.json")
@@ -222,10 +232,11 @@ def latest_valid(
 ) -> Resume:
     """Newest checkpoint in ``folder`` that verifies; damaged newer ones are reported through
     ``warn`` (pass a run's logger so it reaches the Prefect UI) and moved to ``quarantine/``
-    together with their manifest. A ``.pt`` whose manifest never got written is left in place
-    (the next save of that chunk overwrites it atomically)."""
+    together with their manifest (a manifest whose ``.pt`` is gone too). A ``.pt`` whose
+    manifest never got written is left in place (the next save of that chunk overwrites it
+    atomically)."""
     rejected: list[str] = []
-    for _, path in list_checkpoints(folder):
+    for path in candidates(folder):
         try:
             return Resume(path, load_checkpoint(path, fingerprint, map_location), tuple(rejected))
         except CheckpointError as exc:
