@@ -61,9 +61,7 @@ from tasks.orchestration.policy import fix_first  # noqa: E402
 from tasks.orchestration.prefect_adapter import (  # noqa: E402
     Chain,
     api_answers,
-    one_crash_line,
-    quiet_exit,
-    quiet_user_errors,
+    quiet_command,
     without_heartbeats,
 )
 from tasks.orchestration.steps import evaluate, load_data, save_model, split_data, train_chunk  # noqa: E402
@@ -226,9 +224,7 @@ def main(argv: list[str] | None = None, server: Any = None) -> int:
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    quiet_user_errors()
-    one_crash_line()
-    quiet_exit()
+    quiet_command()
     if not gc.isenabled():  # started as a command: what exists now lives until the exit
         gc.freeze()
         gc.enable()

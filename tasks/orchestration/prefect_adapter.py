@@ -10,7 +10,7 @@ behaviour it depends on; tests/test_prefect_adapter.py fails if Prefect changes 
    object, which Prefect would then link to the wrong task run).
 2. :func:`quiet_user_errors`: Prefect logs a failed task or flow run on the ``prefect.task_runs`` /
    ``prefect.flow_runs`` loggers with the exception's traceback; bad input is one line.
-3. :func:`one_crash_line`: a task crashed by Ctrl-C crashes its flow run, and both log
+3. :class:`OneCrashLine`: a task crashed by Ctrl-C crashes its flow run, and both log
    ``Crash detected!``; the task's copy only repeats it.
 4. :func:`without_heartbeats`: flow runs send heartbeats (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``)
    so a real server notices a dead run; on the command's own temporary server they only hold up
@@ -19,7 +19,7 @@ behaviour it depends on; tests/test_prefect_adapter.py fails if Prefect changes 
    ``.console``; drawing the live progress line on it keeps log lines above the line.
 6. :func:`api_answers`: at exit, Prefect's handlers try to deliver every queued event to the API,
    for minutes when the API is gone.
-7. :func:`quiet_exit`: while the events worker delivers what is still queued at exit, it logs
+7. :class:`NoDrainNotice`: while the events worker delivers what is still queued at exit, it logs
    ``Still processing items: N items remaining...`` on the ``EventsWorker`` logger, even when
    it is done a moment later: a finished command should exit quietly.
 
@@ -65,25 +65,11 @@ class HideUserErrorTracebacks(logging.Filter):
         return True
 
 
-def quiet_user_errors() -> None:
-    """Bad input is one line in Prefect's logs too (idempotent)."""
-    for name in ("prefect.task_runs", "prefect.flow_runs"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, HideUserErrorTracebacks) for f in logger.filters):
-            logger.addFilter(HideUserErrorTracebacks())
-
-
 class OneCrashLine(logging.Filter):
     """Drop the task run's copy of ``Crash detected!`` (item 3)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("Crash detected!")
-
-
-def one_crash_line() -> None:
-    logger = logging.getLogger("prefect.task_runs")
-    if not any(isinstance(f, OneCrashLine) for f in logger.filters):
-        logger.addFilter(OneCrashLine())
 
 
 class NoDrainNotice(logging.Filter):
@@ -93,10 +79,25 @@ class NoDrainNotice(logging.Filter):
         return not str(record.msg).startswith("Still processing items")
 
 
-def quiet_exit() -> None:
-    logger = logging.getLogger("EventsWorker")
-    if not any(isinstance(f, NoDrainNotice) for f in logger.filters):
-        logger.addFilter(NoDrainNotice())
+def install(kind: type[logging.Filter], *loggers: str) -> None:
+    """Add a ``kind`` filter to each logger that has none yet (idempotent)."""
+    for name in loggers:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, kind) for f in logger.filters):
+            logger.addFilter(kind())
+
+
+def quiet_user_errors() -> None:
+    """Bad input is one line in Prefect's logs too (item 2)."""
+    install(HideUserErrorTracebacks, "prefect.task_runs", "prefect.flow_runs")
+
+
+def quiet_command() -> None:
+    """What the command's own output needs: bad input in one line, one crash line for a crash,
+    and a quiet exit (items 2, 3, 7)."""
+    quiet_user_errors()
+    install(OneCrashLine, "prefect.task_runs")
+    install(NoDrainNotice, "EventsWorker")
 
 
 @contextlib.contextmanager

@@ -88,11 +88,7 @@ class Run:
 
     def metrics(self) -> dict[str, Any] | None:
         """``metrics.json`` as the store has it (None until the run is evaluated)."""
-        blob = self.store.read(METRICS_FILE)
-        try:
-            return json.loads(blob) if blob else None
-        except ValueError:
-            return None
+        return self.stored_json(METRICS_FILE)
 
     def config_record(self) -> dict[str, Any]:
         """What ``config.json`` holds."""
@@ -103,7 +99,11 @@ class Run:
 
     def stored_config(self) -> dict[str, Any] | None:
         """The run's ``config.json`` as its store has it, or None."""
-        blob = self.store.read(CONFIG_FILE)
+        return self.stored_json(CONFIG_FILE)
+
+    def stored_json(self, key: str) -> dict[str, Any] | None:
+        """A JSON file of the run as its store has it (None when absent or unreadable)."""
+        blob = self.store.read(key)
         try:
             return json.loads(blob) if blob else None
         except ValueError:
