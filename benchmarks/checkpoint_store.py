@@ -31,8 +31,9 @@ from tasks.jobs.spec import Tensors
 from tasks.orchestration.server import reserve_port
 from tasks.storage.checkpoint import LocalCheckpoints
 from tasks.storage.data import describe_data, ensure_split
+from tasks.storage.remote import Remote
 from tasks.storage.run import Run
-from tasks.storage.store import ObjectCheckpoints, Remote
+from tasks.storage.store import ObjectCheckpoints
 
 FEW_BATCHES = 20
 RULE = 2.0  # percent: "If uploads cost more than 2% of a chunk, upload in the background"

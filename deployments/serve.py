@@ -28,7 +28,7 @@ from deployments.registry import (
 )
 from tasks.jobs.registry import JOBS
 from tasks.kernel import UserError
-from tasks.storage.store import is_url
+from tasks.storage.remote import is_url
 
 
 def parser() -> argparse.ArgumentParser:

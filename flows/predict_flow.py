@@ -27,8 +27,8 @@ from tasks.jobs.registry import JOBS, get_job
 from tasks.jobs.spec import JobSpec
 from tasks.kernel import TrainConfig, UserError, read_json
 from tasks.reporting import resolve_run
+from tasks.storage.remote import fetch_run, is_url
 from tasks.storage.run import CONFIG_FILE
-from tasks.storage.store import fetch_run, is_url
 
 STATE_DICT = "model_state_dict.pt"
 

@@ -67,8 +67,8 @@ from tasks.orchestration.prefect_adapter import (  # noqa: E402
 from tasks.orchestration.steps import evaluate, load_data, save_model, split_data, train_chunk  # noqa: E402
 from tasks.reporting import RunReport  # noqa: E402
 from tasks.storage.data import describe_data, load_job_data, make_split  # noqa: E402
+from tasks.storage.remote import LeaseLost, StoreUnreachable  # noqa: E402
 from tasks.storage.run import Run  # noqa: E402
-from tasks.storage.store import LeaseLost, StoreUnreachable  # noqa: E402
 
 
 def build_configs(job: str | None, overrides: dict[str, Any]) -> list[TrainConfig]:

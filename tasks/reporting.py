@@ -30,8 +30,9 @@ from typing import Any, Callable
 from tasks.kernel import atomic_write_text, fsync_dir, sha256_file, utc_now
 from tasks.storage.history import duration, eta_seconds, read_history
 from tasks.storage.records import RUN_FILE, ChunkResult, RunRecord
+from tasks.storage.remote import LeaseLost
 from tasks.storage.run import Run
-from tasks.storage.store import LATEST, LOCK_FILE, OWNER_FILE, LeaseLost
+from tasks.storage.store import LATEST, LOCK_FILE, OWNER_FILE
 
 log = logging.getLogger("trainflow.reporting")
 

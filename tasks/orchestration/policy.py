@@ -7,7 +7,7 @@ import errno
 from typing import Any
 
 from tasks.kernel import UserError
-from tasks.storage.store import LeaseLost
+from tasks.storage.remote import LeaseLost
 
 #: OS errors that a retry or a rerun meets again until the user changes something.
 NEEDS_A_FIX = {

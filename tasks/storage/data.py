@@ -12,8 +12,8 @@ from tasks.jobs.registry import get_job
 from tasks.jobs.spec import JobData, Tensors
 from tasks.kernel import TrainConfig, UserError, atomic_write_json, saved_traceback
 from tasks.storage.records import DataInfo
+from tasks.storage.remote import fetch_data, is_url
 from tasks.storage.run import Run
-from tasks.storage.store import fetch_data, is_url
 
 SPLIT_FILE = "split.json"
 PARTS = ("train", "val", "test")
