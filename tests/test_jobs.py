@@ -2,8 +2,8 @@
 expected artifacts, and an exception inside chunk 2 (retried by Prefect, resumed from the last
 checkpoint) ends bit-identical to an uninterrupted run.
 
-A job whose data is not available offline provides ``JobSpec.make_test_data`` (tiny generated
-data); the others run on their default data."""
+A job whose data is not available offline gets tiny data written by the tests
+(``helpers.TEST_DATA``); the others run on their default data."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from flows.train_flow import parser, train_flow
 from tasks.jobs import JOBS, default_jobs
 from tasks.training import chunk_count
-from tests.conftest import assert_same_tensors, fail_once_at, state_dict
+from tests.helpers import TEST_DATA, assert_same_tensors, fail_once_at, state_dict
 
 #: 3 chunks of 2 epochs; the fault is injected in the second epoch of chunk 2.
 SMALL = {"epochs": 6, "chunk_epochs": 2, "seed": 3}
@@ -26,11 +26,10 @@ OUTPUTS = ("config.json", "split.json", "run.json", "history.csv", "metrics.json
 
 def job_data(job: str, folder: Path) -> str | None:
     """``--data`` for a test run: the job's tiny test data, or None for its default data."""
-    make = JOBS[job].make_test_data
-    if make is None:
+    if job not in TEST_DATA:
         return None
     folder.mkdir(parents=True, exist_ok=True)
-    return str(make(folder))
+    return str(TEST_DATA[job](folder))
 
 
 def run(job: str, data: str | None, artifacts: Path) -> Path:
