@@ -88,9 +88,9 @@ def train_cli(args: list[str], prefect_api: str, root: Path, run_name: str) -> P
 
 
 def start(args: list[str], prefect_api: str, **env: str) -> subprocess.Popen:
-    """Start the command (stderr kept for the failure message)."""
+    """Start the command (its output kept for the test and for a failure message)."""
     return subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=ROOT, env=cli_env(prefect_api, **env),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 class Command:
