@@ -514,7 +514,7 @@ def snapshot_repository(tmp: Path) -> tuple[str, str]:
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, env=env, check=True, capture_output=True, text=True,
-                              timeout=120).stdout.strip()
+                              timeout=CEILING).stdout.strip()
 
     git("init", "-q", "--bare", str(bare))
     git("read-tree", "HEAD")

@@ -231,6 +231,7 @@ def test_run_on_tiny_data_writes_metrics_and_pngs(tiny: Path, prefect_api: str, 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the whole default recipe on the real data, on however few cores CI has
 def test_default_config_reaches_the_accuracy_goal_on_real_data(prefect_api: str, tmp_path: Path) -> None:
     """The real FashionMNIST (CI installs Debian's dataset-fashion-mnist), the default config,
     10 epochs on CPU: at least 91.0% on the official 10 000-image test set."""

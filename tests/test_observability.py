@@ -297,7 +297,7 @@ def test_predict_flow_prints_the_models_predictions(run_dir: Path, capsys) -> No
     from flows.predict_flow import main
 
     proc = subprocess.run([sys.executable, str(PREDICT), "--run", str(run_dir.parent / "latest"), "--x", "1", "5", "11",
-                           "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)  # the real command
+                           "--json"], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)  # the real command
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(proc.stdout)
     assert [r["input"] for r in rows] == ["x=1", "x=5", "x=11"]
@@ -329,7 +329,7 @@ def test_model_pt2_loads_and_predicts_in_a_fresh_process_without_project_code(ru
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([sys.executable, "-I", "-c", script, str(run_dir / "model.pt2")], cwd="/tmp", env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
+                          capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout)
     assert out["leaked"] == [] and not any(str(ROOT) == p for p in out["path"])
