@@ -157,14 +157,14 @@ def rank_processes(command: Command, n: int = 2) -> list[int]:
 
 
 def test_sigkill_of_a_rank_then_of_the_command_resumes_bit_exact(prefect_api: str, tmp_path: Path) -> None:
-    """fashion_mnist's small_cnn adds BatchNorm (buffers averaged per epoch) and dropout (a random
+    """fashion_mnist's cnn adds BatchNorm (buffers averaged per epoch) and dropout (a random
     stream per rank, each saved); tiny data, 3 chunks of 2 epochs. Rank 1 SIGKILLed in chunk 2:
     torchrun stops the group and the task's retry starts it again from checkpoint 1. Then the
     command SIGKILLed in chunk 3: its ranks go with it, and the same command resumes. The end is
     bit-identical to an uninterrupted two-process run."""
     data = write_tiny_fashion_mnist(tmp_path / "data")
     base = ["--job", "fashion_mnist", "--data", str(data), "--epochs", "6", "--chunk-epochs", "2", "--batch-size", "32",
-            "--nproc-per-node", "2"]
+            "--model", "cnn", "--nproc-per-node", "2"]
     reference = train_cli(base, prefect_api, tmp_path / "ref", "ref")
     args = [*base, "--artifacts-dir", str(tmp_path), "--run-name", "r"]
     run = Command.train(args, info(prefect_api), start_new_session=True)
