@@ -51,8 +51,9 @@ SLOW_FSYNC = Path(__file__).parent / "slow_fsync"
 # The soak job: 32 chunks, more than the kills below can get through however fast the machine.
 SOAK = ["--job", "nonlinear", "--epochs", "8000", "--chunk-epochs", "250", "--seed", "3"]
 #: Where the kills are aimed, in turn: an attempt's start (it holds the run folder, resumes),
-#: the middle of a chunk, the inside of a checkpoint write.
-PHASES = ("start-up", "mid-chunk", "in-write")
+#: the middle of a chunk, the inside of a checkpoint write (its bytes, then its manifest: the
+#: commit, in turn).
+PHASES = ("start-up", "mid-chunk", "in-write .pt", "start-up", "mid-chunk", "in-write .json")
 KILLS = 9
 
 
@@ -61,9 +62,9 @@ def newest_chunk(folder: Path) -> int:
     return max((k for k, _ in ck.list_checkpoints(folder)), default=0)
 
 
-def temp_files(folder: Path) -> set[str]:
-    """Checkpoint writes in progress (or cut by a kill): their temp files."""
-    return {p.name for p in folder.glob(".checkpoint-*.tmp")}
+def temp_files(folder: Path, kind: str = "") -> set[str]:
+    """Checkpoint writes in progress (or cut by a kill) of files ending in ``kind``: their temp files."""
+    return {p.name for p in folder.glob(f".checkpoint-*{kind}.*.tmp")}
 
 
 def kill_in(phase: str, args: list[str], prefect_api: str, run_dir: Path, rng: random.Random) -> bool:
@@ -71,7 +72,7 @@ def kill_in(phase: str, args: list[str], prefect_api: str, run_dir: Path, rng: r
     ckpts = run_dir / "checkpoints"
     before, debris = newest_chunk(ckpts), temp_files(ckpts)
     # Only the attempts aimed at a write get the slow fsync: the others train at full speed.
-    slow = {"PYTHONPATH": str(SLOW_FSYNC), "SLOW_FSYNC_SECONDS": "1"} if phase == "in-write" else {}
+    slow = {"PYTHONPATH": str(SLOW_FSYNC), "SLOW_FSYNC_SECONDS": "1"} if phase.startswith("in-write") else {}
     proc = start(args, prefect_api, **slow)
     if phase == "start-up":  # once it holds the run folder, before or while it resumes
         wait_until(lambda: (read_json(run_dir / OWNER_FILE) or {}).get("pid") == proc.pid, what="the hold", proc=proc)
@@ -80,7 +81,9 @@ def kill_in(phase: str, args: list[str], prefect_api: str, run_dir: Path, rng: r
         wait_until(lambda: newest_chunk(ckpts) > before, what="a new checkpoint", proc=proc)
         time.sleep(rng.uniform(0.0, 0.5))
     else:  # a temp file of this attempt: written, not yet renamed to a checkpoint's name
-        wait_until(lambda: temp_files(ckpts) - debris, what="a checkpoint write", proc=proc, every=0.01)
+        kind = phase.split()[1]
+        wait_until(lambda: temp_files(ckpts, kind) - debris, what=f"a checkpoint write ({kind})", proc=proc,
+                   every=0.01)
     assert proc.poll() is None, f"finished before the kill: {proc.stderr.read()[-3000:]}"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -100,7 +103,7 @@ def test_soak_random_sigkills(prefect_api: str, tmp_path: Path) -> None:
     cut, progress = 0, []
     for kill in range(KILLS):
         phase = PHASES[kill % len(PHASES)]
-        cut += kill_in(phase, args, prefect_api, run_dir, rng) and phase == "in-write"
+        cut += kill_in(phase, args, prefect_api, run_dir, rng) and phase.startswith("in-write")
         progress.append(newest_chunk(run_dir / "checkpoints"))
     final = run_cli(args, prefect_api)
     assert final.returncode == 0, final.stderr[-3000:]
