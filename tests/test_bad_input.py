@@ -12,7 +12,7 @@ import torch
 
 from flows.train_flow import main
 from tasks.jobs import JOBS
-from tests.conftest import ROOT, TRAIN
+from tests.helpers import ROOT, TRAIN
 
 GOOD = (ROOT / "data" / "non_linear.csv").read_text()
 
@@ -135,7 +135,7 @@ def test_bad_input_from_a_real_process(tmp_path: Path) -> None:
     csv = tmp_path / "bad.csv"
     csv.write_text("x,y\n1,oops\n")
     proc = subprocess.run([sys.executable, str(TRAIN), "--data", str(csv), "--artifacts-dir", str(tmp_path / "a")],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "'oops' is not a number" in proc.stderr
     assert not (tmp_path / "a" / "nonlinear").exists() or not any((tmp_path / "a" / "nonlinear").iterdir())

@@ -11,17 +11,8 @@ import pytest
 import torch
 
 import tasks.checkpoint as ck
-
-FP = "f" * 64
-
-
-def payload(chunk: int, fingerprint: str = FP) -> dict:
-    return {
-        "model": "CustomModel", "epoch": chunk * 10 - 1, "model_state_dict": {"w": torch.full((2,), float(chunk))},
-        "optimizer_state_dict": {"state": {}, "param_groups": []}, "cost": 0.5, "description": f"c{chunk}",
-        "chunk": chunk, "fingerprint": fingerprint, "rng": ck.capture_rng(), "history": {"epoch": torch.arange(3.0)},
-        "format": 1,
-    }
+from tests.helpers import FP
+from tests.helpers import checkpoint_payload as payload
 
 
 @pytest.fixture

@@ -9,8 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -22,12 +20,24 @@ from tasks.jobs import JOBS
 from tasks.jobs.spec import TrainConfig
 from tasks.server import reserve_port
 from tasks.training import epoch_order
-from tests.conftest import ROOT, TRAIN, assert_same_tensors, cli_env, run_cli, state_dict, train_cli
-from tests.test_resume import assert_same_run, wait_for
+from tests.helpers import (
+    ROOT,
+    Command,
+    assert_same_run,
+    assert_same_tensors,
+    cli_env,
+    run_cli,
+    state_dict,
+    train_cli,
+    wait_until,
+    write_tiny_fashion_mnist,
+)
 
-pytestmark = pytest.mark.slow
+# One worker runs these one after the other: each trains with 2 processes, and one of them
+# holds torchrun's default port, which the others' rendezvous would then skip.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("distributed")]
 
-# 3 chunks of 100 epochs (~1.5 s of training each, after a launch of a few seconds).
+# 3 chunks of 100 epochs, each launched as 2 processes.
 ARGS = ["--job", "nonlinear", "--epochs", "300", "--chunk-epochs", "100", "--seed", "5", "--nproc-per-node", "2"]
 
 #: A job like nonlinear whose rank 1 raises once, in its 500th forward pass of a chunk after
@@ -135,70 +145,49 @@ def rank_of(pid: int) -> str | None:
     return next((e.split(b"=", 1)[1].decode() for e in env if e.startswith(b"RANK=")), None)
 
 
-class Command:
-    """``python flows/train_flow.py ARGS`` with INFO logs, its output collected as it comes."""
-
-    def __init__(self, args: list[str], prefect_api: str, **env: str):
-        self.proc = subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=ROOT, text=True,
-                                     env={**cli_env(prefect_api), "PREFECT_LOGGING_LEVEL": "INFO", **env},
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-        self.lines: list[str] = []
-        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
-        self.reader.start()
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def wait_line(self, text: str, timeout: float = 240) -> None:
-        wait_for(lambda: any(text in line for line in self.lines), timeout=timeout, proc=self.proc)
-
-    def wait(self, timeout: float = 400) -> int:
-        code = self.proc.wait(timeout=timeout)
-        self.reader.join(timeout=30)
-        return code
+def info(prefect_api: str, **env: str) -> dict[str, str]:
+    """The command's environment, with the INFO lines that say where a run is."""
+    return cli_env(prefect_api, PREFECT_LOGGING_LEVEL="INFO", **env)
 
 
-def test_sigkill_of_one_rank_is_retried_bit_exact(reference: Path, prefect_api: str, tmp_path: Path) -> None:
-    """Rank 1 SIGKILLed inside chunk 2: torchrun stops the group, the task's retry starts it
-    again from checkpoint 1, and the run ends bit-identical."""
-    run = Command([*ARGS, "--artifacts-dir", str(tmp_path), "--run-name", "r"], prefect_api)
-    run.wait_line("chunk 2: 2 processes")
-    victim: list[int] = []
-    wait_for(lambda: victim.extend(p for p in ranks_of(run.proc.pid) if rank_of(p) == "1") or victim, timeout=60,
-             proc=run.proc)
-    os.kill(victim[0], signal.SIGKILL)
-    assert run.wait() == 0, run.output[-3000:]
-    assert "a process of the group failed" in run.output, run.output[-3000:]
-    assert_same_run(tmp_path / "nonlinear" / "r", reference)
+def rank_processes(command: Command, n: int = 2) -> list[int]:
+    """The ``n`` rank processes of the command's current chunk (empty until they all run)."""
+    ranks = ranks_of(command.pid)
+    return ranks if len(ranks) == n else []
 
 
-@pytest.mark.parametrize("job", ["nonlinear", "fashion_mnist"])
-def test_sigkill_of_the_command_takes_its_ranks_and_the_rerun_is_bit_exact(job: str, reference: Path, prefect_api: str,
-                                                                           tmp_path: Path) -> None:
-    """fashion_mnist's small_cnn adds BatchNorm (buffers averaged per epoch) and dropout (a
-    random stream per rank, each saved): tiny generated data, 3 chunks of 2 epochs."""
-    if job == "fashion_mnist":
-        from tasks.jobs.fashion_mnist import make_test_data
-
-        data = make_test_data(tmp_path / "data")
-        base = ["--job", job, "--data", str(data), "--epochs", "6", "--chunk-epochs", "2", "--batch-size", "32",
-                "--nproc-per-node", "2"]
-        reference = train_cli(base, prefect_api, tmp_path / "ref", "ref")
-    else:
-        base = ARGS
+def test_sigkill_of_a_rank_then_of_the_command_resumes_bit_exact(prefect_api: str, tmp_path: Path) -> None:
+    """fashion_mnist's cnn adds BatchNorm (buffers averaged per epoch) and dropout (a random
+    stream per rank, each saved); tiny data, 3 chunks of 2 epochs. Rank 1 SIGKILLed in chunk 2:
+    torchrun stops the group and the task's retry starts it again from checkpoint 1. Then the
+    command SIGKILLed in chunk 3: its ranks go with it, and the same command resumes. The end is
+    bit-identical to an uninterrupted two-process run."""
+    data = write_tiny_fashion_mnist(tmp_path / "data")
+    base = ["--job", "fashion_mnist", "--data", str(data), "--epochs", "6", "--chunk-epochs", "2", "--batch-size", "32",
+            "--model", "cnn", "--nproc-per-node", "2"]
+    reference = train_cli(base, prefect_api, tmp_path / "ref", "ref")
     args = [*base, "--artifacts-dir", str(tmp_path), "--run-name", "r"]
-    run = Command(args, prefect_api)
+    run = Command.train(args, info(prefect_api), start_new_session=True)
     run.wait_line("chunk 2: 2 processes")
-    wait_for(lambda: len(ranks_of(run.proc.pid)) == 2, timeout=60, proc=run.proc)
-    ranks = ranks_of(run.proc.pid)
+    victim = wait_until(lambda: [p for p in ranks_of(run.pid) if rank_of(p) == "1"], what="rank 1 of chunk 2", proc=run)
+    os.kill(victim[0], signal.SIGKILL)
+    run.wait_line("a process of the group failed")
+    run.wait_line("chunk 3: 2 processes")
+    ranks = wait_until(lambda: rank_processes(run), what="the ranks of chunk 3", proc=run)
     run.proc.send_signal(signal.SIGKILL)
     run.wait()
-    wait_for(lambda: not any(Path(f"/proc/{p}").exists() and b"tasks.distributed" in
-                             Path(f"/proc/{p}/cmdline").read_bytes() for p in ranks), timeout=30)
+    assert not (tmp_path / "fashion_mnist" / "r" / "checkpoints" / "checkpoint-3.json").exists(), "killed too late"
+    wait_until(lambda: not any(is_rank(p) for p in ranks), what="the ranks to exit with the command")
     again = run_cli(args, prefect_api)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert_same_run(tmp_path / job / "r", reference)
+    assert_same_run(tmp_path / "fashion_mnist" / "r", reference)
+
+
+def is_rank(pid: int) -> bool:
+    try:
+        return b"tasks.distributed" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # gone
+        return False
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
@@ -222,12 +211,10 @@ def test_a_rank_that_raises_stops_the_group_and_the_retry_resumes(prefect_api: s
     after = tmp_path / "arts" / "flaky_job.JOB" / "faulted" / "checkpoints" / "checkpoint-1.json"
     env = {"PYTHONPATH": str(tmp_path), "FLAKY_MARK": str(tmp_path / "raised"), "FLAKY_AFTER": str(after)}
     args = ["--job", "flaky_job:JOB", *ARGS[2:], "--artifacts-dir", str(tmp_path / "arts")]
-    t0 = time.monotonic()
-    faulted = Command([*args, "--run-name", "faulted"], prefect_api, **env)
+    faulted = Command.train([*args, "--run-name", "faulted"], info(prefect_api, **env))
     assert faulted.wait() == 0 and (tmp_path / "raised").exists(), faulted.output[-3000:]
     assert "injected fault on rank 1" in faulted.output and "a process of the group failed" in faulted.output
-    assert time.monotonic() - t0 < 300
-    clean = Command([*args, "--run-name", "clean"], prefect_api, **env)  # the mark exists: no fault
+    clean = Command.train([*args, "--run-name", "clean"], info(prefect_api, **env))  # the mark exists: no fault
     assert clean.wait() == 0, clean.output[-3000:]
     assert_same_run(tmp_path / "arts" / "flaky_job.JOB" / "faulted", tmp_path / "arts" / "flaky_job.JOB" / "clean")
 
@@ -236,11 +223,11 @@ def test_sigterm_saves_at_the_end_of_the_epoch_then_resumes(reference: Path, pre
     """All ranks agree to stop at the end of the current epoch; rank 0 saves; exit 143; the rerun
     ends bit-exact."""
     args = [*ARGS, "--artifacts-dir", str(tmp_path), "--run-name", "r"]
-    run = Command(args, prefect_api)
+    run = Command.train(args, info(prefect_api), start_new_session=True)
     run.wait_line("chunk 2: 2 processes")
-    wait_for(lambda: len(ranks_of(run.proc.pid)) == 2, timeout=60, proc=run.proc)
+    wait_until(lambda: rank_processes(run), what="the ranks of chunk 2", proc=run)
     run.proc.send_signal(signal.SIGTERM)
-    assert run.wait(timeout=120) == 143, run.output[-3000:]
+    assert run.wait() == 143, run.output[-3000:]
     # Inside chunk 2 (epochs 101-200), at an epoch's end; 200 if the signal came during its last epoch.
     assert re.search(r"SIGTERM: saved checkpoint-2\.pt at epoch (1\d\d|200)/300", run.output), run.output[-3000:]
     again = run_cli(args, prefect_api)
@@ -277,7 +264,7 @@ def test_two_launchers_over_loopback_train_as_one_launcher_with_two_processes(re
                    "-m", "tasks.distributed", str(folder)]
             launchers.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         for proc in launchers:
-            out = proc.communicate(timeout=300)[0]
+            out = proc.communicate(timeout=600)[0]
             assert proc.returncode == 0, out[-3000:]
         results = [tmp_path / f"chunk{chunk}-node{n}" / "result.json" for n in (0, 1)]
         assert sum(r.exists() for r in results) == 1  # one rank 0, on either launcher

@@ -2,8 +2,8 @@
 expected artifacts, and an exception inside chunk 2 (retried by Prefect, resumed from the last
 checkpoint) ends bit-identical to an uninterrupted run.
 
-A job whose data is not available offline provides ``JobSpec.make_test_data`` (tiny generated
-data); the others run on their default data."""
+A job whose data is not available offline gets tiny data written by the tests
+(``helpers.TEST_DATA``); the others run on their default data."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from flows.train_flow import parser, train_flow
 from tasks.jobs import JOBS, default_jobs
 from tasks.training import chunk_count
-from tests.conftest import assert_same_tensors, fail_once_at, state_dict
+from tests.helpers import TEST_DATA, assert_same_tensors, fail_once_at, state_dict
 
 #: 3 chunks of 2 epochs; the fault is injected in the second epoch of chunk 2.
 SMALL = {"epochs": 6, "chunk_epochs": 2, "seed": 3}
@@ -24,36 +24,41 @@ FAULT_EPOCH = 3  # 0-based: chunk 2 covers epochs 2 and 3
 OUTPUTS = ("config.json", "split.json", "run.json", "history.csv", "metrics.json", "model.pt", "model_state_dict.pt")
 
 
-def job_data(job: str, folder: Path) -> str | None:
-    """``--data`` for a test run: the job's tiny test data, or None for its default data."""
-    make = JOBS[job].make_test_data
-    if make is None:
-        return None
-    folder.mkdir(parents=True, exist_ok=True)
-    return str(make(folder))
+#: Models that draw random numbers while training (dropout): a resume must restore their stream.
+RANDOM_MODELS = {"fashion_mnist": "cnn"}
 
 
-def run(job: str, data: str | None, artifacts: Path) -> Path:
-    result = train_flow(job=job, data=data, artifacts_dir=str(artifacts), run_name="r", **SMALL)
+def job_options(job: str, folder: Path) -> dict[str, str]:
+    """Options of a test run beyond SMALL: the job's tiny test data where its own is not offline,
+    and its model with dropout where it has one."""
+    options = {"model": RANDOM_MODELS[job]} if job in RANDOM_MODELS else {}
+    if job in TEST_DATA:
+        folder.mkdir(parents=True, exist_ok=True)
+        options["data"] = str(TEST_DATA[job](folder))
+    return options
+
+
+def run(job: str, options: dict[str, str], artifacts: Path) -> Path:
+    result = train_flow(job=job, artifacts_dir=str(artifacts), run_name="r", **SMALL, **options)
     assert result[job]["status"] == "completed"
     return Path(result[job]["run_dir"])
 
 
 @pytest.fixture(scope="module", params=list(JOBS))
-def reference(request, prefect_api: str, tmp_path_factory) -> tuple[str, str | None, Path]:
-    """(job, data, run folder) of an uninterrupted SMALL run of each registered job."""
+def reference(request, prefect_api: str, tmp_path_factory) -> tuple[str, dict[str, str], Path]:
+    """(job, options, run folder) of an uninterrupted SMALL run of each registered job."""
     job = request.param
     root = tmp_path_factory.mktemp(f"jobs-{job}")
-    data = job_data(job, root / "data")
-    return job, data, run(job, data, root / "artifacts")
+    options = job_options(job, root / "data")
+    return job, options, run(job, options, root / "artifacts")
 
 
-def test_short_run_writes_every_artifact(reference: tuple[str, str | None, Path]) -> None:
-    job, _, run_dir = reference
+def test_short_run_writes_every_artifact(reference: tuple[str, dict[str, str], Path]) -> None:
+    job, options, run_dir = reference
     spec = JOBS[job]
     for name in OUTPUTS:
         assert (run_dir / name).is_file(), f"{job}: {name} missing"
-    cfg = spec.config(**SMALL)
+    cfg = spec.config(**SMALL, **options)
     chunks = chunk_count(cfg)
     for k in range(1, chunks + 1):
         assert (run_dir / "checkpoints" / f"checkpoint-{k}.pt").is_file()
@@ -72,11 +77,11 @@ def test_short_run_writes_every_artifact(reference: tuple[str, str | None, Path]
     assert ckpt["model"] == spec.model_label(cfg) and ckpt["epoch"] == SMALL["epochs"] - 1
 
 
-def test_exception_inside_chunk_2_resumes_bit_exact(reference: tuple[str, str | None, Path], tmp_path: Path,
+def test_exception_inside_chunk_2_resumes_bit_exact(reference: tuple[str, dict[str, str], Path], tmp_path: Path,
                                                     monkeypatch) -> None:
-    job, data, ref = reference
+    job, options, ref = reference
     calls = fail_once_at(monkeypatch, FAULT_EPOCH)
-    run_dir = run(job, data, tmp_path)
+    run_dir = run(job, options, tmp_path)
     # Prefect retried chunk 2, which resumed from checkpoint-1: only chunk 2's epochs are redone.
     assert calls.count(FAULT_EPOCH) == 2 and calls.count(2) == 2 and calls.count(1) == 1, calls
     assert_same_tensors(state_dict(run_dir / "model_state_dict.pt"), state_dict(ref / "model_state_dict.pt"))
@@ -84,7 +89,7 @@ def test_exception_inside_chunk_2_resumes_bit_exact(reference: tuple[str, str | 
         assert (run_dir / name).read_text() == (ref / name).read_text(), f"{job}: {name} differs"
 
 
-def test_a_stop_inside_an_epoch_resumes_bit_exact(reference: tuple[str, str | None, Path], tmp_path: Path,
+def test_a_stop_inside_an_epoch_resumes_bit_exact(reference: tuple[str, dict[str, str], Path], tmp_path: Path,
                                                   monkeypatch) -> None:
     """SIGTERM halfway through an epoch of chunk 2: the checkpoint holds the batches done in that
     epoch (weights, optimizer, schedule, RNG, their loss sum), and the rerun continues from that
@@ -107,15 +112,15 @@ def test_a_stop_inside_an_epoch_resumes_bit_exact(reference: tuple[str, str | No
         return real(self, epoch, after_batch)
 
     monkeypatch.setattr(training.Trainer, "run_epoch", run_epoch)
-    job, data, ref = reference
+    job, options, ref = reference
     with pytest.raises(KeyboardInterrupt):  # StopRequested: the command would exit 143
-        run(job, data, tmp_path)
+        run(job, options, tmp_path)
     saved = json.loads((tmp_path / job / "r" / "checkpoints" / "checkpoint-2.json").read_text())
     steps = sent[0]
     inside = (FAULT_EPOCH - 1, steps // 2) if steps > 1 else (FAULT_EPOCH, 0)  # (last whole epoch, batches after it)
     assert (saved["epoch"], saved["batch"]) == inside, saved
     monkeypatch.setattr(training.Trainer, "run_epoch", real)
-    run_dir = run(job, data, tmp_path)
+    run_dir = run(job, options, tmp_path)
     assert_same_tensors(state_dict(run_dir / "model_state_dict.pt"), state_dict(ref / "model_state_dict.pt"))
     for name in ("metrics.json", "history.csv", "split.json"):
         assert (run_dir / name).read_text() == (ref / name).read_text(), f"{job}: {name} differs"

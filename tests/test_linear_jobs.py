@@ -12,15 +12,15 @@ from torch import nn
 
 from flows.train_flow import main, train_flow
 from tasks.jobs import JOBS, default_jobs, linear, multi_linear
-from tests.conftest import state_dict
+from tests.helpers import MULTI_X, MULTI_Y, SALARY_X, SALARY_Y, state_dict
 
 
 def test_committed_csvs_are_the_tutorials_data() -> None:
     sal = linear.load(linear.CSV_PATH).pool
-    assert sal.x.flatten().tolist() == linear.X and sal.y.flatten().tolist() == linear.Y
+    assert sal.x.flatten().tolist() == SALARY_X and sal.y.flatten().tolist() == SALARY_Y
     ml = multi_linear.load(multi_linear.CSV_PATH).pool
-    assert torch.equal(ml.x, torch.FloatTensor(multi_linear.TRAIN_X))
-    assert torch.equal(ml.y, torch.FloatTensor(multi_linear.TRAIN_Y))
+    assert torch.equal(ml.x, torch.FloatTensor(MULTI_X))
+    assert torch.equal(ml.y, torch.FloatTensor(MULTI_Y))
 
 
 def test_models_keep_the_tutorials_state_dict_keys() -> None:
@@ -93,7 +93,7 @@ def test_multi_linear_default_run_reaches_least_squares(prefect_api: str, tmp_pa
     cfg = spec.config()
     torch.manual_seed(cfg.seed)
     init = spec.build_model(cfg)
-    x, y = (torch.tensor(v, dtype=torch.float32) for v in (multi_linear.TRAIN_X, multi_linear.TRAIN_Y))
+    x, y = (torch.tensor(v, dtype=torch.float32) for v in (MULTI_X, MULTI_Y))
     projected = multi_linear.nearest_least_squares(x, y, multi_linear._theta(init))
     projected = torch.cat([projected[:2].T, projected[2:]])
     # float32 rounding over 60 000 steps drifts ~3e-5 along the null direction, no more.

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tasks.jobs.nonlinear import CSV_PATH, CustomDataset, CustomModel, generate_csv_text, load
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def test_committed_csv_is_what_the_generator_makes() -> None:

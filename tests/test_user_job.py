@@ -16,11 +16,9 @@ import torch
 
 from flows.train_flow import main, train_flow
 from tasks.jobs import get_job
-from tests.conftest import ROOT, TRAIN, cli_env, fail_once_at, state_dict
-from tests.test_resume import assert_same_run
+from tests.helpers import PREDICT, ROOT, TRAIN, assert_same_run, cli_env, fail_once_at, state_dict
 
 EXAMPLE = Path(__file__).parent / "user_job" / "my_job.py"
-PREDICT = ROOT / "flows" / "predict_flow.py"
 JOB, FOLDER = "my_job:JOB", "my_job.JOB"  # what the user types; the job's name in the run
 #: 4 chunks of 10 epochs; the fault comes in the fourth epoch of chunk 2 (0-based epochs 10-19).
 SMALL = {"epochs": 40, "chunk_epochs": 10, "seed": 3}
@@ -55,7 +53,7 @@ def importable(user_dir: Path, monkeypatch) -> Path:
 
 def command(script: Path, args: list[str], cwd: Path, prefect_api: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(script), *args], cwd=cwd, env={**cli_env(prefect_api), **env},
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=600)
 
 
 def flags(options: dict[str, int]) -> list[str]:
