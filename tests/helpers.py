@@ -189,7 +189,7 @@ def assert_tensorboard_matches_history(run_dir: Path, epochs: int) -> None:
 def fail_once_at(monkeypatch, epoch: int, message: str = "injected fault inside chunk 2") -> list[int]:
     """Make ``Trainer.run_epoch`` raise (a retried error) the first time it reaches ``epoch``;
     returns the list of every epoch it is called with, in order."""
-    from tasks.training import Trainer
+    from tasks.engine.training import Trainer
 
     real = Trainer.run_epoch
     calls: list[int] = []
@@ -207,8 +207,8 @@ def fail_once_at(monkeypatch, epoch: int, message: str = "injected fault inside 
 def fail_at(monkeypatch, epoch: int) -> None:
     """Make every attempt end at ``epoch`` with an error that Prefect does not retry (a stopped
     attempt, as a kill leaves it, but in this process)."""
-    from tasks.jobs.spec import UserError
-    from tasks.training import Trainer
+    from tasks.engine.training import Trainer
+    from tasks.kernel import UserError
 
     real = Trainer.run_epoch
 
@@ -226,7 +226,7 @@ def stopped_run(monkeypatch, epoch: int, **flow_kwargs: Any) -> Path:
     import pytest
 
     from flows.train_flow import train_flow
-    from tasks.jobs.spec import UserError
+    from tasks.kernel import UserError
 
     with monkeypatch.context() as patch:
         fail_at(patch, epoch)
@@ -244,7 +244,7 @@ def flip_a_bit(path: Path) -> None:
 
 def checkpoint_payload(chunk: int, epoch: int | None = None, fingerprint: str = FP) -> dict:
     """A hand-made checkpoint in the product's format."""
-    from tasks.checkpoint import capture_rng
+    from tasks.storage.checkpoint import capture_rng
 
     return {
         "model": "CustomModel", "epoch": chunk * 10 - 1 if epoch is None else epoch,
@@ -275,7 +275,7 @@ class S3Server:
 
 def start_moto(**env: str) -> tuple[subprocess.Popen, str]:
     """A moto S3 server on a free loopback port (``env``: moto's settings); returns it and its URL."""
-    from tasks.server import reserve_port
+    from tasks.orchestration.server import reserve_port
 
     with reserve_port() as sock:
         port = sock.getsockname()[1]
@@ -334,3 +334,15 @@ def write_tiny_fashion_mnist(folder: Path, train: int = 600, test: int = 200, se
 
 #: Jobs whose default data is not available offline: the test data each gets instead.
 TEST_DATA: dict[str, Callable[[Path], Path]] = {"fashion_mnist": write_tiny_fashion_mnist}
+
+
+def run_of(folder: Path):
+    """The Run of a local run folder, as its config.json describes it (for reporting on copies)."""
+    from tasks.kernel import TrainConfig
+    from tasks.storage.records import DataInfo
+    from tasks.storage.run import Run
+    from tasks.storage.store import LocalStore
+
+    record = json.loads((Path(folder) / "config.json").read_text())
+    data = DataInfo(fingerprint=record["data_fingerprint"], source=record["config"]["data"], pool_rows=0)
+    return Run(TrainConfig.model_validate(record["config"]), data, record["fingerprint"], LocalStore(Path(folder)))

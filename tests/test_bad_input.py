@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from flows.train_flow import main
-from tasks.jobs import JOBS
+from tasks.jobs.registry import JOBS
 from tests.helpers import ROOT, TRAIN
 
 GOOD = (ROOT / "data" / "non_linear.csv").read_text()
@@ -146,11 +146,11 @@ def test_run_folder_of_an_older_version_is_refused_not_mixed(existing_artifacts:
     shards) is never continued with today's floats: one line, exit 2, the folder untouched."""
     import json
 
-    from tasks.data import load_job_data
-    from tasks.run import config_record
+    from tasks.storage.data import describe_data
+    from tasks.storage.run import Run
 
     cfg = JOBS["nonlinear"].config(run_name="old-run", artifacts_dir=existing_artifacts)
-    old = config_record(cfg, load_job_data(cfg).fingerprint)
+    old = Run.of(cfg, describe_data(cfg)).config_record()
     old.pop("format")
     old["fingerprint"] = "f" * 64  # what the old code derived: another fingerprint
     (existing_artifacts / "nonlinear" / "old-run" / "config.json").write_text(json.dumps(old))

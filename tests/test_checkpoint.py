@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -10,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import tasks.checkpoint as ck
+import tasks.storage.checkpoint as ck
+from tasks.storage.records import Manifest
 from tests.helpers import FP
 from tests.helpers import checkpoint_payload as payload
 
@@ -58,13 +60,19 @@ def test_damaged_newest_is_skipped_and_moved_aside(folder: Path, damage, caplog)
     assert ck.latest_valid(folder, FP).rejected == ()  # and not again
 
 
+def commit(path: Path, chunk: int) -> None:
+    """A manifest that vouches for whatever bytes ``path`` holds (as an attacker could write)."""
+    data = path.read_bytes()
+    manifest = Manifest(file=path.name, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data), chunk=chunk,
+                        epoch=10 * chunk - 1, fingerprint=FP, cost=0.0)
+    path.with_suffix(".json").write_bytes(manifest.json_bytes())
+
+
 def test_wrong_keys_and_other_config_are_rejected(folder: Path) -> None:
     # Valid torch file with a matching manifest, but not our format / not our run.
     bad = {"model_state_dict": {}}
     ck.atomic_torch_save(folder / "checkpoint-4.pt", bad)
-    data = (folder / "checkpoint-4.pt").read_bytes()
-    import hashlib
-    (folder / "checkpoint-4.json").write_text(json.dumps({"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}))
+    commit(folder / "checkpoint-4.pt", 4)
     ck.save_checkpoint(folder, payload(5, fingerprint="0" * 64))
     got = ck.latest_valid(folder, FP)
     assert got.path.name == "checkpoint-3.pt"
@@ -88,9 +96,7 @@ def test_malicious_pickle_is_refused_and_does_not_run(folder: Path, tmp_path: Pa
     evil = folder / "checkpoint-9.pt"
     with open(evil, "wb") as f:
         torch.save({"model_state_dict": Evil()}, f, pickle_protocol=pickle.HIGHEST_PROTOCOL)
-    import hashlib
-    data = evil.read_bytes()
-    (folder / "checkpoint-9.json").write_text(json.dumps({"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}))
+    commit(evil, 9)
     got = ck.latest_valid(folder, FP)
     assert got.path.name == "checkpoint-3.pt"
     assert any("weights_only" in r for r in got.rejected)
@@ -106,7 +112,7 @@ def test_failed_write_leaves_previous_checkpoint_intact(folder: Path, monkeypatc
     def disk_full(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ck.os, "replace", disk_full)
+    monkeypatch.setattr(os, "replace", disk_full)
     with pytest.raises(OSError):
         ck.save_checkpoint(folder, {**payload(3), "cost": 9.0})
     monkeypatch.undo()

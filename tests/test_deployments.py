@@ -39,8 +39,8 @@ from deployments.registry import (
     job_parameters,
     prefect_yaml,
 )
-from tasks.jobs import JOBS
-from tasks.store import Remote
+from tasks.jobs.registry import JOBS
+from tasks.storage.remote import Remote
 from tests.helpers import ROOT, assert_same_tensors, state_dict, wait_until
 
 pytestmark = pytest.mark.slow
@@ -74,7 +74,7 @@ def test_every_option_is_a_flag_and_a_parameter_of_both_flows() -> None:
 
     from deployments.flow import scheduled_train
     from flows.train_flow import parser, train_flow
-    from tasks.jobs.spec import TrainConfig
+    from tasks.kernel import TrainConfig
 
     fields = set(TrainConfig.model_fields)
     flags = {a.dest for a in parser()._actions} - {"help"}

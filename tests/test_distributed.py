@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.checkpoint import list_checkpoints
-from tasks.distributed import chunk_spec, shard
-from tasks.jobs import JOBS
-from tasks.jobs.spec import TrainConfig
-from tasks.server import reserve_port
-from tasks.training import epoch_order
+from tasks.engine.distributed import ChunkJob, shard
+from tasks.engine.training import epoch_order
+from tasks.jobs.registry import JOBS
+from tasks.kernel import TrainConfig
+from tasks.orchestration.server import reserve_port
+from tasks.storage.checkpoint import list_checkpoints
 from tests.helpers import (
     ROOT,
     Command,
@@ -37,6 +37,16 @@ from tests.helpers import (
 # holds torchrun's default port, which the others' rendezvous would then skip.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("distributed")]
 
+def chunk_job(cfg: TrainConfig, name: str, fingerprint: str, data_fingerprint: str, chunk: int) -> str:
+    """What every rank of a chunk reads (spec.json), as the launching process writes it."""
+    from tasks.storage.records import DataInfo
+    from tasks.storage.run import RunSpec
+
+    run = RunSpec(config=cfg.model_dump(mode="json"), fingerprint=fingerprint, name=name,
+                  data=DataInfo(fingerprint=data_fingerprint, source=str(cfg.data), pool_rows=200))
+    return ChunkJob(run=run, chunk=chunk, resumed=True).model_dump_json()
+
+
 # 3 chunks of 100 epochs, each launched as 2 processes.
 ARGS = ["--job", "nonlinear", "--epochs", "300", "--chunk-epochs", "100", "--seed", "5", "--nproc-per-node", "2"]
 
@@ -50,7 +60,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.jobs import JOBS
+from tasks.jobs.registry import JOBS
 
 BASE = JOBS["nonlinear"]
 
@@ -116,12 +126,12 @@ def test_the_rendezvous_takes_a_free_port_when_torchruns_default_is_taken(prefec
 
 
 def ranks_of(pid: int) -> list[int]:
-    """The rank processes (``-m tasks.distributed``) below ``pid``."""
+    """The rank processes (``-m tasks.engine.distributed``) below ``pid``."""
     out = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             argv = cmdline.read_bytes().split(b"\0")
-            rank = b"tasks.distributed" in argv and b"torch.distributed.run" not in argv  # not torchrun itself
+            rank = b"tasks.engine.distributed" in argv and b"torch.distributed.run" not in argv  # not torchrun itself
             if rank and is_below(int(cmdline.parent.name), pid):
                 out.append(int(cmdline.parent.name))
         except (OSError, ValueError):
@@ -185,7 +195,7 @@ def test_sigkill_of_a_rank_then_of_the_command_resumes_bit_exact(prefect_api: st
 
 def is_rank(pid: int) -> bool:
     try:
-        return b"tasks.distributed" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return b"tasks.engine.distributed" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:  # gone
         return False
 
@@ -195,11 +205,11 @@ def test_a_rank_whose_torchrun_died_while_starting_it_exits_instead_of_waiting(t
     """torchrun stopped while it starts the ranks does not know them all (CI hit this once): a
     rank whose launcher is gone before it could ask to die with it leaves at once, rather than
     wait for a rendezvous that never comes (here: a port nobody listens on)."""
-    (tmp_path / "spec.json").write_text(json.dumps(chunk_spec(JOBS["nonlinear"].config(), tmp_path, "f", 1, False)))
+    (tmp_path / "spec.json").write_text(chunk_job(JOBS["nonlinear"].config(), "r", "f", "f", 1))
     with reserve_port() as nobody:
         env = {**os.environ, "RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(nobody.getsockname()[1]), "TRAINFLOW_LAUNCHER_PID": "0"}  # no parent
-        rank = subprocess.run([sys.executable, "-m", "tasks.distributed", str(tmp_path)], cwd=ROOT, env=env,
+        rank = subprocess.run([sys.executable, "-m", "tasks.engine.distributed", str(tmp_path)], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=100)  # else 120 s: the rendezvous timeout
     assert rank.returncode == 1 and rank.stderr == "", rank.stderr[-2000:]
 
@@ -241,27 +251,26 @@ def test_two_launchers_over_loopback_train_as_one_launcher_with_two_processes(re
     127.0.0.1, each with its own copy of the chunk's spec, as two machines would have), end
     bit-identical to one launcher with --nproc-per-node 2. Whichever launcher the rendezvous
     makes rank 0 writes the checkpoint."""
-    import json
     import shutil
 
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / "nonlinear" / "run"
     shutil.copytree(reference, run_dir)
     for path in (run_dir / "checkpoints").glob("checkpoint-[23].*"):
         path.unlink()  # back to the end of chunk 1
     record = json.loads((run_dir / "config.json").read_text())
-    cfg = TrainConfig.model_validate({**record["config"], "threads": record["threads"]})
+    cfg = TrainConfig.model_validate({**record["config"], "threads": record["threads"], "artifacts_dir": str(tmp_path)})
     for chunk in (2, 3):
-        spec = chunk_spec(cfg, run_dir, record["fingerprint"], chunk, resumed=True)
+        spec = chunk_job(cfg, "run", record["fingerprint"], record["data_fingerprint"], chunk)
         with reserve_port() as sock:
             port = sock.getsockname()[1]
         launchers = []
         for node in (0, 1):
             folder = tmp_path / f"chunk{chunk}-node{node}"
             folder.mkdir()
-            (folder / "spec.json").write_text(json.dumps(spec))
+            (folder / "spec.json").write_text(spec)
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                    "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"chunk{chunk}",
-                   "-m", "tasks.distributed", str(folder)]
+                   "-m", "tasks.engine.distributed", str(folder)]
             launchers.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         for proc in launchers:
             out = proc.communicate(timeout=600)[0]

@@ -14,7 +14,7 @@ from torch import nn
 
 import tasks.jobs.fashion_mnist as fm
 from flows.train_flow import main, train_flow
-from tasks.jobs.spec import UserError
+from tasks.kernel import UserError
 from tests.helpers import run_cli, write_tiny_fashion_mnist
 
 
@@ -174,7 +174,7 @@ def test_tutorial_recipe_from_the_command_line_trains_like_the_tutorials_loop(ti
     gives the weights of the tutorial's loop (zero_grad, forward, loss, backward, step) over the
     same batches, bit for bit."""
     from flows.train_flow import build_configs, parser
-    from tasks import training
+    from tasks.engine import training
 
     args = vars(parser().parse_args(["--job", "fashion_mnist", *fm.TUTORIAL_RECIPE.split()]))
     (cfg,) = build_configs(args.pop("job"), args)

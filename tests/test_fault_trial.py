@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-import tasks.checkpoint as ck
+import tasks.storage.checkpoint as ck
 from flows.train_flow import main, train_flow
-from tasks.run import read_json
-from tasks.server import reserve_port
+from tasks.kernel import read_json
+from tasks.orchestration.server import reserve_port
 from tests.helpers import (
     FP,
     ROOT,
@@ -51,7 +51,7 @@ def test_record_names_the_checkpoint_actually_used_and_a_start_from_scratch(refe
                                                                            tmp_path: Path, monkeypatch) -> None:
     """Attempt 2: the newest checkpoint is damaged, so it resumes from the one before, and says
     so. Attempt 3: every checkpoint is damaged, so it starts over, and says that."""
-    from tasks.jobs.spec import UserError
+    from tasks.kernel import UserError
 
     run_dir = tmp_path / "nonlinear" / "r"
     ckpts = run_dir / "checkpoints"
@@ -85,7 +85,7 @@ def test_full_disk_is_recorded_as_failed_with_what_to_fix_and_not_retried(prefec
                                                                           monkeypatch, capsys) -> None:
     """A disk that fills up as the run writes its outputs: run.json says `failed` with the error,
     Prefect does not retry the same failure, and the command says to free space first."""
-    import tasks.export
+    import tasks.engine.export
 
     calls: list[Path] = []
 
@@ -93,7 +93,7 @@ def test_full_disk_is_recorded_as_failed_with_what_to_fix_and_not_retried(prefec
         calls.append(Path(path))
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(tasks.export, "atomic_torch_save", full)
+    monkeypatch.setattr(tasks.engine.export, "atomic_torch_save", full)
     code = main([*ARGS, "--epochs", "500", "--artifacts-dir", str(tmp_path), "--run-name", "f"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 1 and len(calls) == 1, err  # the task's retries were not spent on it

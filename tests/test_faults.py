@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
-import tasks.checkpoint as ck
+import tasks.storage.checkpoint as ck
 from flows.train_flow import train_flow
+from tasks.engine.training import DivergedError
+from tasks.kernel import read_json
 from tasks.reporting import verify_hashes
-from tasks.run import OWNER_FILE, read_json
-from tasks.training import DivergedError
+from tasks.storage.store import OWNER_FILE
 from tests.helpers import (
     ROOT,
     Command,
@@ -199,7 +200,7 @@ def test_sigterm_and_ctrl_c_save_after_the_batch_then_resume(sig, reference: Pat
 def test_divergence_stops_with_one_line_and_is_not_retried(prefect_api: str, tmp_path: Path, monkeypatch) -> None:
     """A NaN loss in chunk 2 fails at once (no Prefect retries), naming the epoch, and the last
     good checkpoint stays."""
-    import tasks.training as training
+    import tasks.engine.training as training
 
     real = training.train_epoch
     epochs: list[int] = []
@@ -250,8 +251,9 @@ def test_failed_checkpoint_write_keeps_previous_and_retry_takes_over(reference: 
 
 def hold_in_a_process(run_dir: Path) -> subprocess.Popen:
     """Another process holding ``run_dir`` until it is killed."""
-    holder = subprocess.Popen([sys.executable, "-c", "import time; from tasks.run import hold\n"
-                               f"h = hold({str(run_dir)!r}).__enter__(); print('held', flush=True); time.sleep(3600)"],
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from tasks.storage.store import LocalStore\n"
+                               f"h = LocalStore({str(run_dir)!r}).hold().__enter__(); print('held', flush=True); "
+                               "time.sleep(3600)"],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     return holder

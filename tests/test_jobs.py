@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from flows.train_flow import parser, train_flow
-from tasks.jobs import JOBS, default_jobs
-from tasks.training import chunk_count
+from tasks.engine.training import chunk_count
+from tasks.jobs.registry import JOBS, default_jobs
 from tests.helpers import TEST_DATA, assert_same_tensors, fail_once_at, state_dict
 
 #: 3 chunks of 2 epochs; the fault is injected in the second epoch of chunk 2.
@@ -97,7 +97,7 @@ def test_a_stop_inside_an_epoch_resumes_bit_exact(reference: tuple[str, dict[str
     import signal
     import threading
 
-    import tasks.training as training
+    import tasks.engine.training as training
 
     real = training.Trainer.run_epoch
     sent: list[int] = []  # steps per epoch, once the signal went

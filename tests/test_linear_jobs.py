@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from flows.train_flow import main, train_flow
-from tasks.jobs import JOBS, default_jobs, linear, multi_linear
+from tasks.jobs.registry import JOBS, default_jobs, linear, multi_linear
 from tests.helpers import MULTI_X, MULTI_Y, SALARY_X, SALARY_Y, state_dict
 
 

@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.store import LEASE_KEY, Lease, LocalCheckpoints, ObjectCheckpoints, Remote
+from tasks.storage.checkpoint import LocalCheckpoints
+from tasks.storage.remote import LEASE_KEY, Lease, Remote
+from tasks.storage.store import ObjectCheckpoints
 from tests.helpers import (
     FP,
     ROOT,
@@ -96,7 +98,7 @@ def test_both_protocols_keep_the_newest_and_the_best(raw: Raw) -> None:
     values = [float(v) for v in range(40)]
     values[19] = -1.0  # chunk 2's epoch is the best (lowest)
     raw.store.prune(1, values, higher_is_better=False)
-    assert [m["chunk"] for m in raw.store.manifests()] == [2, 4]
+    assert [m.chunk for m in raw.store.manifests()] == [2, 4]
 
 
 def test_each_manifest_is_read_once_until_its_bytes_change(s3_server) -> None:
@@ -109,9 +111,9 @@ def test_each_manifest_is_read_once_until_its_bytes_change(s3_server) -> None:
     store.manifests()
     assert got == [n[:-3] + ".json" for n in names]
     got.clear()
-    assert [m["chunk"] for m in ObjectCheckpoints(remote).manifests()] == [1, 2, 3] and got == []
+    assert [m.chunk for m in store.manifests()] == [1, 2, 3] and got == []  # the store keeps what it read
     remote.put(names[0][:-3] + ".json", read(names[0][:-3] + ".json").replace(b'"chunk": 1', b'"chunk": 7'))
-    assert [m["chunk"] for m in store.manifests()] == [7, 2, 3] and got == [names[0][:-3] + ".json"]
+    assert [m.chunk for m in store.manifests()] == [7, 2, 3] and got == [names[0][:-3] + ".json"]
 
 
 def test_a_store_never_overwrites_a_save(s3_server) -> None:
@@ -120,7 +122,7 @@ def test_a_store_never_overwrites_a_save(s3_server) -> None:
     store = ObjectCheckpoints(Remote(f"{s3_server.bucket()}/run/checkpoints"))
     first = store.save(payload(2, epoch=13)).name
     second = store.save(payload(2, epoch=19)).name
-    assert first != second and {m["file"] for m in store.manifests()} == {first, second}
+    assert first != second and {m.file for m in store.manifests()} == {first, second}
     assert store.latest_valid(FP).payload["epoch"] == 19
     assert not store.remote.put_new(first[:-3] + ".json", b"{}")
     assert json.loads(store.remote.get(first[:-3] + ".json"))["epoch"] == 13
@@ -165,18 +167,18 @@ def test_a_dead_holders_lease_expires_and_one_claimant_takes_it_over(s3_server) 
 def test_a_holder_whose_lease_was_taken_over_commits_nothing_more(s3_server) -> None:
     """A stalled worker whose lease another took over finds out at its next renewal and refuses
     to commit a checkpoint into the run it no longer owns."""
-    from tasks.jobs.spec import UserError
+    from tasks.storage.remote import LeaseLost
 
     remote = Remote(f"{s3_server.bucket()}/run")
-    lease = Lease(remote, ttl=1.5).acquire()  # renews every 0.5 s
-    store = ObjectCheckpoints(remote.child("checkpoints"), lease)
+    lease = Lease(remote, ttl=6).acquire()  # renews every 2 s
+    store = ObjectCheckpoints(remote.child("checkpoints"), fence=lease.check)
     store.save(payload(1))
     held = json.loads(remote.get(LEASE_KEY))
     remote.put(LEASE_KEY, json.dumps({**held, "token": "another worker"}).encode())  # taken over meanwhile
     wait_until(lambda: lease.lost is not None, what="the renewal to notice", every=0.1)
-    with pytest.raises(UserError, match="lost the lease"):
+    with pytest.raises(LeaseLost, match="lost the lease"):
         store.save(payload(2))
-    assert [m["chunk"] for m in store.manifests()] == [1]
+    assert [m.chunk for m in store.manifests()] == [1]
     lease.release()
     assert json.loads(remote.get(LEASE_KEY))["token"] == "another worker", "release must not delete another's lease"
 
@@ -292,7 +294,7 @@ def test_fresh_on_a_store_moves_the_old_run_aside_and_predictions_read_the_new_o
                                 f"{root}/nonlinear/latest", "--x", "1", "5", "--json"], cwd=ROOT,
                                env=machine(tmp_path, "c", prefect_api), capture_output=True, text=True, timeout=600)
     assert predicted.returncode == 0, predicted.stderr[-2000:]
-    from tasks.jobs import JOBS
+    from tasks.jobs.registry import JOBS
 
     model = JOBS["nonlinear"].build_model(JOBS["nonlinear"].config())
     (tmp_path / "w.pt").write_bytes(run.get("model_state_dict.pt"))

@@ -25,7 +25,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tasks.store import LEASE_KEY, ObjectCheckpoints, Remote, chunk_of
+from tasks.storage.remote import LEASE_KEY, Remote, chunk_of
+from tasks.storage.store import ObjectCheckpoints
 from tests.helpers import (
     ROOT,
     TRAIN,

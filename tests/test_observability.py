@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from tasks.storage.records import ChunkResult  # noqa: E402
 from tests.helpers import (
     PREDICT,
     ROOT,
@@ -24,6 +25,7 @@ from tests.helpers import (
     assert_tensorboard_matches_history,
     cli_env,
     history,
+    run_of,
     scalars,
     train_cli,
     wait_until,
@@ -176,13 +178,13 @@ def test_tensorboard_events_hold_every_epoch_once(run_dir: Path) -> None:
 def test_tensorboard_rewrite_replaces_the_steps_it_writes_again(run_dir: Path, tmp_path: Path) -> None:
     """Epochs written again (a rerun, a resume from an older checkpoint) show once, with the
     history's new values: purge_step hides the earlier file's steps from TensorBoard's readers."""
-    from tasks.history import write_history_csv
-    from tasks.reporting import read_history, write_tensorboard
+    from tasks.reporting import write_tensorboard
+    from tasks.storage.history import read_history, write_history_csv
 
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy)
     files = sorted((copy / "tensorboard").iterdir())
-    hist = read_history(copy)
+    hist = read_history(run_of(copy))
     assert write_tensorboard(copy, hist, 31) == 30 and sorted((copy / "tensorboard").iterdir()) == files
     hist["train_loss"][20:] = [2 * v for v in hist["train_loss"][20:]]  # epochs 21-30 trained differently
     write_history_csv(copy / "history.csv", hist)
@@ -193,15 +195,15 @@ def test_tensorboard_rewrite_replaces_the_steps_it_writes_again(run_dir: Path, t
 def report_on_copy(run_dir: Path, tmp_path: Path, events_kept: int, written: int):
     """A copy of the finished run whose TensorBoard folder holds only the first ``events_kept``
     files and whose run.json says ``written`` epochs are in TensorBoard; a RunReport on it."""
-    from tasks.jobs import get_job
     from tasks.reporting import RunReport
+    from tasks.storage.records import RunRecord
 
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy)
     for path in sorted((copy / "tensorboard").iterdir())[events_kept:]:
         path.unlink()
-    report = RunReport(get_job("nonlinear").config(epochs=30, chunk_epochs=10, seed=3), copy)
-    report.record = json.loads((copy / "run.json").read_text()) | {"tensorboard_epochs": written}
+    report = RunReport(run_of(copy))
+    report.record = RunRecord.model_validate(json.loads((copy / "run.json").read_text()) | {"tensorboard_epochs": written})
     return copy, report
 
 
@@ -209,8 +211,8 @@ def test_tensorboard_catches_up_after_a_kill_between_checkpoint_and_events(run_d
     """Killed after checkpoints 2 and 3 but before their events: the next attempt's first
     chunk (skipped, all is trained) writes epochs 11-30 and records the resume."""
     copy, report = report_on_copy(run_dir, tmp_path, events_kept=1, written=10)
-    report.chunk_done({"chunk": 1, "skipped": True, "epoch": 30, "loaded": "checkpoint-3.pt",
-                       "resumed_from": "checkpoint-3.pt"})
+    report.chunk_done(ChunkResult(chunk=1, trained=False, start_epoch=30, end_epoch=30, loaded="checkpoint-3.pt",
+                                  resumed=True))
     assert_tensorboard_matches_history(copy, 30)
     record = json.loads((copy / "run.json").read_text())
     assert record["tensorboard_epochs"] == 30
@@ -220,16 +222,16 @@ def test_tensorboard_catches_up_after_a_kill_between_checkpoint_and_events(run_d
 def test_resume_from_an_older_checkpoint_is_recorded_and_rewrites_its_epochs(run_dir: Path, tmp_path: Path) -> None:
     """checkpoint-3 damaged, so training resumed from checkpoint-2 and trained epochs 21-30
     again: run.json names checkpoint-2 (not the newest manifest), TensorBoard the new values."""
-    from tasks.history import write_history_csv
-    from tasks.reporting import read_history
+    from tasks.storage.history import read_history, write_history_csv
 
     copy, report = report_on_copy(run_dir, tmp_path, events_kept=3, written=30)
-    hist = read_history(copy)
+    hist = read_history(run_of(copy))
     hist["val_loss"][20:] = [v + 1 for v in hist["val_loss"][20:]]
     write_history_csv(copy / "history.csv", hist)
-    report.chunk_done({"chunk": 3, "skipped": False, "start_epoch": 20, "end_epoch": 30, "seconds": 0.5,
-                       "loaded": "checkpoint-2.pt", "resumed_from": "checkpoint-2.pt", "checkpoint": "checkpoint-3.pt",
-                       "train_loss": 1.0, "skipped_checkpoints": ["checkpoint-3.pt: sha256 mismatch (file damaged)"]})
+    report.chunk_done(ChunkResult(chunk=3, trained=True, start_epoch=20, end_epoch=30, seconds=0.5,
+                                  loaded="checkpoint-2.pt", resumed=True, checkpoint="checkpoint-3.pt",
+                                  last={"train_loss": 1.0},
+                                  skipped_checkpoints=["checkpoint-3.pt: sha256 mismatch (file damaged)"]))
     assert_tensorboard_matches_history(copy, 30)
     record = json.loads((copy / "run.json").read_text())
     assert [(r["from_checkpoint"], r["epochs_saved"]) for r in record["resumes"]] == [("checkpoint-2.pt", 20)]
@@ -270,7 +272,8 @@ def test_run_json_records_everything_and_its_hashes_match(run_dir: Path) -> None
 def test_latest_names_the_run_and_tensorboard_lists_each_run_once(run_dir: Path, tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
 
-    from tasks.reporting import resolve_run, update_latest
+    from tasks.reporting import resolve_run
+    from tasks.storage.store import LocalStore
 
     latest = run_dir.parent / "latest"
     assert latest.is_file() and not latest.is_symlink() and latest.read_text() == "Obs_1\n"
@@ -280,7 +283,7 @@ def test_latest_names_the_run_and_tensorboard_lists_each_run_once(run_dir: Path,
     assert sorted(tb.Runs()) == ["nonlinear/Obs_1/tensorboard"]
     (tmp_path / "old-run").mkdir()
     (tmp_path / "latest").symlink_to("old-run")  # an older version's pointer
-    update_latest(tmp_path / "new-run")
+    LocalStore(tmp_path / "new-run").point_latest()
     assert not (tmp_path / "latest").is_symlink() and resolve_run(tmp_path / "latest") == tmp_path / "new-run"
 
 
@@ -343,8 +346,8 @@ def test_failed_attempt_then_rerun_continues_the_same_curves(prefect_api: str, t
     """Attempt 1 fails inside chunk 2 with an error Prefect does not retry; attempt 2 (the same
     call again) resumes from checkpoint-1: TensorBoard has each epoch once, run.json says so."""
     from flows.train_flow import train_flow
-    from tasks.jobs.spec import UserError
-    from tasks.training import Trainer
+    from tasks.engine.training import Trainer
+    from tasks.kernel import UserError
 
     real = Trainer.run_epoch
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from flows.train_flow import main, train_flow
-from tasks.jobs.spec import auto_threads
+from tasks.kernel import auto_threads
 from tests.helpers import ROOT, TRAIN, assert_same_run, cli_env, run_cli, train_cli, wait_until
 
 # Small but real: 200 rows, 3 chunks.

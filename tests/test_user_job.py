@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from flows.train_flow import main, train_flow
-from tasks.jobs import get_job
+from tasks.jobs.registry import get_job
 from tests.helpers import PREDICT, ROOT, TRAIN, assert_same_run, cli_env, fail_once_at, state_dict
 
 EXAMPLE = Path(__file__).parent / "user_job" / "my_job.py"
