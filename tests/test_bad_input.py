@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +99,10 @@ def test_bad_csv(case: str, tmp_path: Path, existing_artifacts: Path, capsys) ->
         (["--optimizer", "adam", "--momentum", "0.9"], "--momentum and --nesterov apply to --optimizer sgd only"),
         (["--nproc-per-node", "0"], "invalid --nproc-per-node: Input should be greater than or equal to 1"),
         (["--nproc-per-node", "3"], "--batch-size 16 does not divide by --nproc-per-node 3"),
+        pytest.param(["--nproc-per-node", "64", "--batch-size", "64", "--device", "cpu"],
+                     "more CPU processes than this machine's", marks=pytest.mark.skipif(
+                         len(os.sched_getaffinity(0)) >= 64, reason="a machine with 64 cores")),
+        (["--artifacts-dir", "s3://"], "invalid --artifacts-dir: the URL names no bucket: use s3://BUCKET"),
         (["--nproc-per-node", "2", "--dist-backend", "nccl", "--device", "cpu"], "--dist-backend nccl needs CUDA"),
         pytest.param(["--nproc-per-node", "2", "--device", "cuda"], "--device cuda: this machine has no usable CUDA",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine")),
@@ -106,7 +111,7 @@ def test_bad_csv(case: str, tmp_path: Path, existing_artifacts: Path, capsys) ->
 def test_bad_options(args: list[str], expected: str, existing_artifacts: Path, capsys) -> None:
     before = snapshot(existing_artifacts)
     with pytest.raises(SystemExit) if {"ten", "lbfgs"} & set(args) else _nullcontext() as raised:
-        code, err = run_main(capsys, [*args, "--artifacts-dir", str(existing_artifacts)])
+        code, err = run_main(capsys, ["--artifacts-dir", str(existing_artifacts), *args])  # a case's own wins
     if raised is not None:  # argparse's own errors, also one line
         code, err = raised.value.code, capsys.readouterr().err.strip()
     assert_one_line_error(code, err, expected)

@@ -228,6 +228,8 @@ def test_run_on_tiny_data_writes_metrics_and_pngs(tiny: Path, prefect_api: str, 
         exported = torch.export.load(run_dir / "model.pt2").module()(images)
     # The program's weights are contiguous, the model's channels_last: other conv kernels, the same classes.
     assert torch.allclose(exported, expected, rtol=1e-4, atol=1e-5) and torch.equal(exported.argmax(1), expected.argmax(1))
+    # About the model's size: its example input is two images, not the training set they are cut from.
+    assert (run_dir / "model.pt2").stat().st_size < (run_dir / "model_state_dict.pt").stat().st_size + 100_000
 
 
 @pytest.mark.slow
@@ -258,5 +260,8 @@ def test_predict_classifies_test_images_by_index(tiny: Path, prefect_api: str, t
     true = fm.load(tiny).test.y
     assert [r["input"] for r in rows] == [f"test image {i} (true: {fm.LABELS[int(true[i])]})" for i in (0, 5)]
     assert all(r["text"].split(": ")[-1].split(" (")[0] in fm.LABELS for r in rows)
+    # --json's rows say what the text says: the label, its class and probability
+    assert all(r["text"].endswith(f": {r['label']} ({r['probability']:.1%})") and fm.LABELS[r["class"]] == r["label"]
+               for r in rows)
     with pytest.raises(UserError, match="--index 200 is out of range"):
         predict(result["run_dir"], {"index": [200]})

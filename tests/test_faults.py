@@ -189,12 +189,29 @@ def test_sigterm_and_ctrl_c_save_after_the_batch_then_resume(sig, reference: Pat
     assert 500 <= saved < 750 and f"at epoch {saved}/1500" in last  # mid-chunk
     inside = json.loads((ckpts / "checkpoint-3.json").read_text())["batch"]  # batches of the next epoch done
     assert (inside > 0) == (f" and {inside}/" in last), last  # the message says where inside the epoch
-    assert out.count("Crash detected") <= 1, out[-3000:]
+    assert "Crash detected" not in out and "Crashed(" not in out, out[-3000:]  # a stop, not a crash
     if terminal:
         wait_until(lambda: not server_pids(port), what="the temporary server to stop with the command")
     again = run_cli(args, prefect_api)
     assert again.returncode == 0, again.stderr[-2000:]
     assert_same_run(tmp_path / "nonlinear" / "t", reference)
+
+
+def test_ctrl_c_between_two_chunks_stops_the_run_as_a_stop(prefect_api: str, tmp_path: Path) -> None:
+    """Ctrl-C to the command's group the moment chunk 1's checkpoint is committed (between two
+    chunks, or at the very start of the next) stops the run within seconds: exit 130, one line
+    saying where, no crash; it does not train on to the end."""
+    args = ["--job", "nonlinear", "--epochs", "40000", "--chunk-epochs", "1000", "--artifacts-dir", str(tmp_path),
+            "--run-name", "c"]
+    ckpts = tmp_path / "nonlinear" / "c" / "checkpoints"
+    run = Command.train(args, cli_env(prefect_api, PREFECT_LOGGING_LEVEL="INFO"), start_new_session=True)
+    wait_until(lambda: (ckpts / "checkpoint-1.json").exists(), what="chunk 1's commit", proc=run, every=0.005)
+    os.killpg(run.pid, signal.SIGINT)
+    assert run.wait(timeout=300) == 130, run.output[-2000:]
+    last = [line for line in run.output.splitlines() if line.strip()][-1]
+    assert last.startswith("stopped: SIGINT: ") and "rerun the same command to resume" in last, run.output[-2000:]
+    assert "Crash detected" not in run.output and "Crashed(" not in run.output, run.output[-3000:]
+    assert max(k for k, _ in ck.list_checkpoints(ckpts)) <= 3  # it stopped, within a chunk or two
 
 
 def test_divergence_stops_with_one_line_and_is_not_retried(prefect_api: str, tmp_path: Path, monkeypatch) -> None:

@@ -4,6 +4,7 @@ machine" (an empty local cache), and bad input."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -80,7 +81,21 @@ def foreign_manifest(raw: Raw, name: str) -> None:  # another run's manifest in 
     raw.put(name[:-3] + ".json", json.dumps({**manifest, "fingerprint": "0" * 64}).encode())
 
 
-@pytest.mark.parametrize("damage", [truncate, bitflip, no_manifest, foreign_manifest])
+def older_under_a_newer_name(raw: Raw, name: str) -> None:  # checkpoint 1 committed again as the newest
+    oldest = raw.store.manifests()[0]
+    data = raw.get(oldest.file)
+    raw.put(name, data)
+    forged = oldest.model_copy(update={"file": name, "chunk": 3, "epoch": 29, "sha256": hashlib.sha256(data).hexdigest(),
+                                       "bytes": len(data)})
+    raw.put(name[:-3] + ".json", forged.json_bytes())
+
+
+def bytes_missing(raw: Raw, name: str) -> None:  # the manifest stays, its bytes are gone
+    raw.delete(name)
+
+
+@pytest.mark.parametrize("damage", [truncate, bitflip, no_manifest, foreign_manifest, older_under_a_newer_name,
+                                    bytes_missing])
 def test_both_protocols_resume_from_the_newest_valid_commit(raw: Raw, damage) -> None:
     names = [raw.store.save(payload(k)).name for k in (1, 2, 3)]
     got = raw.store.latest_valid(FP)
@@ -99,6 +114,24 @@ def test_both_protocols_keep_the_newest_and_the_best(raw: Raw) -> None:
     values[19] = -1.0  # chunk 2's epoch is the best (lowest)
     raw.store.prune(1, values, higher_is_better=False)
     assert [m.chunk for m in raw.store.manifests()] == [2, 4]
+
+
+def test_clean_up_never_deletes_what_it_cannot_vouch_for_and_clears_interrupted_saves(s3_server) -> None:
+    """On a store: the newest manifest unreadable (a cut upload), so its bytes and it go to
+    quarantine/, never deleted; a save of the last chunk whose manifest never came is deleted
+    once that chunk is committed."""
+    remote = Remote(f"{s3_server.bucket()}/c/checkpoints")
+    store = ObjectCheckpoints(remote)
+    names = [store.save(payload(k)).name for k in (1, 2, 3)]
+    kept = remote.get(names[2])
+    remote.put(names[2][:-3] + ".json", b'{"file": "chec')  # truncated
+    remote.put("checkpoint-4.0123456789ab.pt", b"cut by a kill")  # no manifest ever came
+    store.save(payload(4))
+    store.prune(None, [], higher_is_better=False)
+    assert remote.get(f"quarantine/{names[2]}") == kept and remote.keys("quarantine") == sorted(
+        [f"quarantine/{names[2]}", f"quarantine/{names[2][:-3]}.json"])
+    assert "checkpoint-4.0123456789ab.pt" not in remote.keys()
+    assert [m.chunk for m in store.manifests()] == [1, 2, 4]
 
 
 def test_each_manifest_is_read_once_until_its_bytes_change(s3_server) -> None:
@@ -235,6 +268,12 @@ def test_missing_bucket_and_missing_or_refused_credentials(prefect_api: str, s3_
     finally:
         strict.kill()
         strict.wait()
+    # A store that does not answer is not bad input: exit 1, and rerun once it is back.
+    gone = subprocess.run([sys.executable, str(TRAIN), "--job", "nonlinear", "--artifacts-dir", "s3://some-bucket/x"],
+                          cwd=ROOT,
+                          env={**env, "AWS_ENDPOINT_URL": endpoint}, capture_output=True, text=True, timeout=600)
+    err = gone.stderr.strip()
+    assert gone.returncode == 1 and err.count("\n") == 0 and "is unreachable" in err and "rerun when it is back" in err, err
 
 
 def test_a_run_made_with_another_config_is_refused_and_untouched(prefect_api: str, s3_server, tmp_path: Path) -> None:
@@ -279,6 +318,7 @@ def test_fresh_on_a_store_moves_the_old_run_aside_and_predictions_read_the_new_o
     first = subprocess.run(args, cwd=ROOT, env=machine(tmp_path, "a", prefect_api), capture_output=True, text=True,
                            timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
+    assert not list((tmp_path / "a" / "runs").glob("*/*")), "a completed run keeps no staging copy"
     run = Remote(f"{root}/nonlinear/r")
     old = {k: run.get(k) for k in run.keys() if k != LEASE_KEY}
     again = subprocess.run([*args, "--fresh"], cwd=ROOT, env=machine(tmp_path, "b", prefect_api), capture_output=True,

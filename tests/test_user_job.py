@@ -41,7 +41,28 @@ def user_dir(tmp_path_factory) -> Path:
     x = rng.uniform(-2, 2, (200, 2))
     np.savetxt(folder / "points.csv", np.c_[x, 2 * x[:, 0] - 3 * x[:, 1] + 1 + rng.normal(0, 0.1, 200)],
                delimiter=",", header="x1,x2,y", comments="")
+    (folder / "broken_jobs.py").write_text(BROKEN_JOBS)
+    (folder / "unimportable.py").write_text('raise RuntimeError("a bug at import")\n')
     return folder
+
+
+#: Jobs whose every chunk and every retry would fail the same way.
+BROKEN_JOBS = """
+from dataclasses import replace
+
+from torch import nn
+
+from my_job import JOB
+
+WIDE = replace(JOB, build_model=lambda cfg: nn.Linear(2, 3))  # [B, 3] outputs for [B, 1] targets
+
+
+def fail(path):
+    raise ValueError("cannot parse this file")
+
+
+LOADS = replace(JOB, load=fail)
+"""
 
 
 @pytest.fixture
@@ -120,6 +141,10 @@ def test_the_deployments_flow_takes_it_as_its_job_parameter(importable: Path, pr
     ("my_job:JBO", "has no 'JBO' (its JobSpecs: JOB); define JBO = JobSpec(...) there"),
     ("my_job:load", "my_job:load is a function, not a JobSpec; point --job at a tasks.jobs.spec.JobSpec"),
     ("my_job.py:JOB", "is a file path; give a module path instead: --job my_job:JOB"),
+    ("broken_jobs:WIDE", "the model's output [2, 3] and the targets [2, 1] differ in shape, and MSELoss would "
+                         "broadcast them"),
+    ("broken_jobs:LOADS", "failed (ValueError: cannot parse this file); fix the job's load or --data (traceback in "),
+    ("unimportable:JOB", "job unimportable.JOB: importing module 'unimportable' failed (RuntimeError: a bug at import)"),
 ])
 def test_a_wrong_job_is_one_line_and_writes_nothing(job: str, expected: str, importable: Path, tmp_path: Path,
                                                     capsys) -> None:
