@@ -191,6 +191,7 @@ def test_sigkill_of_a_rank_then_of_the_command_resumes_bit_exact(prefect_api: st
     again = run_cli(args, prefect_api)
     assert again.returncode == 0, again.stderr[-3000:]
     assert_same_run(tmp_path / "fashion_mnist" / "r", reference)
+    assert not (tmp_path / "fashion_mnist" / "r" / ".ranks").exists(), "the killed chunk's rank files stay behind"
 
 
 def is_rank(pid: int) -> bool:

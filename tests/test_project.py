@@ -45,3 +45,24 @@ def test_every_proof_in_the_guarantees_table_is_a_test() -> None:
             module = path or module
             source = (ROOT / "tests" / module).read_text()
             assert not test or re.search(rf"^def {re.escape(test)}\(", source, re.M), f"{name}: no such test in {module}"
+
+
+def test_the_command_opts_prefects_client_out_of_usage_data(monkeypatch) -> None:
+    """pyproject.toml opts the server out; the command does the same for the client (the
+    documented DO_NOT_TRACK), so a rerun prints no telemetry notice. A user's own choice stays."""
+    import gc
+
+    import flows.train_flow as command
+    import tasks.orchestration.server as server
+
+    monkeypatch.setattr(server, "launch", lambda: None)
+    monkeypatch.delenv("DO_NOT_TRACK", raising=False)
+    try:
+        command.start_up(["--job", "nonlinear"])
+    finally:
+        gc.enable()
+    assert command.os.environ["DO_NOT_TRACK"] == "1"
+    monkeypatch.setenv("DO_NOT_TRACK", "0")
+    command.start_up([])
+    gc.enable()
+    assert command.os.environ["DO_NOT_TRACK"] == "0"

@@ -68,7 +68,7 @@ def test_without_a_server_the_command_boots_its_own_which_dies_with_it(reference
     assert bad.stderr.strip().splitlines() == ["error: invalid --epochs: Input should be greater than 0 (got 0)"]
 
 
-def test_completed_run_is_not_retrained(reference: Path, tmp_path: Path, capsys) -> None:
+def test_completed_run_is_not_retrained(reference: Path, prefect_api: str, tmp_path: Path, capsys) -> None:
     run_dir = tmp_path / "nonlinear" / "ref"
     shutil.copytree(reference, run_dir)  # a completed run
     args = [*SMALL, "--artifacts-dir", str(tmp_path), "--run-name", "ref"]
@@ -76,6 +76,9 @@ def test_completed_run_is_not_retrained(reference: Path, tmp_path: Path, capsys)
     assert main(args) == 0
     assert "already complete" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir()} == stamps
+    again = run_cli(args, prefect_api, PREFECT_LOGGING_LEVEL="INFO")  # as a user reruns it: it exits quietly
+    assert again.returncode == 0 and "already complete" in again.stdout, again.stderr[-2000:]
+    assert "Still processing items" not in again.stderr + again.stdout, again.stderr[-2000:]
 
     # --fresh starts over but keeps the old run's files, moved aside.
     assert main([*args, "--fresh"]) == 0

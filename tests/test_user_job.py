@@ -95,6 +95,8 @@ def reference(user_dir: Path, prefect_api: str) -> Path:
 def test_trains_from_its_own_folder_and_predicts(reference: Path, importable: Path, prefect_api: str) -> None:
     record = json.loads((reference / "config.json").read_text())
     assert record["job"] == FOLDER and json.loads((reference / "metrics.json").read_text())["job"] == FOLDER
+    code = json.loads((reference / "run.json").read_text())["environment"]["job_code"]  # the job's code, not ours
+    assert code["module"] == "my_job" and code["file"] == str((importable / "my_job.py").resolve())
     for name in ("model_state_dict.pt", "model.pt", "history.csv", "summary.md", "checkpoints/checkpoint-4.pt"):
         assert (reference / name).is_file(), name
     # Predict from elsewhere (the repository root), the module found through PYTHONPATH.
