@@ -382,7 +382,10 @@ class Trainer:
     def state_dict(self, chunk: int) -> dict[str, Any]:
         """The checkpoint payload after the last completed epoch (``epoch``, the tutorial's keys
         with the tutorial's meaning) and, after a stop inside an epoch, the batches done in the
-        next one (``batch``, ``batch_loss_sum``); then what exact resume needs."""
+        next one (``batch``, ``batch_loss_sum``); then what exact resume needs. It leaves the
+        random streams as it found them: a checkpoint taken inside an epoch, which an
+        uninterrupted run never takes, must not move them (a job's hook might draw)."""
+        rng = capture_rng()
         epoch, label = self.next_epoch - 1, self.spec.model_label(self.cfg)
         cost = self.history["train_loss"][-1] if self.history.get("train_loss") else float(self.partial) / self.skip
         payload = {
@@ -390,7 +393,7 @@ class Trainer:
             "optimizer_state_dict": self.optimizer.state_dict(), "cost": cost,
             "description": f"{label} 체크포인트-{chunk} (epoch {epoch + 1}/{self.cfg.epochs})",
             "chunk": chunk, "format": 1, "job": self.cfg.job, "fingerprint": self.run.fingerprint,
-            "config": self.cfg.identity(), "rng": capture_rng(), "stopped_early": self.stopped_early,
+            "config": self.cfg.identity(), "rng": rng, "stopped_early": self.stopped_early,
             "history": {k: torch.tensor(v, dtype=torch.float64) for k, v in self.history.items()},
             **self.parallel.state_dict(),
         }
@@ -400,6 +403,7 @@ class Trainer:
             payload["scheduler_state_dict"] = self.scheduler.state_dict()
         if self.skip:
             payload.update(batch=self.skip, batch_loss_sum=self.partial, epoch_lr=self.epoch_lr)
+        restore_rng(rng)
         return payload
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:

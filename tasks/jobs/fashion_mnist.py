@@ -351,7 +351,7 @@ JOB = JobSpec(
     metrics=accuracy,
     monitor=("accuracy", True),
     report=report,
-    model_label=lambda cfg: type(MODELS[cfg.model]()).__name__,
+    model_label=lambda cfg: MODELS[cfg.model].__name__,  # the class's name: building one would draw random numbers
     data_help="folder with FashionMNIST/raw/*.gz (default data/)",
     predict=Predictor(add_arguments=_predict_arguments, inputs=_predict_inputs, format=_predict_format,
                       fields=_predict_fields),
