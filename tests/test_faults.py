@@ -269,7 +269,7 @@ def test_failed_checkpoint_write_keeps_previous_and_retry_takes_over(reference: 
 def hold_in_a_process(run_dir: Path) -> subprocess.Popen:
     """Another process holding ``run_dir`` until it is killed."""
     holder = subprocess.Popen([sys.executable, "-c", "import time; from tasks.storage.store import LocalStore\n"
-                               f"h = LocalStore({str(run_dir)!r}).hold().__enter__(); print('held', flush=True); "
+                               f"hold = LocalStore({str(run_dir)!r}).hold(); hold.__enter__(); print('held', flush=True); "
                                "time.sleep(3600)"],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"

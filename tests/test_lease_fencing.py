@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from tests.conftest import ROOT, TRAIN, cli_env
+from tests.helpers import ROOT, TRAIN, cli_env
 
 ARGS = ["--job", "nonlinear", "--epochs", "1500", "--chunk-epochs", "500", "--seed", "5"]
 LEASE_S = "4"
@@ -82,7 +82,7 @@ def test_a_holder_that_lost_its_lease_writes_nothing_more(prefect_api: str, s3_s
     proxy = HoldingProxy(s3_server.endpoint, hold=r"/checkpoints/checkpoint-2\.[0-9a-f]+\.pt")
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     args = [*ARGS, "--artifacts-dir", f"{bucket}/p"]
-    env = {**cli_env(prefect_api), "TRAINFLOW_LEASE_SECONDS": LEASE_S}
+    env = cli_env(prefect_api, TRAINFLOW_LEASE_SECONDS=LEASE_S)
     a = subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=ROOT, text=True, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, env={**env, "AWS_ENDPOINT_URL": proxy.url,
                                                         "TRAINFLOW_CACHE": str(tmp_path / "machine-a")})
