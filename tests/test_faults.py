@@ -262,6 +262,14 @@ def test_second_process_is_refused_naming_the_holder_or_waits_and_a_killed_holde
     args = ["--job", "nonlinear", "--epochs", "20", "--chunk-epochs", "10", "--artifacts-dir", str(tmp_path), "--run-name", "l"]
     run_dir = tmp_path / "nonlinear" / "l"
     holder = hold_in_a_process(run_dir)
+    try:
+        refused_or_waits(args, prefect_api, holder)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def refused_or_waits(args: list[str], prefect_api: str, holder: subprocess.Popen) -> None:
     t0 = time.monotonic()
     refused = run_cli(args, prefect_api)
     assert refused.returncode == 2, refused.stderr[-2000:]
