@@ -74,7 +74,8 @@ def descendants(pid: int) -> list[int]:
     parent = parents()
     out, todo = [], [pid]
     while todo:
-        kids = [c for c, p in parent.items() if p == todo.pop()]
+        pid = todo.pop()
+        kids = [c for c, p in parent.items() if p == pid]
         out += kids
         todo += kids
     return out
