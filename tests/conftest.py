@@ -3,7 +3,9 @@ starts its own), an isolated PREFECT_HOME. Helpers that are not fixtures: tests/
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import tempfile
 from pathlib import Path
 
@@ -20,7 +22,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tests.helpers import S3Server, start_moto  # noqa: E402
+from tests.helpers import S3Server, parents, start_moto  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
@@ -58,3 +60,18 @@ def s3_server():
                 os.environ[k] = v
         proc.kill()
         proc.wait()
+
+
+def children() -> set[int]:
+    return {pid for pid, parent in parents().items() if parent == os.getpid()}
+
+
+@pytest.fixture(autouse=True)
+def no_stray_processes():
+    """A test that failed half-way leaves none of its commands running (they would slow down
+    every test after it); processes of fixtures, started before, stay."""
+    before = children()
+    yield
+    for pid in children() - before:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

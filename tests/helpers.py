@@ -58,6 +58,29 @@ def output_of(proc: Any, n: int = 3000) -> str:
     return ""
 
 
+def parents() -> dict[int, int]:
+    """Every process's parent (Linux /proc)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            found[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # ended meanwhile
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Every descendant of ``pid``."""
+    parent = parents()
+    out, todo = [], [pid]
+    while todo:
+        pid = todo.pop()
+        kids = [c for c, p in parent.items() if p == pid]
+        out += kids
+        todo += kids
+    return out
+
+
 # --- the command ---------------------------------------------------------------------------------
 
 

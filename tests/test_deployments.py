@@ -41,7 +41,7 @@ from deployments.registry import (
 )
 from tasks.jobs.registry import JOBS
 from tasks.storage.remote import Remote
-from tests.helpers import ROOT, assert_same_tensors, state_dict, wait_until
+from tests.helpers import ROOT, assert_same_tensors, descendants, state_dict, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -155,29 +155,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def children(pid: int) -> list[int]:
-    """Every descendant of ``pid`` (from /proc)."""
-    parent: dict[int, int] = {}
-    for stat in glob.glob("/proc/[0-9]*/stat"):
-        try:
-            fields = Path(stat).read_text().rsplit(")", 1)[1].split()
-            parent[int(stat.split("/")[2])] = int(fields[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        kids = [c for c, pp in parent.items() if pp == p]
-        out += kids
-        todo += kids
-    return out
-
-
 def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
     """Signal the process group of ``pid`` and of every descendant (a flow run may sit in
     its own process group)."""
     groups = set()
-    for p in [pid, *children(pid)]:
+    for p in [pid, *descendants(pid)]:
         with contextlib.suppress(ProcessLookupError):
             groups.add(os.getpgid(p))
     for g in groups:
@@ -452,7 +434,7 @@ def test_scheduled_deployments_end_to_end(postgres_server: Server, s3_server, tm
     fr = trigger(server, RUN)
     run = Remote(f"{root}/nonlinear/{resolve_run_name(RUN_NAME_TEMPLATE, 'nonlinear', fr.expected_start_time)}")
     wait_until(lambda: len(commits(run)) >= 2, CEILING, "checkpoint 2 on S3", proc=w2)
-    runs = children(w2.pid)
+    runs = descendants(w2.pid)
     assert runs, "no flow-run process under worker-2"
     for pid in runs:  # the flow-run process only, not the worker
         with contextlib.suppress(ProcessLookupError):

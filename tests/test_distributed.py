@@ -3,6 +3,7 @@ and every fault below ends bit-identical to an uninterrupted two-process run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from flows.train_flow import main, train_flow
 from tasks.engine.distributed import ChunkJob, shard
 from tasks.engine.training import epoch_order
 from tasks.jobs.registry import JOBS
@@ -33,9 +35,8 @@ from tests.helpers import (
     write_tiny_fashion_mnist,
 )
 
-# One worker runs these one after the other: each trains with 2 processes, and one of them
-# holds torchrun's default port, which the others' rendezvous would then skip.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("distributed")]
+pytestmark = pytest.mark.slow
+
 
 def chunk_job(cfg: TrainConfig, name: str, fingerprint: str, data_fingerprint: str, chunk: int) -> str:
     """What every rank of a chunk reads (spec.json), as the launching process writes it."""
@@ -46,29 +47,23 @@ def chunk_job(cfg: TrainConfig, name: str, fingerprint: str, data_fingerprint: s
                   data=DataInfo(fingerprint=data_fingerprint, source=str(cfg.data), pool_rows=200))
     return ChunkJob(run=run, chunk=chunk, resumed=True).model_dump_json()
 
+# 2 chunks of 100 epochs, each launched as 2 processes (a launch costs more than its training).
+ARGS = ["--job", "nonlinear", "--epochs", "200", "--chunk-epochs", "100", "--seed", "5", "--nproc-per-node", "2"]
 
-# 3 chunks of 100 epochs, each launched as 2 processes.
-ARGS = ["--job", "nonlinear", "--epochs", "300", "--chunk-epochs", "100", "--seed", "5", "--nproc-per-node", "2"]
-
-#: A job like nonlinear whose rank 1 raises once, in its 500th forward pass of a chunk after
-#: $FLAKY_AFTER exists (chunk 1's commit), while $FLAKY_MARK does not: loaded by import path in
-#: every rank.
+#: The nonlinear job, its model (and so its weights) unchanged, but rank 1 raises once, in its
+#: 500th forward pass of a chunk after $FLAKY_AFTER exists (chunk 1's commit), while $FLAKY_MARK
+#: does not: loaded by import path in every rank.
 FLAKY_JOB = '''
 import os
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 from tasks.jobs.registry import JOBS
+from tasks.jobs.nonlinear import CustomModel
 
-BASE = JOBS["nonlinear"]
 
-
-class Flaky(torch.nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.calls = inner, 0
+class Flaky(CustomModel):
+    calls = 0
 
     def forward(self, x):
         self.calls += 1
@@ -77,10 +72,10 @@ class Flaky(torch.nn.Module):
         if os.environ.get("RANK") == "1" and self.calls == 500 and after and not mark.exists():
             mark.touch()
             raise RuntimeError("injected fault on rank 1")
-        return self.inner(x)
+        return super().forward(x)
 
 
-JOB = replace(BASE, name="flaky", build_model=lambda cfg: Flaky(BASE.build_model(cfg)), report=None, predict=None)
+JOB = replace(JOBS["nonlinear"], name="flaky", build_model=lambda cfg: Flaky(), report=None, predict=None)
 '''
 
 
@@ -99,15 +94,17 @@ def test_each_rank_takes_its_contiguous_share_of_every_global_batch() -> None:
         assert torch.equal(ranks[1][b * 8:(b + 1) * 8], batches[b, 8:])
 
 
-def test_two_processes_train_what_one_does_up_to_rounding(reference: Path, prefect_api: str, tmp_path: Path) -> None:
+def test_two_processes_train_what_one_does_up_to_rounding(reference: Path, prefect_api: str, tmp_path: Path,
+                                                         capsys) -> None:
     """Same samples, same global batches, averaged gradients: the weights of one process,
     up to the order of float additions; and another N is another run (its own folder)."""
-    one = [a for a in ARGS if a not in ("--nproc-per-node", "2")]
-    single = train_cli(one, prefect_api, tmp_path, "one")
-    a, b = state_dict(reference / "model_state_dict.pt"), state_dict(single / "model_state_dict.pt")
+    single = train_flow(job="nonlinear", epochs=200, chunk_epochs=100, seed=5, artifacts_dir=str(tmp_path))
+    a = state_dict(reference / "model_state_dict.pt")
+    b = state_dict(Path(single["nonlinear"]["run_dir"]) / "model_state_dict.pt")
     assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a), (a, b)
-    refused = run_cli([*ARGS[:-1], "1", "--artifacts-dir", str(reference.parents[1]), "--run-name", "ref"], prefect_api)
-    assert refused.returncode == 2 and "nproc_per_node" in refused.stderr, refused.stderr[-2000:]
+    assert main([*ARGS[:-1], "1", "--artifacts-dir", str(reference.parents[1]), "--run-name", "ref"]) == 2
+    err = capsys.readouterr().err
+    assert "nproc_per_node" in err, err[-2000:]
 
 
 def test_the_rendezvous_takes_a_free_port_when_torchruns_default_is_taken(prefect_api: str, tmp_path: Path) -> None:
@@ -116,12 +113,10 @@ def test_the_rendezvous_takes_a_free_port_when_torchruns_default_is_taken(prefec
 
     with socket.socket() as taken:
         taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
+        with contextlib.suppress(OSError):  # else another program holds it already: just as good
             taken.bind(("0.0.0.0", 29500))
-        except OSError:
-            pytest.skip("port 29500 is in use here already")
-        taken.listen()
-        args = ["--job", "nonlinear", "--epochs", "20", "--chunk-epochs", "10", "--nproc-per-node", "2"]
+            taken.listen()
+        args = ["--job", "nonlinear", "--epochs", "20", "--chunk-epochs", "20", "--nproc-per-node", "2"]
         train_cli(args, prefect_api, tmp_path, "r")
 
 
@@ -166,27 +161,35 @@ def rank_processes(command: Command, n: int = 2) -> list[int]:
     return ranks if len(ranks) == n else []
 
 
-def test_sigkill_of_a_rank_then_of_the_command_resumes_bit_exact(prefect_api: str, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def cnn_reference(prefect_api: str, tmp_path_factory) -> tuple[list[str], Path]:
     """fashion_mnist's cnn adds BatchNorm (buffers averaged per epoch) and dropout (a random
-    stream per rank, each saved); tiny data, 3 chunks of 2 epochs. Rank 1 SIGKILLed in chunk 2:
-    torchrun stops the group and the task's retry starts it again from checkpoint 1. Then the
-    command SIGKILLed in chunk 3: its ranks go with it, and the same command resumes. The end is
-    bit-identical to an uninterrupted two-process run."""
-    data = write_tiny_fashion_mnist(tmp_path / "data")
-    base = ["--job", "fashion_mnist", "--data", str(data), "--epochs", "6", "--chunk-epochs", "2", "--batch-size", "32",
+    stream per rank, each saved): its arguments (tiny data, 2 chunks of 2 epochs) and the folder
+    of its uninterrupted two-process run."""
+    root = tmp_path_factory.mktemp("ddp-cnn")
+    data = write_tiny_fashion_mnist(root / "data")
+    args = ["--job", "fashion_mnist", "--data", str(data), "--epochs", "4", "--chunk-epochs", "2", "--batch-size", "32",
             "--model", "cnn", "--nproc-per-node", "2"]
-    reference = train_cli(base, prefect_api, tmp_path / "ref", "ref")
+    return args, train_cli(args, prefect_api, root / "ref", "ref")
+
+
+def test_sigkill_of_a_rank_then_of_the_command_resumes_bit_exact(cnn_reference: tuple[list[str], Path],
+                                                                 prefect_api: str, tmp_path: Path) -> None:
+    """Rank 1 SIGKILLed in chunk 2: torchrun stops the group and the task retries the chunk. Then
+    the command SIGKILLed in that retry: its ranks go with it, and the same command resumes from
+    checkpoint 1. The end is bit-identical to an uninterrupted two-process run."""
+    base, reference = cnn_reference
     args = [*base, "--artifacts-dir", str(tmp_path), "--run-name", "r"]
     run = Command.train(args, info(prefect_api), start_new_session=True)
     run.wait_line("chunk 2: 2 processes")
     victim = wait_until(lambda: [p for p in ranks_of(run.pid) if rank_of(p) == "1"], what="rank 1 of chunk 2", proc=run)
     os.kill(victim[0], signal.SIGKILL)
     run.wait_line("a process of the group failed")
-    run.wait_line("chunk 3: 2 processes")
-    ranks = wait_until(lambda: rank_processes(run), what="the ranks of chunk 3", proc=run)
+    ranks = wait_until(lambda: [p for p in rank_processes(run) if p not in victim], what="the ranks of the retry",
+                       proc=run)
     run.proc.send_signal(signal.SIGKILL)
     run.wait()
-    assert not (tmp_path / "fashion_mnist" / "r" / "checkpoints" / "checkpoint-3.json").exists(), "killed too late"
+    assert not (tmp_path / "fashion_mnist" / "r" / "checkpoints" / "checkpoint-2.json").exists(), "killed too late"
     wait_until(lambda: not any(is_rank(p) for p in ranks), what="the ranks to exit with the command")
     again = run_cli(args, prefect_api)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -215,9 +218,10 @@ def test_a_rank_whose_torchrun_died_while_starting_it_exits_instead_of_waiting(t
     assert rank.returncode == 1 and rank.stderr == "", rank.stderr[-2000:]
 
 
-def test_a_rank_that_raises_stops_the_group_and_the_retry_resumes(prefect_api: str, tmp_path: Path) -> None:
+def test_a_rank_that_raises_stops_the_group_and_the_retry_resumes(reference: Path, prefect_api: str,
+                                                                  tmp_path: Path) -> None:
     """No hang: rank 0 is stopped at once, the task fails and its retry resumes, bit-exact
-    against the same job run without the fault."""
+    against the same model trained without the fault."""
     (tmp_path / "flaky_job.py").write_text(FLAKY_JOB)
     after = tmp_path / "arts" / "flaky_job.JOB" / "faulted" / "checkpoints" / "checkpoint-1.json"
     env = {"PYTHONPATH": str(tmp_path), "FLAKY_MARK": str(tmp_path / "raised"), "FLAKY_AFTER": str(after)}
@@ -225,30 +229,33 @@ def test_a_rank_that_raises_stops_the_group_and_the_retry_resumes(prefect_api: s
     faulted = Command.train([*args, "--run-name", "faulted"], info(prefect_api, **env))
     assert faulted.wait() == 0 and (tmp_path / "raised").exists(), faulted.output[-3000:]
     assert "injected fault on rank 1" in faulted.output and "a process of the group failed" in faulted.output
-    clean = Command.train([*args, "--run-name", "clean"], info(prefect_api, **env))  # the mark exists: no fault
-    assert clean.wait() == 0, clean.output[-3000:]
-    assert_same_run(tmp_path / "arts" / "flaky_job.JOB" / "faulted", tmp_path / "arts" / "flaky_job.JOB" / "clean")
+    run_dir = tmp_path / "arts" / "flaky_job.JOB" / "faulted"
+    assert_same_tensors(state_dict(run_dir / "model_state_dict.pt"), state_dict(reference / "model_state_dict.pt"))
+    for name in ("history.csv", "split.json"):  # metrics.json names the job
+        assert (run_dir / name).read_text() == (reference / name).read_text(), name
 
 
-def test_sigterm_saves_at_the_end_of_the_epoch_then_resumes(reference: Path, prefect_api: str, tmp_path: Path) -> None:
-    """All ranks agree to stop at the end of the current epoch; rank 0 saves; exit 143; the rerun
-    ends bit-exact."""
-    args = [*ARGS, "--artifacts-dir", str(tmp_path), "--run-name", "r"]
+def test_sigterm_saves_at_the_end_of_the_epoch_then_resumes(cnn_reference: tuple[list[str], Path], prefect_api: str,
+                                                           tmp_path: Path) -> None:
+    """All ranks agree to stop at the end of the current epoch; rank 0 saves (every rank's random
+    stream with it); exit 143; the rerun ends bit-exact."""
+    base, reference = cnn_reference
+    args = [*base, "--artifacts-dir", str(tmp_path), "--run-name", "r"]
     run = Command.train(args, info(prefect_api), start_new_session=True)
     run.wait_line("chunk 2: 2 processes")
     wait_until(lambda: rank_processes(run), what="the ranks of chunk 2", proc=run)
     run.proc.send_signal(signal.SIGTERM)
     assert run.wait() == 143, run.output[-3000:]
-    # Inside chunk 2 (epochs 101-200), at an epoch's end; 200 if the signal came during its last epoch.
-    assert re.search(r"SIGTERM: saved checkpoint-2\.pt at epoch (1\d\d|200)/300", run.output), run.output[-3000:]
+    # Inside chunk 2 (epochs 3-4), at an epoch's end; 4 if the signal came during its last epoch.
+    assert re.search(r"SIGTERM: saved checkpoint-2\.pt at epoch [34]/4", run.output), run.output[-3000:]
     again = run_cli(args, prefect_api)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert_same_run(tmp_path / "nonlinear" / "r", reference)
+    assert_same_run(tmp_path / "fashion_mnist" / "r", reference)
 
 
 def test_two_launchers_over_loopback_train_as_one_launcher_with_two_processes(reference: Path, tmp_path: Path) -> None:
-    """Several machines, rehearsed on one (docs/distributed.md): chunks 2 and 3 of the reference
-    run, each trained by two torchrun launchers (--nnodes 2, one process each, c10d rendezvous on
+    """Several machines, rehearsed on one (docs/distributed.md): chunk 2 of the reference
+    run, trained by two torchrun launchers (--nnodes 2, one process each, c10d rendezvous on
     127.0.0.1, each with its own copy of the chunk's spec, as two machines would have), end
     bit-identical to one launcher with --nproc-per-node 2. Whichever launcher the rendezvous
     makes rank 0 writes the checkpoint."""
@@ -256,29 +263,29 @@ def test_two_launchers_over_loopback_train_as_one_launcher_with_two_processes(re
 
     run_dir = tmp_path / "nonlinear" / "run"
     shutil.copytree(reference, run_dir)
-    for path in (run_dir / "checkpoints").glob("checkpoint-[23].*"):
+    for path in (run_dir / "checkpoints").glob("checkpoint-2.*"):
         path.unlink()  # back to the end of chunk 1
     record = json.loads((run_dir / "config.json").read_text())
     cfg = TrainConfig.model_validate({**record["config"], "threads": record["threads"], "artifacts_dir": str(tmp_path)})
-    for chunk in (2, 3):
-        spec = chunk_job(cfg, "run", record["fingerprint"], record["data_fingerprint"], chunk)
-        with reserve_port() as sock:
-            port = sock.getsockname()[1]
-        launchers = []
-        for node in (0, 1):
-            folder = tmp_path / f"chunk{chunk}-node{node}"
-            folder.mkdir()
-            (folder / "spec.json").write_text(spec)
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-                   "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"chunk{chunk}",
-                   "-m", "tasks.engine.distributed", str(folder)]
-            launchers.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-        for proc in launchers:
-            out = proc.communicate(timeout=600)[0]
-            assert proc.returncode == 0, out[-3000:]
-        results = [tmp_path / f"chunk{chunk}-node{n}" / "result.json" for n in (0, 1)]
-        assert sum(r.exists() for r in results) == 1  # one rank 0, on either launcher
-    ours, ref = (dict(list_checkpoints(d / "checkpoints"))[3] for d in (run_dir, reference))
+    chunk = 2
+    spec = chunk_job(cfg, "run", record["fingerprint"], record["data_fingerprint"], chunk)
+    with reserve_port() as sock:
+        port = sock.getsockname()[1]
+    launchers = []
+    for node in (0, 1):
+        folder = tmp_path / f"chunk{chunk}-node{node}"
+        folder.mkdir()
+        (folder / "spec.json").write_text(spec)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"chunk{chunk}",
+               "-m", "tasks.engine.distributed", str(folder)]
+        launchers.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for proc in launchers:
+        out = proc.communicate(timeout=600)[0]
+        assert proc.returncode == 0, out[-3000:]
+    results = [tmp_path / f"chunk{chunk}-node{n}" / "result.json" for n in (0, 1)]
+    assert sum(r.exists() for r in results) == 1  # one rank 0, on either launcher
+    ours, ref = (dict(list_checkpoints(d / "checkpoints"))[2] for d in (run_dir, reference))
     ours, ref = torch.load(ours, weights_only=True), torch.load(ref, weights_only=True)
     assert_same_tensors(ours["model_state_dict"], ref["model_state_dict"])
     assert ours["epoch"] == ref["epoch"] and ours["cost"] == ref["cost"] and ours["world_size"] == 2
