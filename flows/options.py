@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import sys
 import typing
 from collections.abc import Callable, Iterable
@@ -13,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic.fields import FieldInfo
 
+from flows import HELP_FILE
 from tasks.jobs.registry import JOBS, default_jobs
 from tasks.kernel import ROOT, TrainConfig
 
@@ -105,3 +107,18 @@ def train_parser() -> argparse.ArgumentParser:
     )
     add_arguments(p)  # one flag per TrainConfig field
     return p
+
+
+def rendered_help(columns: int = 100) -> str:
+    """The CLI's help as :data:`flows.HELP_FILE` holds it, at a fixed width."""
+    saved = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = str(columns)
+    try:
+        return train_parser().format_help()
+    finally:
+        os.environ.pop("COLUMNS") if saved is None else os.environ.update(COLUMNS=saved)
+
+
+if __name__ == "__main__":
+    HELP_FILE.write_text(rendered_help())
+    print(f"wrote {HELP_FILE}")

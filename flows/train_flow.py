@@ -10,14 +10,15 @@ from typing import Any
 
 def start_up(argv: list[str]) -> Any:
     """What the command does before Prefect and torch are imported: ``--help`` without them (the
-    jobs' defaults need only torch), else start the command's temporary Prefect server
+    rendered help, flows.HELP_FILE), else start the command's temporary Prefect server
     (tasks/orchestration/server.py), so that it boots while they import. Start-up creates objects that live as
     long as the command (torch's, Prefect's); Python's gc docs' pattern: no collections while
     they are made, then gc.freeze() in :func:`main`. Returns the server (None: one is configured)."""
     if {"-h", "--help"} & set(argv):
-        from flows.options import train_parser
+        from flows import HELP_FILE
 
-        train_parser().parse_args(argv)  # prints the help and exits
+        print(HELP_FILE.read_text(), end="")
+        sys.exit(0)
     # Prefect's client-side opt-out of its usage data (pyproject.toml opts the server out): the
     # same for every run of the command, and no first-run notice on a rerun.
     os.environ.setdefault("DO_NOT_TRACK", "1")
