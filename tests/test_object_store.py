@@ -57,9 +57,10 @@ class Raw:
 
 
 @pytest.fixture(params=["local", "s3"])
-def raw(request, tmp_path: Path) -> Raw:
-    s3 = request.getfixturevalue("s3_server") if request.param == "s3" else None
-    return Raw(request.param, tmp_path, s3)
+def raw(request, tmp_path: Path, s3_server) -> Raw:
+    # s3_server is an argument, not getfixturevalue(): set up before the test, the stray-process
+    # cleanup (conftest) counts its server as the session's, not as the test's.
+    return Raw(request.param, tmp_path, s3_server)
 
 
 def truncate(raw: Raw, name: str) -> None:
