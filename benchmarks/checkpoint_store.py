@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tasks.engine.rows import TensorRows
 from tasks.engine.training import Trainer, epoch_order, evaluate_model, train_epoch
 from tasks.jobs.registry import get_job
 from tasks.jobs.spec import Tensors
@@ -69,19 +70,19 @@ def trainer_for(root: Path) -> Trainer:
     ensure_split(run)
     tr = Trainer(run)
     full, n = tr.train, FEW_BATCHES * cfg.batch_size
-    tr.train = Tensors(full.x[:n], full.y[:n])
+    tr.train = TensorRows(Tensors(full.x[:n], full.y[:n]), tr.device, tr.spec.prepare)
     tr.run_epoch(0)
     tr.next_epoch, tr.train = 1, full
     return tr
 
 
-def chunk_seconds(tr: Trainer, rows: Tensors, epoch: int) -> float:
+def chunk_seconds(tr: Trainer, rows: TensorRows, epoch: int) -> float:
     """``rows`` trained once, scaled to an epoch's batches, plus validation, x chunk_epochs."""
     cfg, t0 = tr.cfg, time.perf_counter()
-    train_epoch(tr.model, tr.optimizer, tr.scheduler, tr.loss_fn, rows, epoch_order(cfg.seed, epoch, len(rows)),
-                cfg.batch_size, tr.spec.prepare)
+    count = len(rows) // cfg.batch_size
+    train_epoch(tr.step, rows.batches(epoch, epoch_order(cfg.seed, epoch, len(rows)), cfg.batch_size, 0, count))
     t1 = time.perf_counter()
-    evaluate_model(tr.model, tr.loss_fn, tr.val, cfg.eval_batch_size, tr.spec)
+    evaluate_model(tr.model, tr.loss_fn, tr.val, cfg.eval_batch_size, tr.spec, tr.step.autocast)
     t2 = time.perf_counter()
     return cfg.chunk_epochs * ((t1 - t0) * tr.steps_per_epoch / (len(rows) // cfg.batch_size) + t2 - t1)
 
@@ -97,7 +98,7 @@ def measure(a: argparse.Namespace, tmp: Path, bucket: str) -> dict[str, list[flo
     """Per side, each round's seconds; and the checkpoint's size in MB."""
     tr = trainer_for(tmp / "artifacts")
     n = FEW_BATCHES * tr.cfg.batch_size if a.quick else len(tr.train)
-    rows = Tensors(tr.train.x[:n], tr.train.y[:n])
+    rows = TensorRows(Tensors(tr.train.x[:n], tr.train.y[:n]), tr.device, tr.spec.prepare)
     stores = {"local": LocalCheckpoints(tmp / "local"), "s3": ObjectCheckpoints(Remote(f"s3://{bucket}/ckpt"))}
     for store in stores.values():  # warm-up: first writes, the s3fs session
         store.save(tr.state_dict(0))

@@ -34,27 +34,29 @@ def worker(model: str, batch: int, steps: int, ddp: bool) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from tasks.engine.distributed import shard
-    from tasks.engine.training import build_optimizer, epoch_order, train_epoch
+    from tasks.engine.rows import TensorRows
+    from tasks.engine.training import Step, build_optimizer, epoch_order, textbook_loss, train_epoch
     from tasks.jobs.registry import get_job
     from tasks.storage.data import load_job_data, make_split, split_tensors
 
     torch.set_num_threads(1)
     cfg = get_job("fashion_mnist").config(model=model, threads=1)
     spec, data = get_job(cfg.job), load_job_data(cfg)
-    train = split_tensors(data, make_split(data, cfg), "train")
+    train = TensorRows(split_tensors(data, make_split(data, cfg), "train"), torch.device("cpu"), spec.prepare)
     net = spec.build_model(cfg)
     optimizer, loss_fn = build_optimizer(cfg, net), spec.loss(cfg)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if ddp:
         dist.init_process_group("gloo")
         net = DistributedDataParallel(net, broadcast_buffers=False)  # as tasks/engine/distributed.py
+    step = Step(cfg, net, optimizer, None, textbook_loss(loss_fn), torch.device("cpu"))
     order = shard(epoch_order(cfg.seed, 0, len(train)), batch * world, rank, world)  # [n]: this process's rows
     warm, timed = order[: 10 * batch], order[10 * batch : (10 + steps) * batch]
-    train_epoch(net, optimizer, None, loss_fn, train, warm, batch, spec.prepare)
+    train_epoch(step, train.batches(0, warm, batch, 0, len(warm) // batch))
     if ddp:
         dist.barrier()
     t0 = time.perf_counter()
-    train_epoch(net, optimizer, None, loss_fn, train, timed, batch, spec.prepare)
+    train_epoch(step, train.batches(0, timed, batch, 0, len(timed) // batch))
     if rank == 0:  # DDP's ranks run in step: rank 0's time is the group's
         print(json.dumps({"seconds": time.perf_counter() - t0}), flush=True)
     if ddp:

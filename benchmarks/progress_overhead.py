@@ -25,7 +25,8 @@ import torch
 from rich.console import Console
 
 from tasks.engine.progress import ChunkProgress, Watchers
-from tasks.engine.training import build_optimizer, epoch_order, train_epoch
+from tasks.engine.rows import TensorRows
+from tasks.engine.training import Step, build_optimizer, epoch_order, textbook_loss, train_epoch
 from tasks.jobs.registry import get_job
 from tasks.jobs.spec import Tensors
 
@@ -45,7 +46,8 @@ def setup(case: str) -> tuple:
     else:
         data = Tensors(torch.randn(rows, *shape), torch.randn(rows, 1))
     model = spec.build_model(cfg)
-    return cfg, spec, data, model, build_optimizer(cfg, model), spec.loss(cfg), epochs
+    step = Step(cfg, model, build_optimizer(cfg, model), None, textbook_loss(spec.loss(cfg)), torch.device("cpu"))
+    return cfg, TensorRows(data, torch.device("cpu"), spec.prepare), step, epochs
 
 
 def progress(side: str, cfg, steps: int) -> ChunkProgress | None:
@@ -57,14 +59,14 @@ def progress(side: str, cfg, steps: int) -> ChunkProgress | None:
 
 
 def epoch_seconds(case: str, side: str, state: tuple) -> float:
-    cfg, spec, data, model, optimizer, loss_fn, epochs = state
+    cfg, data, step, epochs = state
     steps = len(data) // cfg.batch_size
     p = progress(side, cfg, steps)
     t0 = time.perf_counter()
     with p or mock.MagicMock():
         for epoch in range(epochs):
-            train_epoch(model, optimizer, None, loss_fn, data, epoch_order(0, epoch, len(data)), cfg.batch_size,
-                        spec.prepare, p.batch if p else None)
+            batches = data.batches(epoch, epoch_order(0, epoch, len(data)), cfg.batch_size, 0, steps)
+            train_epoch(step, batches, 1, p.batch if p else None)
     return (time.perf_counter() - t0) / epochs
 
 

@@ -84,6 +84,15 @@ class TrainConfig(BaseModel):
     label_smoothing: float = Field(default=0.0, ge=0, lt=1, description="label smoothing of a cross-entropy loss")
     early_stopping_patience: int | None = Field(
         default=None, gt=0, description="stop after this many epochs without a better validation metric (default off)")
+    precision: Literal["32", "bf16", "fp16"] = Field(
+        default="32", description="32: float32; bf16: torch.autocast to bfloat16 (CPU and CUDA); fp16: autocast to "
+        "float16 with a GradScaler (CUDA only)")
+    grad_accum: int = Field(default=1, ge=1, le=4096, description="batches whose gradients add up to one optimizer "
+                            "step: the result of a batch this many times larger, in the memory of one")
+    clip_grad_norm: float | None = Field(default=None, gt=0, allow_inf_nan=False,
+                                         description="clip the gradients' total norm to this before each step (default off)")
+    num_workers: int = Field(default=0, ge=0, le=256, description="DataLoader worker processes of a Dataset job "
+                             "(0: load in the training process); the trained numbers do not depend on it")
     compile: bool = Field(default=False, description="train the model through torch.compile (see docs/performance.md)")
     threads: Annotated[int, Field(gt=0, le=1024)] | Literal["auto"] = Field(
         default="auto", description="torch intra-op CPU threads per process; auto: $OMP_NUM_THREADS if set, else the "
@@ -131,6 +140,9 @@ class TrainConfig(BaseModel):
         out = {k: v for k, v in self.model_dump(mode="json").items() if k not in IDENTITY_EXCLUDE}
         if self.nproc_per_node == 1:
             del out["nproc_per_node"], out["dist_backend"]
+        for k, default in LATER_OPTIONS.items():  # runs made before these options existed still match
+            if out[k] == default:
+                del out[k]
         return out
 
     def thread_count(self) -> int:
@@ -168,8 +180,11 @@ TRAINING_FORMAT = 2
 
 # `data` is identified by content (data fingerprint), not by where the file lives.
 IDENTITY_EXCLUDE = frozenset(
-    {"run_name", "artifacts_dir", "fresh", "device", "data", "keep_last", "save_best", "wait_lock", "oversubscribe"}
+    {"run_name", "artifacts_dir", "fresh", "device", "data", "keep_last", "save_best", "wait_lock", "oversubscribe",
+     "num_workers"}
 )
+#: Options added after TRAINING_FORMAT 2, part of the identity only when not at their default.
+LATER_OPTIONS = {"precision": "32", "grad_accum": 1, "clip_grad_norm": None}
 
 
 # --- files ---------------------------------------------------------------------------------

@@ -62,6 +62,12 @@ def s3_server():
         proc.wait()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The long tests (marked slow) first: a long test that starts last keeps one worker busy
+    while the others have nothing left to do."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def children() -> set[int]:
     return {pid for pid, parent in parents().items() if parent == os.getpid()}
 

@@ -103,6 +103,11 @@ def test_bad_csv(case: str, tmp_path: Path, existing_artifacts: Path, capsys) ->
                      "more CPU processes than this machine's", marks=pytest.mark.skipif(
                          len(os.sched_getaffinity(0)) >= 64, reason="a machine with 64 cores")),
         (["--artifacts-dir", "s3://"], "invalid --artifacts-dir: the URL names no bucket: use s3://BUCKET"),
+        (["--num-workers", "-1"], "invalid --num-workers: Input should be greater than or equal to 0 (got -1)"),
+        (["--grad-accum", "0"], "invalid --grad-accum: Input should be greater than or equal to 1 (got 0)"),
+        (["--clip-grad-norm", "0"], "invalid --clip-grad-norm: Input should be greater than 0 (got 0.0)"),
+        pytest.param(["--precision", "fp16"], "--precision fp16 needs CUDA (its GradScaler); on the CPU use "
+                     "--precision bf16", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine")),
         (["--nproc-per-node", "2", "--dist-backend", "nccl", "--device", "cpu"], "--dist-backend nccl needs CUDA"),
         pytest.param(["--nproc-per-node", "2", "--device", "cuda"], "--device cuda: this machine has no usable CUDA",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine")),

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tasks.jobs.fashion_mnist as fm
+from tasks.engine.rows import TensorRows
 from flows.train_flow import main, train_flow
 from tasks.kernel import UserError
 from tests.helpers import run_cli, write_tiny_fashion_mnist
@@ -184,9 +185,11 @@ def test_tutorial_recipe_from_the_command_line_trains_like_the_tutorials_loop(ti
         torch.manual_seed(0)
         models.append(fm.build_model(cfg))
     ours, theirs = models
-    order = training.epoch_order(0, 0, len(data))
-    training.train_epoch(ours, training.build_optimizer(cfg, ours), None, nn.CrossEntropyLoss(), data, order,
-                         cfg.batch_size, fm.prepare)
+    order, cpu = training.epoch_order(0, 0, len(data)), torch.device("cpu")
+    step = training.Step(cfg, ours, training.build_optimizer(cfg, ours), None,
+                         training.textbook_loss(nn.CrossEntropyLoss()), cpu)
+    training.train_epoch(step, TensorRows(data, cpu, fm.prepare).batches(0, order, cfg.batch_size, 0,
+                                                                         len(order) // cfg.batch_size))
     optimizer = torch.optim.SGD(theirs.parameters(), lr=0.001, momentum=0.9)  # the tutorial's
     criterion = nn.CrossEntropyLoss()
     for start in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):

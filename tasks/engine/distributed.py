@@ -196,10 +196,10 @@ class Tell:
 
 def rank_chunk(job: ChunkJob, folder: Path) -> ChunkResult:
     """Train the chunk on this rank; rank 0's result is the chunk's."""
-    trainer = Trainer(Run.attach(job.run), parallel=DataParallel())
-    rank = trainer.parallel.rank
-    return train_chunk(trainer, job.chunk, job.resumed, FileStop(folder / "stop"),
-                       lambda start, end: Tell(folder, start, end, trainer.steps_per_epoch, rank))
+    with Trainer(Run.attach(job.run), parallel=DataParallel()) as trainer:
+        rank = trainer.parallel.rank
+        return train_chunk(trainer, job.chunk, job.resumed, FileStop(folder / "stop"),
+                           lambda start, end: Tell(folder, start, end, trainer.steps_per_epoch, rank))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.engine.training import Trainer, evaluate_model, to_device
+from tasks.engine.rows import rows_of
+from tasks.engine.training import Trainer, evaluate_model
 from tasks.kernel import UserError, atomic_write_json
-from tasks.storage.data import load_job_data, read_split, split_tensors
+from tasks.storage.data import load_job_data, read_split
 from tasks.storage.run import METRICS_FILE, Run
 
 
@@ -21,14 +22,16 @@ def final_trainer(run: Run) -> Trainer:
 
 def evaluate_run(run: Run) -> dict[str, Any]:
     """Validation and test metrics of the final model plus the job's report; writes metrics.json."""
-    cfg, trainer = run.cfg, final_trainer(run)
+    cfg = run.cfg
     data = load_job_data(cfg)
     split = read_split(run.dir, data)
-    metrics: dict[str, Any] = {"job": cfg.job, "epochs": cfg.epochs, "checkpoint": trainer.resumed_from.name}
-    for part in ("val", "test"):
-        rows = to_device(split_tensors(data, split, part), trainer.device)
-        metrics[part] = {"rows": len(rows), **evaluate_model(trainer.model, trainer.loss_fn, rows, cfg.eval_batch_size,
-                                                              trainer.spec)}
+    with final_trainer(run) as trainer:
+        metrics: dict[str, Any] = {"job": cfg.job, "epochs": cfg.epochs, "checkpoint": trainer.resumed_from.name}
+        test = rows_of(data, split, "test", cfg.seed, trainer.device, cfg.num_workers, trainer.spec.prepare)
+        for part, rows in (("val", trainer.val), ("test", test)):
+            metrics[part] = {"rows": len(rows), **evaluate_model(trainer.model, trainer.loss_fn, rows,
+                                                                  cfg.eval_batch_size, trainer.spec, trainer.step.autocast)}
+        test.close()
     metrics["final_train_loss"] = trainer.history["train_loss"][-1]
     metrics["epochs_trained"] = trainer.next_epoch
     metrics["stopped_early"] = trainer.stopped_early

@@ -55,15 +55,18 @@ def export_program(model: torch.nn.Module, example: torch.Tensor, path: Path) ->
 def save_model_files(run: Run) -> dict[str, str]:
     """Write ``model.pt`` (``torch.save(model)``, needs this project's code to load) and
     ``model_state_dict.pt`` (plain tensors, loads with ``weights_only=True``)."""
-    cfg, trainer, run_dir = run.cfg, final_trainer(run), run.dir
+    cfg, run_dir = run.cfg, run.dir
+    with final_trainer(run) as trainer:
+        # Stored form; two rows: a batch size export keeps dynamic. A copy: the program saves
+        # its example input, and a view would save the whole training set it is cut from. A job
+        # with its own step (several inputs, dict batches) has no single input to export with.
+        example = trainer.train.example(2) if trainer.spec.step is None else None
     model = trainer.model.cpu().eval()  # CPU files load anywhere; map_location moves them back
     atomic_torch_save(run_dir / "model.pt", model)
     atomic_torch_save(run_dir / "model_state_dict.pt", model.state_dict())
     files = {"model": str(run_dir / "model.pt"), "state_dict": str(run_dir / "model_state_dict.pt")}
-    # Stored form; two rows: a batch size export keeps dynamic. A copy: the program saves its
-    # example input, and a view would save the whole training set it is cut from.
-    example = trainer.train.x[:2].clone().cpu()
-    if exported := export_program(Prepared(trainer.spec.prepare, model), example, run_dir / EXPORTED_FILE):
+    program = Prepared(trainer.spec.prepare, model)
+    if example is not None and (exported := export_program(program, example, run_dir / EXPORTED_FILE)):
         files["exported"] = exported
     if cfg.save_best and trainer.best is not None:
         best = {k: v.cpu() for k, v in trainer.best["model_state_dict"].items()}

@@ -36,12 +36,13 @@ class InProcess:
 
     def run(self, run: Run, chunk: int, resumed: bool, watchers: Watchers, stop: GracefulStop) -> ChunkResult:
         cfg, logger = run.cfg, watchers.logger
-        trainer = Trainer(run, logger)  # reports skipped checkpoints, once
+        with Trainer(run, logger) as trainer:  # reports skipped checkpoints, once
 
-        def progress(start: int, end: int) -> ChunkProgress:
-            return ChunkProgress(start, end, cfg.epochs, trainer.steps_per_epoch, cfg.batch_size, watchers, trainer.skip)
+            def progress(start: int, end: int) -> ChunkProgress:
+                return ChunkProgress(start, end, cfg.epochs, trainer.steps_per_epoch, cfg.batch_size, watchers,
+                                     trainer.skip)
 
-        result = train_chunk(trainer, chunk, resumed, stop, progress)
+            result = train_chunk(trainer, chunk, resumed, stop, progress)
         log_chunk(logger, cfg, result)
         if stop.signum is None:
             return result

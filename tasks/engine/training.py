@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -16,10 +17,11 @@ import torch
 from torch import nn
 
 from tasks.jobs.registry import get_job
-from tasks.jobs.spec import JobData, JobSpec, Tensors
+from tasks.engine.rows import Rows, TensorRows, head, rows_of
+from tasks.jobs.spec import JobData, JobSpec
 from tasks.kernel import TrainConfig, UserError, saved_traceback
 from tasks.storage.checkpoint import capture_rng, restore_rng
-from tasks.storage.data import load_job_data, read_split, split_tensors
+from tasks.storage.data import load_job_data, read_split
 from tasks.storage.history import HISTORY_FILE, duration, eta_seconds, write_history_csv
 from tasks.storage.records import ChunkResult
 from tasks.storage.run import Run
@@ -162,22 +164,6 @@ def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
-def epoch_batches(
-    data: Tensors, order: torch.Tensor, batch_size: int, prepare: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
-    start: int = 0,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The data path of one epoch: ``(prepare(x), y)`` for each full batch of ``data`` in
-    ``order`` (drop_last) from batch ``start`` on, x as the model takes it [B, ...], y the
-    targets [B, ...]."""
-    batches = len(order) // batch_size
-    order = order[start * batch_size : batches * batch_size].to(data.x.device)
-    # One gather per epoch, then contiguous slices: the same rows as indexing every batch, fewer
-    # ops. index_select copies whole rows, much faster than data.x[order] on uint8 images.
-    xs, ys = data.x.index_select(0, order), data.y.index_select(0, order)  # [batches*B, ...]
-    for b in range(batches - start):
-        yield prepare(xs[b * batch_size : (b + 1) * batch_size]), ys[b * batch_size : (b + 1) * batch_size]
-
-
 class EpochStopped(Exception):
     """``on_batch`` asked to stop inside an epoch: after ``done`` batches, whose losses sum to ``total``."""
 
@@ -186,72 +172,120 @@ class EpochStopped(Exception):
         self.done, self.total = done, total
 
 
-def train_epoch(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    loss_fn: nn.Module,
-    data: Tensors,
-    order: torch.Tensor,
-    batch_size: int,
-    prepare: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
-    on_batch: Callable[[int, torch.Tensor], bool | None] | None = None,
-    start: int = 0,
-    total: torch.Tensor | None = None,
-) -> float:
-    """One epoch over ``data`` in ``order``, full batches only (drop_last), with the textbook
-    step (pytorch/examples' mnist/main.py). Returns the mean batch loss (the tutorial's ``cost``).
+def textbook_loss(loss_fn: nn.Module) -> Callable[[nn.Module, Any], torch.Tensor]:
+    """The default loss of a batch ``(x, y)``: ``loss_fn(model(x), y)``."""
+
+    def loss(model: nn.Module, batch: Any) -> torch.Tensor:
+        x, y = batch
+        return loss_fn(model(x), y)
+
+    return loss
+
+
+class Step:
+    """The textbook step (pytorch/examples' mnist/main.py: zero_grad, forward and loss, backward,
+    optimizer step, then the scheduler's) with what ``--precision``, ``--grad-accum`` and
+    ``--clip-grad-norm`` add: the forward under ``torch.autocast``, the backward of each of the
+    K batches of one step scaled by 1/K (and by fp16's GradScaler), and clipping before the step."""
+
+    def __init__(self, cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                 loss: Callable[[nn.Module, Any], torch.Tensor], device: torch.device):
+        self.model, self.optimizer, self.scheduler, self.loss = model, optimizer, scheduler, loss
+        self.clip, self.device = cfg.clip_grad_norm, device
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+
+    def __call__(self, group: list[Any]) -> list[torch.Tensor]:
+        """One optimizer step over the batches of ``group``; their losses (detached)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = []
+        for i, batch in enumerate(group):
+            with self.accumulating(i < len(group) - 1), self.autocast():
+                loss = self.loss(self.model, batch)
+            self.scaler.scale(loss / len(group) if len(group) > 1 else loss).backward()
+            losses.append(loss.detach())
+        if self.clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return losses
+
+    def autocast(self) -> Any:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, self.dtype)
+
+    def accumulating(self, more: bool) -> Any:
+        """DDP's ``no_sync`` while more batches of the step follow: gradients are averaged once per step."""
+        return self.model.no_sync() if more and hasattr(self.model, "no_sync") else contextlib.nullcontext()
+
+
+def train_epoch(step: Step, batches: Iterator[Any], accum: int = 1,
+                on_batch: Callable[[int, torch.Tensor], bool | None] | None = None,
+                start: int = 0, total: torch.Tensor | None = None) -> float:
+    """One epoch: a :class:`Step` per ``accum`` batches of ``batches`` (the epoch's batches from
+    batch ``start`` on, full batches only). Returns the mean batch loss (the tutorial's ``cost``).
 
     ``on_batch(done, loss_sum)``, the loop's one extension point, runs after each step with the
     batches done this epoch and the sum of their losses (a device tensor: reading it syncs); if
     it returns True, the epoch stops there with :class:`EpochStopped`. ``start`` and ``total``
     continue an epoch stopped that way: its batches done, and their loss sum."""
-    model.train()
+    step.model.train()
     # The sum stays on the device (no sync per batch); float64, so the order of the additions
     # is the only thing that decides it.
-    total = torch.zeros((), dtype=torch.float64, device=data.x.device) if total is None else total.clone()
-    batches = start
-    for x, y in epoch_batches(data, order, batch_size, prepare, start):
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        total += loss.detach()
-        batches += 1
-        if on_batch is not None and on_batch(batches, total):
-            raise EpochStopped(batches, total)
-    return float(total) / batches
+    total = torch.zeros((), dtype=torch.float64, device=step.device) if total is None else total.clone()
+    done, group = start, []
+    with contextlib.closing(batches):  # an epoch cut short lets go of its loader at once
+        for batch in batches:
+            group.append(batch)
+            if len(group) < accum:
+                continue
+            for loss in step(group):
+                total += loss
+            done, group = done + len(group), []
+            if on_batch is not None and on_batch(done, total):
+                raise EpochStopped(done, total)
+    return float(total) / done
 
 
 SMALL_EVAL_ELEMENTS = 1 << 16
 
 
+def batch_rows(batch: Any) -> int:
+    """How many rows a batch holds (its first tensor's length)."""
+    first = batch[0] if isinstance(batch, (tuple, list)) else next(iter(batch.values()))
+    return len(first)
+
+
 @torch.no_grad()
-def evaluate_model(
-    model: nn.Module,
-    loss_fn: nn.Module,
-    data: Tensors,
-    batch_size: int,
-    spec: JobSpec,
-) -> dict[str, float]:
-    """Loss (sample-weighted mean over all rows) and the job's metrics on ``data``."""
-    if len(data) == 0:
+def evaluate_model(model: nn.Module, loss_fn: nn.Module, rows: Rows, batch_size: int, spec: JobSpec,
+                   autocast: Callable[[], Any] = contextlib.nullcontext) -> dict[str, float]:
+    """Loss (sample-weighted mean over all rows) and the job's metrics on ``rows`` (the loss
+    only, for a job with its own ``step``)."""
+    if len(rows) == 0:
         return {}
-    if data.x.numel() <= SMALL_EVAL_ELEMENTS:
+    if isinstance(rows, TensorRows) and rows.x.numel() <= SMALL_EVAL_ELEMENTS:
         # Small sets (the regression jobs validate every epoch) go through in one forward pass:
         # the sample-weighted mean is the same, and it saves thousands of tiny calls per run.
-        batch_size = len(data)
+        batch_size = len(rows)
     model.eval()
-    outputs, loss_sum = [], 0.0
-    for start in range(0, len(data), batch_size):
-        x, y = spec.prepare(data.x[start : start + batch_size]), data.y[start : start + batch_size]
-        out = model(x)
-        loss_sum += float(loss_fn(out, y)) * len(y)
-        outputs.append(out)
-    out = torch.cat(outputs)
-    return {"loss": loss_sum / len(data), **spec.metrics(out, data.y)}
+    outputs, targets, loss_sum = [], [], 0.0
+    with contextlib.closing(rows.in_order(batch_size)) as batches:
+        for batch in batches:
+            with autocast():
+                if spec.step is not None:
+                    loss_sum += float(spec.step(model, batch)) * batch_rows(batch)
+                    continue
+                x, y = batch
+                out = model(x)
+                loss_sum += float(loss_fn(out, y)) * len(y)
+            outputs.append(out)
+            targets.append(y)
+    metrics = spec.metrics(torch.cat(outputs), torch.cat(targets)) if outputs else {}
+    return {"loss": loss_sum / len(rows), **metrics}
 
 
 #: Losses that broadcast an output against a target of another shape, with only a warning.
@@ -264,10 +298,14 @@ def check_job(cfg: TrainConfig, data: JobData) -> None:
     output, with the targets' shape where the loss would broadcast. What fails here would fail
     the same way in every chunk and every retry: a UserError naming the job, in one line."""
     spec = get_job(cfg.job)
-    x, y = data.pool.x[:2], data.pool.y[:2]
+    batch = head(data, 2, spec.prepare)  # a bad item is named (ItemError) before the model is tried
     try:
         model = spec.build_model(cfg).eval()
-        out, loss_fn = model(spec.prepare(x)), spec.loss(cfg)
+        if spec.step is not None:
+            spec.step(model, batch)
+            return
+        (x, y), loss_fn = batch, spec.loss(cfg)
+        out = model(x)
         if isinstance(loss_fn, BROADCASTING_LOSSES) and out.shape != y.shape:
             raise UserError(f"job {cfg.job}: the model's output {list(out.shape)} and the targets {list(y.shape)} "
                             f"differ in shape, and {type(loss_fn).__name__} would broadcast them; make build_model's "
@@ -277,13 +315,8 @@ def check_job(cfg: TrainConfig, data: JobData) -> None:
         raise
     except Exception as exc:  # noqa: BLE001 - the job's own code: the same failure in every chunk
         raise UserError(f"job {cfg.job}: its model or loss fails on two rows of its data ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''}); fix build_model, loss or load "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}); fix build_model, loss, step or load "
                         f"(traceback in {saved_traceback(exc)})") from None
-
-
-def to_device(t: Tensors, device: torch.device) -> Tensors:
-    """``t`` with both tensors on ``device``."""
-    return Tensors(t.x.to(device), t.y.to(device))
 
 
 
@@ -354,9 +387,9 @@ class Trainer:
         self.loss_fn = self.spec.loss(cfg).to(self.device)
         torch.manual_seed(cfg.seed)  # model init is part of the seeded, reproducible run
         self.model = self.spec.build_model(cfg).to(self.device)
-        self.optimizer = build_optimizer(cfg, self.model)
-        self.steps_per_epoch = len(self.train) // cfg.batch_size
-        self.scheduler = build_scheduler(cfg, self.optimizer, self.steps_per_epoch)
+        # Batches per epoch: full optimizer steps of --grad-accum batches each (drop_last).
+        self.steps_per_epoch = len(self.train) // (cfg.batch_size * cfg.grad_accum) * cfg.grad_accum
+        self.optimizer, self.scheduler = self.build_optimizers()
         self.history: dict[str, list[float]] = {}
         self.next_epoch = 0
         # After a stop inside epoch next_epoch: its batches done, their loss sum, its starting lr.
@@ -365,19 +398,37 @@ class Trainer:
         metric, self.higher_is_better = self.spec.monitor
         self.monitor = f"val_{metric}"
         self.best: dict[str, Any] | None = None  # {"epoch", "value", "metric", "model_state_dict"}
+        self.net = self.parallel.wrap(self.model, self.device)
+        self.step = Step(cfg, self.net, self.optimizer, self.scheduler, self.spec.step or textbook_loss(self.loss_fn),
+                         self.device)
         found = run.store.checkpoints.latest_valid(run.fingerprint, map_location=self.device, warn=logger.warning)
         self.resumed_from, self.rejected = found.path, found.rejected
         if found.payload is not None:
             self.load_state_dict(found.payload)
         else:
             self.parallel.seed(cfg.seed)
-        self.net = self.parallel.wrap(self.model, self.device)
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Stop the data's loader workers: the chunk is over, whatever its end."""
+        self.train.close()
+        self.val.close()
 
     def load_data(self) -> None:
-        data = load_job_data(self.cfg)
+        cfg, data = self.cfg, load_job_data(self.cfg)
         split = read_split(self.run.dir, data)
-        self.train = to_device(split_tensors(data, split, "train"), self.device)
-        self.val = to_device(split_tensors(data, split, "val"), self.device)
+        self.train, self.val = (rows_of(data, split, part, cfg.seed, self.device, cfg.num_workers, self.spec.prepare)
+                                for part in ("train", "val"))
+
+    def build_optimizers(self) -> tuple[torch.optim.Optimizer, Any]:
+        """The job's own optimizer and scheduler, else those ``--optimizer`` and ``--schedule`` name."""
+        steps = self.steps_per_epoch // self.cfg.grad_accum
+        if self.spec.optimizers is not None:
+            return self.spec.optimizers(self.cfg, self.model, steps)
+        optimizer = build_optimizer(self.cfg, self.model)
+        return optimizer, build_scheduler(self.cfg, optimizer, steps)
 
     def state_dict(self, chunk: int) -> dict[str, Any]:
         """The checkpoint payload after the last completed epoch (``epoch``, the tutorial's keys
@@ -401,6 +452,8 @@ class Trainer:
             payload["best"] = self.best
         if self.scheduler is not None:
             payload["scheduler_state_dict"] = self.scheduler.state_dict()
+        if self.step.scaler.is_enabled():
+            payload["scaler_state_dict"] = self.step.scaler.state_dict()
         if self.skip:
             payload.update(batch=self.skip, batch_loss_sum=self.partial, epoch_lr=self.epoch_lr)
         restore_rng(rng)
@@ -412,6 +465,8 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer_state_dict"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(ckpt["scheduler_state_dict"])
+        if self.step.scaler.is_enabled():
+            self.step.scaler.load_state_dict(ckpt["scaler_state_dict"])
         restore_rng(ckpt["rng"])
         self.parallel.load_state_dict(ckpt)
         self.history = {k: v.tolist() for k, v in ckpt["history"].items()}
@@ -460,7 +515,7 @@ class Trainer:
         if not math.isfinite(cost):
             raise DivergedError(f"training diverged at epoch {epoch + 1} (train loss {cost}); the last good "
                                 f"checkpoint is kept; {likely_cause(cfg)}")
-        val = evaluate_model(self.model, self.loss_fn, self.val, cfg.eval_batch_size, self.spec)
+        val = evaluate_model(self.model, self.loss_fn, self.val, cfg.eval_batch_size, self.spec, self.step.autocast)
         row = {"epoch": float(epoch + 1), "train_loss": cost, "lr": lr, **{f"val_{k}": v for k, v in val.items()}}
         for k, v in row.items():
             self.history.setdefault(k, []).append(v)
@@ -471,8 +526,8 @@ class Trainer:
         """Train epoch ``epoch`` (the rest of it, after a stop inside it): this process's share
         of every batch; the mean batch loss."""
         order, batch_size = self.parallel.share(epoch_order(self.cfg.seed, epoch, len(self.train)), self.cfg.batch_size)
-        cost = train_epoch(self.net, self.optimizer, self.scheduler, self.loss_fn, self.train, order,
-                           batch_size, self.spec.prepare, on_batch, self.skip, self.partial)
+        batches = self.train.batches(epoch, order, batch_size, self.skip, self.steps_per_epoch)
+        cost = train_epoch(self.step, batches, self.cfg.grad_accum, on_batch, self.skip, self.partial)
         return self.parallel.epoch_cost(self.model, cost)
 
     def save(self, chunk: int) -> PurePosixPath | None:

@@ -1,5 +1,6 @@
 """The job contract: what a job gives the pipeline (``JobSpec``) and what its loader returns
-(``JobData`` of ``Tensors``). A job module imports this, the kernel and libraries only."""
+(``JobData``: a map-style ``Dataset``, or ``Tensors`` for data that fits in memory). A job module
+imports this, the kernel and libraries only."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from tasks.kernel import DATA_DIR, TrainConfig, UserError, usable_cores
 
@@ -32,11 +34,22 @@ class JobData:
     """What a job's loader returns: a pool to split, an optional fixed test set, and a
     fingerprint of the content (sha256) so a resume can tell the data changed."""
 
-    pool: Tensors
+    #: Every row to split into train, validation and test: a map-style Dataset (items are
+    #: ``(x, y)`` tuples or dicts), or Tensors, the fast path for data that fits in memory.
+    pool: Tensors | Dataset
     fingerprint: str
-    test: Tensors | None = None
+    #: A fixed test set (the pool is then split into train and validation only).
+    test: Tensors | Dataset | None = None
     #: Where the content was read from, for the record, when that is not simply ``--data``.
     source: str | None = None
+    #: The pool's items as evaluation should see them (the same items in the same order, without
+    #: random augmentation): validation reads these. None: validation reads the pool.
+    eval_pool: Dataset | None = None
+
+    def __post_init__(self) -> None:
+        if self.eval_pool is not None and len(self.eval_pool) != len(self.pool):
+            raise UserError(f"eval_pool has {len(self.eval_pool)} items and pool {len(self.pool)}; they must be the "
+                            f"same items (eval_pool without the random augmentation)")
 
 
 def split_8_1_1(n: int) -> tuple[int, int, int]:
@@ -92,6 +105,14 @@ class JobSpec:
     data_help: str = field(default="input file")
     #: Command-line prediction from a finished run (``flows/predict_flow.py``); None: not offered.
     predict: Predictor | None = None
+    #: ``(model, batch) -> loss``, the loss of one batch for models that are not
+    #: ``loss(model(x), y)`` (several inputs, a dict batch). None: the textbook step. The batch is
+    #: on the training device; the loop does zero_grad, backward, clipping and the step.
+    step: Callable[[nn.Module, Any], torch.Tensor] | None = None
+    #: ``(config, model, steps_per_epoch) -> (optimizer, scheduler or None)``, the job's own
+    #: (as Lightning's ``configure_optimizers``); the scheduler is stepped after every optimizer
+    #: step. None: ``--optimizer`` and ``--schedule`` choose.
+    optimizers: Callable[[TrainConfig, nn.Module, int], tuple[torch.optim.Optimizer, Any]] | None = None
 
     def config(self, **overrides: Any) -> TrainConfig:
         """Validated TrainConfig: this job's defaults with ``overrides`` (None means default)."""
@@ -110,15 +131,17 @@ class JobSpec:
 
 
 def check_processes(cfg: TrainConfig) -> None:
-    """--device cuda needs CUDA; --nproc-per-node N: each rank takes an equal share of every
-    batch, one GPU per rank."""
+    """--device cuda and --precision fp16 need CUDA; --nproc-per-node N: each rank takes an equal
+    share of every batch, one GPU per rank."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: this machine has no usable CUDA device; use --device cpu (or auto)")
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.precision == "fp16" and not cuda:
+        raise UserError("--precision fp16 needs CUDA (its GradScaler); on the CPU use --precision bf16 (or 32)")
     n = cfg.nproc_per_node
     if n > 1 and cfg.batch_size % n:
         raise UserError(f"--batch-size {cfg.batch_size} does not divide by --nproc-per-node {n}; each process "
                         f"takes an equal share of every batch: use a multiple of {n}")
-    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if n > 1 and cfg.dist_backend == "nccl" and not cuda:
         raise UserError("--dist-backend nccl needs CUDA; on CPU use --dist-backend gloo (or auto)")
     if n > 1 and cuda and n > torch.cuda.device_count():
