@@ -35,6 +35,9 @@ from tests.helpers import (
     wait_until,
 )
 
+#: One worker runs this module: its module-scoped reference runs are made once.
+pytestmark = pytest.mark.xdist_group("fault_trial")
+
 # 6 chunks of 250 epochs.
 CFG = dict(job="nonlinear", epochs=1500, chunk_epochs=250, seed=3)
 ARGS = ["--job", "nonlinear", "--epochs", "1500", "--chunk-epochs", "250", "--seed", "3"]
@@ -243,10 +246,10 @@ def test_a_checkpoint_without_manifest_is_reported_once_per_run(reference: Path,
 
 
 def test_bad_input_prints_one_line_even_when_the_machine_is_busy(tmp_path: Path) -> None:
-    """Eight refused commands at once, each with its own temporary server starting: each prints
-    its one line and nothing else (no server output, no traceback)."""
-    cases = [["--lr", "inf"], ["--weight-decay", "nan"], ["--epochs", "0"], ["--seed", "-1"],
-             ["--data", str(tmp_path / "missing.csv")], ["--job", "nope"], ["--lr", "1e300"], ["--threads", "0"]]
+    """Five refused commands at once on two cores, each with its own temporary server starting:
+    each prints its one line and nothing else (no server output, no traceback)."""
+    cases = [["--lr", "inf"], ["--epochs", "0"], ["--data", str(tmp_path / "missing.csv")], ["--job", "nope"],
+             ["--threads", "0"]]
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     procs = [subprocess.Popen([sys.executable, str(TRAIN), *c, "--artifacts-dir", str(tmp_path / "a")], cwd=ROOT,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cases]

@@ -105,8 +105,9 @@ class SeededItems(Dataset):
     """``dataset`` indexed by ``(epoch, index)`` keys: item ``index``, fetched with torch's,
     ``random``'s and numpy's global generators seeded by :func:`sample_seed`. Torch's stream is
     put back afterwards: in the training process (``--num-workers 0``) it is the training's own
-    (dropout's, the checkpoint's). ``random``'s and numpy's are left as the item left them (the
-    loop draws from neither, and saving numpy's costs more than most items). Errors name the item."""
+    (dropout's, the checkpoint's). ``random``'s and numpy's are left as the item left them: the
+    loop draws from neither, and saving numpy's costs more than most items (docs/performance.md).
+    Errors name the item."""
 
     def __init__(self, dataset: Dataset, seed: int, part: str):
         self.dataset, self.seed, self.part = dataset, seed, part
@@ -116,15 +117,24 @@ class SeededItems(Dataset):
         s = sample_seed(self.seed, epoch, index)
         training_stream = torch.get_rng_state()
         try:
-            torch.default_generator.manual_seed(s)  # the CPU generator only: torch.manual_seed costs 100x more
+            torch.default_generator.manual_seed(s)  # the CPU generator's alone: far cheaper (docs/performance.md)
             random.seed(s)
             np.random.seed(s & 0xFFFFFFFF)
             return index, self.dataset[index]
-        except Exception as exc:  # noqa: BLE001 - the job's own code: name the item
-            raise ItemError(f"item {index} of the {self.part} set: {type(exc).__name__}: "
+        except Exception as exc:  # noqa: BLE001 - the job's own code: name the item (and its file)
+            raise ItemError(f"item {index} of the {self.part} set{file_of(self.dataset, index)}: {type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''}; fix the dataset or its transform") from None
         finally:
             torch.set_rng_state(training_stream)
+
+
+def file_of(dataset: Dataset, index: int) -> str:
+    """`` (path)`` of item ``index`` in a dataset that lists its files as torchvision's
+    ``DatasetFolder`` and ``ImageFolder`` do (``samples``: (path, class) pairs), else ``''``."""
+    try:
+        return f" ({dataset.samples[index][0]})"
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return ""
 
 
 class ItemError(UserError):
@@ -200,8 +210,21 @@ class DatasetRows:
     def fetch(self, keys: list[list[tuple[int, int]]]) -> Iterator[Any]:
         """The batches of ``keys``, on the device, through the job's ``prepare``."""
         self.plan.keys = keys
-        for batch in self.loader:
-            yield prepared(to_device(batch, self.device, self.non_blocking), self.prepare)
+        batches = iter(self.loader)
+        while True:
+            try:
+                batch = next(batches, None)
+            except ItemError as exc:
+                # Raised anew, without the traceback through the loader's iterator: that would
+                # keep the iterator, and so its workers, alive as long as the error is kept.
+                error = ItemError(str(exc))
+            else:
+                if batch is None:
+                    return
+                yield prepared(to_device(batch, self.device, self.non_blocking), self.prepare)
+                continue
+            del batches
+            raise error
 
     def batches(self, epoch: int, order: torch.Tensor, batch_size: int, start: int, count: int) -> Iterator[Any]:
         rows = self.indices[order[start * batch_size : count * batch_size]].tolist()
@@ -231,10 +254,8 @@ def rows_of(data: JobData, split: dict[str, torch.Tensor], part: str, seed: int,
     if part != "train" and not fixed and data.eval_pool is not None:
         source = data.eval_pool
     if isinstance(source, Tensors):
-        idx = torch.arange(len(source)) if fixed else split[part]
-        return TensorRows(source if fixed else Tensors(source.x[idx], source.y[idx]), device, prepare)
-    indices = torch.arange(len(source)) if fixed else split[part]
-    return DatasetRows(source, indices, seed, part, device, workers, prepare)
+        return TensorRows(source if fixed else Tensors(source.x[split[part]], source.y[split[part]]), device, prepare)
+    return DatasetRows(source, torch.arange(len(source)) if fixed else split[part], seed, part, device, workers, prepare)
 
 
 def first(rows: Rows, k: int) -> Any:
