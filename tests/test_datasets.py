@@ -77,7 +77,7 @@ def test_augmentation_stopped_inside_an_epoch_resumes_bit_exact_with_any_workers
     """Per-item randomness comes from (seed, epoch, item): an uninterrupted run without workers,
     and a run with 2 workers stopped by SIGTERM inside an epoch then resumed with 1 (whose worker
     is killed once: the retry resumes), end the same."""
-    options = ["--epochs", "30", "--chunk-epochs", "5", "--batch-size", "4"]  # 40 batches an epoch
+    options = ["--epochs", "30", "--chunk-epochs", "10", "--batch-size", "4"]  # 40 batches an epoch
     train_cli(["--job", AUGMENTED, *options, "--num-workers", "0"], prefect_api, tmp_path / "ref", "r")
     reference = tmp_path / "ref" / "tests.user_job.tutorial_dataset.AUGMENTED" / "r"
     args = ["--job", AUGMENTED, *options, "--artifacts-dir", str(tmp_path), "--run-name", "a"]
@@ -85,7 +85,7 @@ def test_augmentation_stopped_inside_an_epoch_resumes_bit_exact_with_any_workers
     for _ in range(4):  # until a stop lands inside an epoch, not before the first batch or in a validation
         run = Command.train([*args, "--num-workers", "2"], cli_env(prefect_api, PREFECT_LOGGING_LEVEL="INFO"))
         run.wait_line(": training epochs")
-        time.sleep(1)  # into the chunk's epochs (a chunk takes seconds)
+        time.sleep(0.7)  # into the chunk's epochs (a chunk takes a few seconds)
         run.proc.send_signal(signal.SIGTERM)
         assert run.wait() == 128 + signal.SIGTERM, run.output[-2000:]
         newest = max(checkpoints.glob("checkpoint-*.json"), key=lambda p: int(p.stem.split("-")[1]))
