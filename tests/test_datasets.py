@@ -237,3 +237,25 @@ def test_grad_accum_gives_the_result_of_a_larger_batch() -> None:
     large, accumulated, small = weights
     assert torch.allclose(large, accumulated, rtol=1e-5, atol=1e-7), (large, accumulated)
     assert not torch.allclose(large, small, rtol=1e-3), "the check cannot tell accumulation from smaller steps"
+
+
+def test_fixed_validation_and_test_sets_are_kept_whole() -> None:
+    """A job that gives its own validation and test sets: the whole pool trains (in a seeded
+    order), and validation and test read those sets, every item once, in their order."""
+    import torch
+    from torch.utils.data import Subset
+
+    from tasks.engine.rows import rows_of
+    from tasks.jobs.registry import get_job
+    from tasks.jobs.spec import JobData
+    from tasks.storage.data import make_split
+
+    pool = tutorial_dataset.CustomDataset(tutorial_dataset.CSV)
+    data = JobData(pool=Subset(pool, range(150)), val=Subset(pool, range(150, 170)), test=Subset(pool, range(170, 200)),
+                   fingerprint="f")
+    split = make_split(data, get_job("nonlinear").config(batch_size=16))
+    assert sorted(split["train"].tolist()) == list(range(150))
+    for part, first in (("val", 150), ("test", 170)):
+        rows = rows_of(data, split, part, 0, torch.device("cpu"), 0, lambda x: x)
+        x = torch.cat([batch[0] for batch in rows.in_order(7)])
+        assert len(x) == len(getattr(data, part)) and torch.equal(x, torch.stack([pool[first + i][0] for i in range(len(x))]))

@@ -248,14 +248,15 @@ class DatasetRows:
 
 def rows_of(data: JobData, split: dict[str, torch.Tensor], part: str, seed: int, device: torch.device,
             workers: int, prepare: Any) -> Rows:
-    """Part ``part`` of a job's data (its fixed test set for ``test`` when it has one)."""
-    fixed = part == "test" and data.test is not None
-    source = data.test if fixed else data.pool
-    if part != "train" and not fixed and data.eval_pool is not None:
+    """Part ``part`` of a job's data (its fixed test or validation set when it has one)."""
+    fixed = {"test": data.test, "val": data.val}.get(part)
+    source = fixed if fixed is not None else data.pool
+    if part != "train" and fixed is None and data.eval_pool is not None:
         source = data.eval_pool
     if isinstance(source, Tensors):
-        return TensorRows(source if fixed else Tensors(source.x[split[part]], source.y[split[part]]), device, prepare)
-    return DatasetRows(source, torch.arange(len(source)) if fixed else split[part], seed, part, device, workers, prepare)
+        rows = source if fixed is not None else Tensors(source.x[split[part]], source.y[split[part]])
+        return TensorRows(rows, device, prepare)
+    return DatasetRows(source, split[part], seed, part, device, workers, prepare)
 
 
 def first(rows: Rows, k: int) -> Any:

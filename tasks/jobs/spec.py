@@ -40,6 +40,8 @@ class JobData:
     fingerprint: str
     #: A fixed test set (the pool is then split into train and validation only).
     test: Tensors | Dataset | None = None
+    #: A fixed validation set (the pool is then all training rows, in a seeded order).
+    val: Tensors | Dataset | None = None
     #: Where the content was read from, for the record, when that is not simply ``--data``.
     source: str | None = None
     #: The pool's items as evaluation should see them (the same items in the same order, without

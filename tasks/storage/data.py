@@ -44,16 +44,18 @@ def _load_cached(job: str, path: str, stamp: int | None) -> JobData:
 
 def make_split(data: JobData, cfg: TrainConfig) -> dict[str, torch.Tensor]:
     """Seeded split of the pool into train/val/test index tensors (``random_split``'s
-    algorithm); a job with its own test set keeps that set whole as ``test``."""
+    algorithm); a job with its own test (or validation) set keeps that set whole."""
     n = len(data.pool)
-    train, val, test = get_job(cfg.job).split_sizes(n)
-    if train < cfg.batch_size:
-        raise UserError(
-            f"too few rows to split in {cfg.data}: {n} rows give {train} training rows, fewer than one batch of "
-            f"{cfg.batch_size}; add rows or lower --batch-size"
-        )
+    train, val, test = (n, 0, 0) if data.val is not None else get_job(cfg.job).split_sizes(n)
+    if train < cfg.batch_size * cfg.grad_accum:
+        step = f"one batch of {cfg.batch_size}" if cfg.grad_accum == 1 else \
+            f"one step of {cfg.grad_accum} batches of {cfg.batch_size}"
+        raise UserError(f"too few rows to split in {cfg.data}: {n} rows give {train} training rows, fewer than "
+                        f"{step}; add rows or lower --batch-size{'' if cfg.grad_accum == 1 else ' or --grad-accum'}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
     split = {"train": perm[:train], "val": perm[train : train + val], "test": perm[train + val : train + val + test]}
+    if data.val is not None:
+        split["train"], split["val"] = perm, torch.arange(len(data.val))
     if data.test is not None:
         split["test"] = torch.arange(len(data.test))
     return split
@@ -77,6 +79,7 @@ def save_split(run_dir: Path, split: dict[str, torch.Tensor], data: JobData, cfg
             "pool_rows": len(data.pool),
             "data_fingerprint": data.fingerprint,
             "test_source": "test_set" if data.test is not None else "pool",
+            **({"val_source": "val_set"} if data.val is not None else {}),
             "sizes": {p: len(split[p]) for p in PARTS},
             **{p: split[p].tolist() for p in PARTS},
         },
