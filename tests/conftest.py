@@ -63,9 +63,11 @@ def s3_server():
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The long tests (marked slow) first: a long test that starts last keeps one worker busy
+    """Modules with long tests (marked slow) first, each module's tests kept together (its
+    module-scoped fixtures are made once): a long test that starts last keeps one worker busy
     while the others have nothing left to do."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    slow = {item.module for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module not in slow)
 
 
 def children() -> set[int]:

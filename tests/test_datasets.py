@@ -95,11 +95,23 @@ def test_augmentation_stopped_inside_an_epoch_resumes_bit_exact_with_any_workers
         pytest.fail(f"four stops in a row landed between epochs: {run.output[-1500:]}")
     # The resume with 1 worker; that worker is killed once: the task's retry resumes again.
     again = Command.train([*args, "--num-workers", "1"], cli_env(prefect_api, PREFECT_LOGGING_LEVEL="INFO"))
-    worker = wait_until(lambda: descendants(again.pid), what="a loader worker", proc=again, every=0.05)
+    worker = wait_until(lambda: loader_workers(again.pid), what="a loader worker", proc=again, every=0.05)
     os.kill(worker[0], signal.SIGKILL)
     assert again.wait() == 0, again.output[-3000:]
     assert "is killed by signal: Killed" in again.output and "resuming from checkpoint-" in again.output
     assert_same_run(checkpoints.parent, reference)
+
+
+def loader_workers(pid: int) -> list[int]:
+    """The command's DataLoader workers: its forks (the same command line), not its other
+    children (git, when the run records its code)."""
+    def cmdline(p: int) -> bytes:
+        try:
+            return Path(f"/proc/{p}/cmdline").read_bytes()
+        except OSError:
+            return b""
+
+    return [p for p in descendants(pid) if cmdline(p) == cmdline(pid) != b""]
 
 
 BROKEN = """

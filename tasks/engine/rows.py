@@ -14,6 +14,7 @@ worker fetches an item and however many workers there are, and the same after a 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import random
 from typing import Any, Iterator, Protocol
@@ -223,7 +224,11 @@ class DatasetRows:
                     return
                 yield prepared(to_device(batch, self.device, self.non_blocking), self.prepare)
                 continue
+            # The run ends here: free the loader now. Its iterator (and so its workers) is also
+            # held by the worker error's reference cycle through the loader's frames: collect it.
             del batches
+            self.loader = None
+            gc.collect()
             raise error
 
     def batches(self, epoch: int, order: torch.Tensor, batch_size: int, start: int, count: int) -> Iterator[Any]:
