@@ -35,7 +35,7 @@ from tests.helpers import (
     write_tiny_fashion_mnist,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("distributed")]  # one worker: references made once
+pytestmark = pytest.mark.slow
 
 
 def chunk_job(cfg: TrainConfig, name: str, fingerprint: str, data_fingerprint: str, chunk: int) -> str:

@@ -35,8 +35,6 @@ from tests.helpers import (
     wait_until,
 )
 
-#: One worker runs this module: its module-scoped reference runs are made once.
-pytestmark = pytest.mark.xdist_group("fault_trial")
 
 # 6 chunks of 250 epochs.
 CFG = dict(job="nonlinear", epochs=1500, chunk_epochs=250, seed=3)

@@ -19,8 +19,6 @@ from tasks.engine.training import chunk_count
 from tasks.jobs.registry import JOBS, default_jobs
 from tests.helpers import TEST_DATA, assert_same_tensors, fail_once_at, state_dict
 
-#: One worker runs this module: its module-scoped reference runs are made once.
-pytestmark = pytest.mark.xdist_group("jobs")
 
 #: 3 chunks of 2 epochs; the fault is injected in the second epoch of chunk 2.
 SMALL = {"epochs": 6, "chunk_epochs": 2, "seed": 3}

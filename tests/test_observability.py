@@ -31,8 +31,6 @@ from tests.helpers import (
     wait_until,
 )
 
-#: One worker runs this module: its module-scoped reference runs are made once.
-pytestmark = pytest.mark.xdist_group("observability")
 
 SMALL = ["--job", "nonlinear", "--epochs", "30", "--chunk-epochs", "10", "--seed", "3"]
 

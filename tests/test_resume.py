@@ -19,8 +19,6 @@ from flows.train_flow import main, train_flow
 from tasks.kernel import auto_threads
 from tests.helpers import ROOT, TRAIN, assert_same_run, cli_env, run_cli, train_cli, wait_until
 
-#: One worker runs this module: its module-scoped reference runs are made once.
-pytestmark = pytest.mark.xdist_group("resume")
 
 # Small but real: 200 rows, 3 chunks.
 SMALL = ["--job", "nonlinear", "--epochs", "1500", "--chunk-epochs", "500", "--seed", "7"]
