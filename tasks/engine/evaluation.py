@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from tasks.engine.rows import rows_of
@@ -25,13 +26,12 @@ def evaluate_run(run: Run) -> dict[str, Any]:
     cfg = run.cfg
     data = load_job_data(cfg)
     split = read_split(run.dir, data)
-    with final_trainer(run) as trainer:
+    with final_trainer(run) as trainer, contextlib.closing(
+            rows_of(data, split, "test", cfg.seed, trainer.device, cfg.num_workers, trainer.spec.prepare)) as test:
         metrics: dict[str, Any] = {"job": cfg.job, "epochs": cfg.epochs, "checkpoint": trainer.resumed_from.name}
-        test = rows_of(data, split, "test", cfg.seed, trainer.device, cfg.num_workers, trainer.spec.prepare)
         for part, rows in (("val", trainer.val), ("test", test)):
             metrics[part] = {"rows": len(rows), **evaluate_model(trainer.model, trainer.loss_fn, rows,
                                                                   cfg.eval_batch_size, trainer.spec, trainer.step.autocast)}
-        test.close()
     metrics["final_train_loss"] = trainer.history["train_loss"][-1]
     metrics["epochs_trained"] = trainer.next_epoch
     metrics["stopped_early"] = trainer.stopped_early
