@@ -46,7 +46,7 @@ from tests.helpers import ROOT, assert_same_tensors, descendants, state_dict, wa
 pytestmark = pytest.mark.slow
 
 #: Short but real runs: 6 chunks, so a kill lands mid-run.
-RUN = {"epochs": 3000, "chunk_epochs": 500, "seed": 7}
+RUN = {"epochs": 1500, "chunk_epochs": 250, "seed": 7}
 #: A ceiling for each wait on a server, worker or automation: generous, for a busy machine (the
 #: automations alone take a minute or two).
 CEILING = 600

@@ -81,8 +81,16 @@ JOB = replace(JOBS["nonlinear"], name="flaky", build_model=lambda cfg: Flaky(), 
 
 @pytest.fixture(scope="module")
 def reference(prefect_api: str, tmp_path_factory) -> Path:
-    """The uninterrupted two-process run that every faulted run must reproduce exactly."""
-    return train_cli(ARGS, prefect_api, tmp_path_factory.mktemp("ddp-ref"), "ref")
+    """The uninterrupted two-process run that every faulted run must reproduce exactly. Another
+    program listens on 29500, torchrun's default port, meanwhile: the chunks launch all the same."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        with contextlib.suppress(OSError):  # else another program holds it already: just as good
+            taken.bind(("0.0.0.0", 29500))
+            taken.listen()
+        return train_cli(ARGS, prefect_api, tmp_path_factory.mktemp("ddp-ref"), "ref")
 
 
 def test_each_rank_takes_its_contiguous_share_of_every_global_batch() -> None:
@@ -105,19 +113,6 @@ def test_two_processes_train_what_one_does_up_to_rounding(reference: Path, prefe
     assert main([*ARGS[:-1], "1", "--artifacts-dir", str(reference.parents[1]), "--run-name", "ref"]) == 2
     err = capsys.readouterr().err
     assert "nproc_per_node" in err, err[-2000:]
-
-
-def test_the_rendezvous_takes_a_free_port_when_torchruns_default_is_taken(prefect_api: str, tmp_path: Path) -> None:
-    """Another program listens on 29500, torchrun's default port: the chunks still launch."""
-    import socket
-
-    with socket.socket() as taken:
-        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        with contextlib.suppress(OSError):  # else another program holds it already: just as good
-            taken.bind(("0.0.0.0", 29500))
-            taken.listen()
-        args = ["--job", "nonlinear", "--epochs", "20", "--chunk-epochs", "20", "--nproc-per-node", "2"]
-        train_cli(args, prefect_api, tmp_path, "r")
 
 
 def ranks_of(pid: int) -> list[int]:

@@ -244,10 +244,9 @@ def test_a_checkpoint_without_manifest_is_reported_once_per_run(reference: Path,
 
 
 def test_bad_input_prints_one_line_even_when_the_machine_is_busy(tmp_path: Path) -> None:
-    """Five refused commands at once on two cores, each with its own temporary server starting:
+    """Three refused commands at once on two cores, each with its own temporary server starting:
     each prints its one line and nothing else (no server output, no traceback)."""
-    cases = [["--lr", "inf"], ["--epochs", "0"], ["--data", str(tmp_path / "missing.csv")], ["--job", "nope"],
-             ["--threads", "0"]]
+    cases = [["--lr", "inf"], ["--data", str(tmp_path / "missing.csv")], ["--job", "nope"]]
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     procs = [subprocess.Popen([sys.executable, str(TRAIN), *c, "--artifacts-dir", str(tmp_path / "a")], cwd=ROOT,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cases]
