@@ -1,12 +1,15 @@
-"""Fixtures: one temporary Prefect server and one S3 server per test process (each xdist worker
-starts its own), an isolated PREFECT_HOME. Helpers that are not fixtures: tests/helpers.py."""
+"""Fixtures: one Prefect server for the whole session (under xdist the controller starts it and
+every worker shares it), one S3 server per test process, an isolated PREFECT_HOME. Helpers that are not fixtures: tests/helpers.py."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import tempfile
+import urllib.request
 from pathlib import Path
 
 # Before anything imports prefect: isolate its home, results and settings for the session.
@@ -22,23 +25,63 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tests.helpers import S3Server, parents, start_moto  # noqa: E402
+from tests.helpers import S3Server, parents, start_moto, wait_until  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+#: Where the controller's shared Prefect server answers (set for the xdist workers it starts).
+SHARED_API = "TRAINFLOW_TEST_PREFECT_API"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """With xdist, the controller starts one Prefect server for every worker (a server's start
+    costs ~15 CPU-seconds; the workers inherit its URL); without, each session starts its own."""
+    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+        return
+    from tasks.orchestration.server import reserve_port
+
+    with reserve_port() as sock:
+        port = sock.getsockname()[1]
+    log = open(Path(_HOME) / "shared-server.log", "w")  # noqa: SIM115 - open as long as the server
+    config.stash[SERVER] = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PREFECT_HOME": str(Path(_HOME) / "shared")})
+    os.environ[SHARED_API] = f"http://127.0.0.1:{port}/api"
+
+
+SERVER = pytest.StashKey[subprocess.Popen]()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if (server := config.stash.get(SERVER, None)) is not None:
+        server.terminate()
+        server.wait(60)
+
+
 @pytest.fixture(scope="session")
 def prefect_api() -> str:
-    """Start one temporary Prefect server for the session; returns its API URL so
-    subprocesses (real `python flows/train_flow.py` runs) can share it."""
-    from prefect.settings import PREFECT_API_URL
+    """The session's Prefect server (the controller's shared one under xdist, else a temporary
+    one); returns its API URL so subprocesses (real `python flows/train_flow.py` runs) share it."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=300):
+    shared = os.environ.get(SHARED_API)
+    if shared:
+        wait_until(lambda: answers(shared), 300, "the shared Prefect server", every=0.5)
+    with temporary_settings({PREFECT_API_URL: shared}) if shared else prefect_test_harness(server_startup_timeout=300):
         url = PREFECT_API_URL.value()
         os.environ["PREFECT_API_URL"] = url  # for subprocesses started by tests
         yield url
         os.environ.pop("PREFECT_API_URL", None)
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=5) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
 
 
 @pytest.fixture(scope="session")

@@ -41,7 +41,7 @@ from deployments.registry import (
 )
 from tasks.jobs.registry import JOBS
 from tasks.storage.remote import Remote
-from tests.helpers import ROOT, assert_same_tensors, descendants, state_dict, wait_until
+from tests.helpers import ROOT, assert_same_tensors, descendants, state_dict, train_cli, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -386,10 +386,11 @@ def test_served_deployments_run_on_sqlite(sqlite_server: Server, tmp_path: Path)
 
 
 @pytest.mark.timeout(1800)  # a dozen processes and two automations' timers, one after the other
-def test_scheduled_deployments_end_to_end(postgres_server: Server, s3_server, tmp_path: Path) -> None:
+def test_scheduled_deployments_end_to_end(postgres_server: Server, s3_server, prefect_api: str, tmp_path: Path) -> None:
     server, procs = postgres_server, postgres_server.procs
-    # 1. serve: deployments registered from the registry, a run executed by the serve process.
-    ref_folder = serve_and_run_once(server, tmp_path / "served")  # also the uninterrupted reference
+    # 1. The uninterrupted reference: the same run from the command (serve.py is proven on SQLite, above).
+    options = [f"--{k.replace('_', '-')}={v}" for k, v in RUN.items()]
+    ref_folder = train_cli(["--job", "nonlinear", *options], prefect_api, tmp_path / "ref", "ref")
 
     # 2. work pool, the cluster way: deployments/deploy.py registers prefect.yaml's deployments,
     # whose pull step clones the code from a bare repository; each worker starts in an empty
