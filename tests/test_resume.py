@@ -33,13 +33,18 @@ def reference(prefect_api: str, tmp_path_factory) -> Path:
 def test_without_a_server_the_command_boots_its_own_which_dies_with_it(reference: Path, tmp_path: Path) -> None:
     """No PREFECT_API_URL (a new user's machine): the command starts Prefect's temporary server
     itself; SIGKILL of the command takes the server down too (no orphan), and rerunning the
-    command (with a new server) resumes bit-exact. Both runs are recorded in $PREFECT_HOME."""
+    command (with a new server) resumes bit-exact. Both runs are recorded in $PREFECT_HOME.
+    And --threads auto (the default) is resolved when the run folder is created
+    ($OMP_NUM_THREADS stands in for a first machine with other cores): the rerun on this machine
+    resumes with the stored count, to the same result."""
     home = tmp_path / "prefect-home"
-    env = {k: v for k, v in cli_env("").items() if k != "PREFECT_API_URL"}
+    env = {k: v for k, v in cli_env("").items() if k not in ("PREFECT_API_URL", "OMP_NUM_THREADS")}
     env.update(PREFECT_HOME=str(home), PREFECT_LOGGING_LEVEL="INFO")
+    there = auto_threads(1) + 2  # what auto gives on "the first machine": not what it gives here
     args = [sys.executable, str(TRAIN), *SMALL, "--artifacts-dir", str(tmp_path), "--run-name", "r"]
     ckpts = tmp_path / "nonlinear" / "r" / "checkpoints"
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args, cwd=ROOT, env={**env, "OMP_NUM_THREADS": str(there)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
     wait_until((ckpts / "checkpoint-1.json").exists, what="checkpoint 1", proc=proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -58,6 +63,9 @@ def test_without_a_server_the_command_boots_its_own_which_dies_with_it(reference
     assert "Stopping temporary server" in again.stderr
     assert "chunk 2: resuming from checkpoint-1.pt, 500 of 1500 epochs kept" in again.stderr
     assert_same_run(tmp_path / "nonlinear" / "r", reference)
+    record = json.loads((ckpts.parent / "run.json").read_text())
+    assert json.loads((ckpts.parent / "config.json").read_text())["threads"] == there
+    assert record["attempts"] == 2 and record["environment"]["device"]["threads"] == there
     with sqlite3.connect(home / "prefect.db") as db:
         states = sorted(row[0] for row in db.execute("SELECT state_type FROM flow_run"))
         tasks = {row[0] for row in db.execute("SELECT name FROM task_run WHERE state_type = 'COMPLETED'")}
@@ -118,28 +126,6 @@ def test_checkpoints_keep_the_tutorial_format(reference: Path) -> None:
     assert checkpoint["epoch"] == 999  # last completed 0-based epoch: chunk 2 of 500 epochs
     assert checkpoint["model"] == "CustomModel" and "체크포인트-2" in checkpoint["description"]
     assert isinstance(checkpoint["cost"], float)
-
-
-def test_threads_auto_is_resolved_once_and_kept_with_the_run(reference: Path, prefect_api: str, tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """--threads auto (the default) is resolved when the run folder is created ($OMP_NUM_THREADS
-    stands in for a machine with other cores); the same command on this machine resumes with the
-    stored count, to the same result."""
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    there = auto_threads(1) + 2  # what auto gives on "the first machine": not what it gives here
-    args = [*SMALL, "--artifacts-dir", str(tmp_path), "--run-name", "r"]
-    run_dir = tmp_path / "nonlinear" / "r"
-    proc = subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env={**cli_env(prefect_api), "OMP_NUM_THREADS": str(there)})
-    wait_until((run_dir / "checkpoints" / "checkpoint-1.json").exists, what="checkpoint 1", proc=proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    again = run_cli(args, prefect_api)
-    assert again.returncode == 0, again.stderr[-3000:]
-    record = json.loads((run_dir / "run.json").read_text())
-    assert json.loads((run_dir / "config.json").read_text())["threads"] == there
-    assert record["attempts"] == 2 and record["environment"]["device"]["threads"] == there
-    assert_same_run(run_dir, reference)
 
 
 def test_threads_auto_uses_the_cores_but_one(monkeypatch: pytest.MonkeyPatch) -> None:
