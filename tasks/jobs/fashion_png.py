@@ -136,18 +136,39 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
 # --- model and job ---------------------------------------------------------------------------
 
 
-MODELS: dict[str, type[nn.Module]] = {"cnn": fashion_mnist.CNN, "small_cnn": fashion_mnist.SmallCNN}
+class ConvNet(nn.Module):
+    """Blocks of 3x3 conv (no bias: BatchNorm follows), BatchNorm, ReLU and 2x2 max-pooling, then
+    dropout and one linear layer: each block halves the image and the next one's convolution
+    costs less per channel, so a third block adds depth for little time on a CPU."""
+
+    def __init__(self, channels: tuple[int, ...], dropout: float):
+        super().__init__()
+        blocks, c_in = [], 1
+        for c in channels:
+            blocks += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(2)]
+            c_in = c
+        self.features = nn.Sequential(*blocks)  # [B,1,28,28] -> [B,c,28/2^k,28/2^k]
+        side = 28 // 2 ** len(channels)
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(c_in * side * side, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(torch.flatten(self.features(x), 1)))  # -> [B,10] logits
+
+
+#: model name -> (channels per block, dropout)
+MODELS: dict[str, tuple[tuple[int, ...], float]] = {"cnn3": ((16, 32, 64), 0.2), "cnn2": ((32, 64), 0.25)}
 
 
 def build_model(cfg: TrainConfig) -> nn.Module:
-    return MODELS[cfg.model]().to(memory_format=torch.channels_last)
+    return ConvNet(*MODELS[cfg.model]).to(memory_format=torch.channels_last)
 
 
 JOB = JobSpec(
     name="fashion_png",
     description="FashionMNIST as PNG files (ImageFolder), random crop and flip, through a DataLoader; CNN, accuracy",
-    defaults=dict(data=DEFAULT_DIR, model="cnn", epochs=15, chunk_epochs=3, lr=3e-3, batch_size=128,
-                  eval_batch_size=256, optimizer="adamw", weight_decay=1e-4, schedule="onecycle",
+    defaults=dict(data=DEFAULT_DIR, model="cnn3", epochs=20, chunk_epochs=4, lr=5e-3, batch_size=128,
+                  eval_batch_size=128, optimizer="adamw", weight_decay=1e-4, schedule="onecycle",
                   label_smoothing=0.1),
     load=load,
     build_model=build_model,
