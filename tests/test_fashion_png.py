@@ -15,7 +15,7 @@ from tasks.storage.remote import Remote
 JOB = "tasks.jobs.fashion_png.JOB"
 #: 3 images of each class and part: 60 PNG files.
 EXPORT = ["--limit", "3"]
-TINY = ["--job", JOB, "--epochs", "2", "--chunk-epochs", "1", "--batch-size", "9",
+TINY = ["--job", JOB, "--model", "cnn3", "--epochs", "1", "--chunk-epochs", "1", "--batch-size", "9",
         "--num-workers", "1"]
 
 
