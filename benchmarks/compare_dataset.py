@@ -24,11 +24,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.engine.rows import DatasetRows, TensorRows  # noqa: E402
-from tasks.engine.training import Step, build_optimizer, build_scheduler, epoch_order, textbook_loss, train_epoch  # noqa: E402
-from tasks.jobs.registry import get_job  # noqa: E402
-from tasks.jobs.spec import Tensors  # noqa: E402
-from tasks.storage.data import load_job_data, make_split  # noqa: E402
+from tasks.engine.rows import DatasetRows, TensorRows
+from tasks.engine.training import (
+    Step,
+    build_optimizer,
+    build_scheduler,
+    epoch_order,
+    textbook_loss,
+    train_epoch,
+)
+from tasks.jobs.registry import get_job
+from tasks.jobs.spec import Tensors
+from tasks.storage.data import load_job_data, make_split
 
 JOB = "tasks.jobs.fashion_png.JOB"
 CPU = torch.device("cpu")

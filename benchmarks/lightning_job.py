@@ -34,7 +34,12 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks.plain_job import command_line, dataset_loaders, optimizer_and_schedule, prepared_sets
+from benchmarks.plain_job import (
+    command_line,
+    dataset_loaders,
+    optimizer_and_schedule,
+    prepared_sets,
+)
 from tasks.jobs.registry import get_job
 from tasks.kernel import TrainConfig
 

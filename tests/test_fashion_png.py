@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.helpers import ROOT, assert_same_tensors, machine, state_dict, train_cli
 from tasks.jobs.fashion_png import CLASSES
 from tasks.storage.remote import Remote
+from tests.helpers import ROOT, assert_same_tensors, machine, state_dict, train_cli
 
 JOB = "tasks.jobs.fashion_png.JOB"
 #: 3 images of each class and part: 60 PNG files.
