@@ -1,8 +1,8 @@
 """Ours against a competent PyTorch Lightning script of the same job, side by side, interleaved.
 
     pip install -e '.[bench]'                     # Lightning: a benchmark-only dependency
-    python benchmarks/compare_lightning.py [nonlinear|fashion_mnist] [--rounds N] [--quick]
-                                           [--prefect-api-url URL]
+    python benchmarks/compare_lightning.py [nonlinear|fashion_mnist|fashion_png] [--rounds N] [--quick]
+                                           [--prefect-api-url URL] [--data D --num-workers N] [--no-resume]
 
 Ours runs as a user runs it: ``python flows/train_flow.py --job JOB --artifacts-dir DIR
 --run-name NAME`` (with no PREFECT_API_URL it starts its own temporary Prefect server). The
@@ -46,7 +46,10 @@ from tasks.jobs.registry import get_job
 from tasks.kernel import TrainConfig
 
 #: --quick: a smoke run of each job, a few chunks long.
-QUICK = {"nonlinear": {"epochs": 300, "chunk_epochs": 100}, "fashion_mnist": {"epochs": 2, "chunk_epochs": 1}}
+QUICK = {"nonlinear": {"epochs": 300, "chunk_epochs": 100}, "fashion_mnist": {"epochs": 2, "chunk_epochs": 1},
+         "fashion_png": {"epochs": 2, "chunk_epochs": 1}}
+#: Jobs named by import path (the Dataset path's FashionMNIST recipe, tasks/jobs/fashion_png.py).
+JOB_PATHS = {"fashion_png": "tasks.jobs.fashion_png.JOB"}
 RUN_TIMEOUT_S = 3600.0
 #: ours' chunk log line: "chunk 1: epochs 1-1000/10000, ..., 123456 samples/s, ..."
 CHUNK_LINE = re.compile(r"chunk (\d+): epochs (\d+)-(\d+)/\d+,.*?([\d.]+) samples/s")
@@ -190,14 +193,14 @@ def prefect_mode(log: str, api_url: str | None) -> str:
     return "unknown: no temporary-server line in its output and no --prefect-api-url (a profile may name a server)"
 
 
-def one_round(sides: list[Side], r: int, steps_samples: int) -> dict[str, dict]:
-    """Round ``r``: a whole run of each side (and of the plain loop), then a kill -> resume of
-    each side; the order alternates."""
+def one_round(sides: list[Side], r: int, steps_samples: int, resume: bool = True) -> dict[str, dict]:
+    """Round ``r``: a whole run of each side (and of the plain loop), then (``resume``) a kill ->
+    resume of each side; the order alternates."""
     order = sides if r % 2 else sides[::-1]
     out = {s.name: {} for s in sides}
     for s in order:
         out[s.name].update(whole_run(s, f"{s.name}-r{r}", steps_samples))
-    for s in order[::-1]:
+    for s in order[::-1] if resume else []:
         if s.checkpoints:
             out[s.name]["resume"] = kill_and_resume(s, f"{s.name}-kill-r{r}", steps_samples)
     return out
@@ -235,10 +238,8 @@ def report(results: list[dict[str, dict]], mode: str) -> None:
     ratio_line("launch -> first epoch", col(ours, "epoch"), col(light, "epoch"),
                f"; ours' first epoch: {ours[0]['epoch_how']}")
     ratio_line("launch -> first checkpoint (both observed)", col(ours, "ckpt"), col(light, "ckpt"))
-    ratio_line("kill -> first resumed epoch", col(ours, "resume", "epoch"), col(light, "resume", "epoch"),
-               f"; ours: {ours[0]['resume']['epoch_how']}")
-    ratio_line("kill -> first new checkpoint (both observed)", col(ours, "resume", "ckpt"),
-               col(light, "resume", "ckpt"))
+    if "resume" in ours[0]:
+        resumes(ours, light, col)
     print("the floor, the same job in a plain PyTorch loop with nothing around it (whole run, wall time):")
     ratio_line("plain loop / Lightning", col(plain, "wall"), col(light, "wall"), names=("plain", "Lightning"))
     ratio_line("ours / plain loop", col(ours, "wall"), col(plain, "wall"), names=("ours", "plain"))
@@ -247,6 +248,14 @@ def report(results: list[dict[str, dict]], mode: str) -> None:
                        ("plain loop", plain)):
         shown = "; ".join(", ".join(f"{k} {v:.6g}" for k, v in sorted(r["test"].items())) for r in rows)
         print(f"  {name}: {shown}")
+
+
+def resumes(ours: list[dict], light: list[dict], col) -> None:
+    """The kill -> resume rows."""
+    ratio_line("kill -> first resumed epoch", col(ours, "resume", "epoch"), col(light, "resume", "epoch"),
+               f"; ours: {ours[0]['resume']['epoch_how']}")
+    ratio_line("kill -> first new checkpoint (both observed)", col(ours, "resume", "ckpt"),
+               col(light, "resume", "ckpt"))
 
 
 def header(cfg: TrainConfig, rounds: int, quick: bool) -> None:
@@ -272,10 +281,14 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help=f"a smoke run: a few epochs ({QUICK})")
     p.add_argument("--prefect-api-url", help="run ours against this running Prefect server")
     p.add_argument("--keep", action="store_true", help="keep the runs' folders and logs")
+    p.add_argument("--data", help="the job's --data, on every side (fashion_png: the exported images)")
+    p.add_argument("--num-workers", type=int, help="DataLoader workers of a Dataset job, on every side")
+    p.add_argument("--no-resume", action="store_true", help="whole runs only, no kill -> resume runs")
     a = p.parse_args()
     become_subreaper()
-    overrides = QUICK[a.job] if a.quick else {}
-    cfg = get_job(a.job).config(**overrides)
+    given = {k: v for k, v in (("data", a.data), ("num_workers", a.num_workers)) if v is not None}
+    overrides = {**(QUICK[a.job] if a.quick else {}), **given}
+    cfg = get_job(JOB_PATHS.get(a.job, a.job)).config(**overrides)
     tmp = Path(tempfile.mkdtemp(prefix=f"bench-{a.job}-"))
     header(cfg, a.rounds, a.quick)
     n_train = save_split(cfg, tmp / "split.pt")
@@ -284,12 +297,13 @@ def main() -> None:
              Side("lightning", cfg, tmp, overrides, None), Side("plain", cfg, tmp, overrides, None)]
     results = []
     for r in range(1, a.rounds + 1):
-        res = one_round(sides, r, steps_samples)
+        res = one_round(sides, r, steps_samples, resume=not a.no_resume)
         results.append(res)
         print(f"round {r}: " + " | ".join(
             f"{n}: wall {fmt(x['wall'])}, CPU {fmt(x['cpu'])}" + ("" if n == "plain" else
-            f", first epoch {fmt(x['epoch'])}, first checkpoint {fmt(x['ckpt'])}, "
-            f"resumed epoch {fmt(x['resume']['epoch'])}") for n, x in res.items()), flush=True)
+            f", first epoch {fmt(x['epoch'])}, first checkpoint {fmt(x['ckpt'])}" +
+            (f", resumed epoch {fmt(x['resume']['epoch'])}" if "resume" in x else "")) for n, x in res.items()),
+            flush=True)
     report(results, prefect_mode(results[0]["ours"]["log"], a.prefect_api_url))
     if a.keep:
         print(f"runs and logs kept in {tmp}")

@@ -34,7 +34,12 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks.plain_job import command_line, optimizer_and_schedule, prepared_sets
+from benchmarks.plain_job import (
+    command_line,
+    dataset_loaders,
+    optimizer_and_schedule,
+    prepared_sets,
+)
 from tasks.jobs.registry import get_job
 from tasks.kernel import TrainConfig
 
@@ -45,9 +50,9 @@ FIRST_EPOCH_MARK = "lightning: first epoch of this process done"
 class JobModule(L.LightningModule):
     """Our job's model, loss and optimizer recipe as a LightningModule."""
 
-    def __init__(self, cfg: TrainConfig, steps_per_epoch: int):
+    def __init__(self, cfg: TrainConfig, steps_per_epoch: int, dataset: bool = False):
         super().__init__()
-        self.cfg, self.steps_per_epoch = cfg, steps_per_epoch
+        self.cfg, self.steps_per_epoch, self.dataset = cfg, steps_per_epoch, dataset
         self.spec = get_job(cfg.job)
         torch.manual_seed(cfg.seed)  # model init from the run's seed, as ours
         self.model = self.spec.build_model(cfg)
@@ -55,6 +60,13 @@ class JobModule(L.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """A Dataset job's batches through the job's ``prepare`` (tensors were prepared up front)."""
+        if not self.dataset:
+            return batch
+        x, y = batch
+        return self.spec.prepare(x), y
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -96,7 +108,11 @@ class FirstEpochMark(Callback):
 
 
 def loaders(cfg: TrainConfig, split_file: Path) -> dict[str, DataLoader]:
-    """Train/val/test loaders over the job's data with the split our run would make."""
+    """Train/val/test loaders over the job's data with the split our run would make (a
+    Dataset job: the plain loop's DataLoaders, the same objects)."""
+    given = dataset_loaders(cfg, split_file)
+    if given is not None:
+        return given
     sets = {name: TensorDataset(*xy) for name, xy in prepared_sets(cfg, split_file).items()}
     shuffle = torch.Generator().manual_seed(cfg.seed)
     return {
@@ -120,7 +136,7 @@ def main() -> None:
     a, cfg = command_line(__doc__)
     L.seed_everything(cfg.seed)
     dl = loaders(cfg, a.split)
-    module = JobModule(cfg, steps_per_epoch=len(dl["train"]))
+    module = JobModule(cfg, steps_per_epoch=len(dl["train"]), dataset=not isinstance(dl["train"].dataset, TensorDataset))
     trainer = build_trainer(cfg, a.out)
     trainer.fit(module, dl["train"], dl["val"], ckpt_path="last")
     (metrics,) = trainer.test(module, dl["test"], verbose=False)

@@ -6,7 +6,8 @@ around it: the floor of benchmarks/compare_lightning.py.
 Same data, split, model, loss, optimizer, LR schedule and epochs as our job's config (read from
 the job registry), on 1 thread, like benchmarks/lightning_job.py, which takes its data and
 optimizer recipe from here. The textbook step (pytorch/examples' mnist/main.py) over batches of
-preloaded, prepared tensors, validation every epoch and the test set once at the end. No
+preloaded, prepared tensors (a Dataset job: over the textbook DataLoader, ``--num-workers``),
+validation every epoch and the test set once at the end. No
 checkpoints, logs, progress or framework: what any tool that runs this job's arithmetic cannot
 go below. Writes DIR/metrics.json.
 """
@@ -22,8 +23,28 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from torch.utils.data import DataLoader, Subset
+
 from tasks.jobs.registry import get_job
+from tasks.jobs.spec import Tensors
 from tasks.kernel import TrainConfig
+
+
+def dataset_loaders(cfg: TrainConfig, split_file: Path) -> dict[str, DataLoader] | None:
+    """For a job whose data is a Dataset (tasks/jobs/fashion_png.py): the textbook DataLoaders
+    over the split our run would make (shuffled with a seeded generator, full batches,
+    ``--num-workers`` persistent workers each), validation on ``eval_pool``; None for tensors."""
+    data = get_job(cfg.job).load(Path(cfg.data))
+    if isinstance(data.pool, Tensors):
+        return None
+    split, plain = torch.load(split_file), data.pool if data.eval_pool is None else data.eval_pool
+    sets = {"train": Subset(data.pool, split["train"].tolist()), "val": Subset(plain, split["val"].tolist()),
+            "test": data.test if data.test is not None else Subset(plain, split["test"].tolist())}
+    w = cfg.num_workers
+    return {name: DataLoader(rows, batch_size=cfg.batch_size if name == "train" else cfg.eval_batch_size,
+                             shuffle=name == "train", drop_last=name == "train", num_workers=w,
+                             persistent_workers=w > 0, generator=torch.Generator().manual_seed(cfg.seed))
+            for name, rows in sets.items()}
 
 
 def prepared_sets(cfg: TrainConfig, split_file: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -66,6 +87,34 @@ def evaluate(model, loss_fn, spec, x: torch.Tensor, y: torch.Tensor, batch_size:
     return {"loss": float(loss_fn(out, y)), **spec.metrics(out, y)}
 
 
+@torch.no_grad()
+def evaluate_loader(model, loss_fn, spec, loader: DataLoader) -> dict[str, float]:
+    """The same over a DataLoader's batches."""
+    model.eval()
+    outs, ys = zip(*[(model(spec.prepare(x)), y) for x, y in loader])
+    out, y = torch.cat(outs), torch.cat(ys)
+    return {"loss": float(loss_fn(out, y)), **spec.metrics(out, y)}
+
+
+def train_loader(cfg: TrainConfig, loaders: dict[str, DataLoader]) -> dict[str, float]:
+    """cfg.epochs epochs of the textbook step over the DataLoader (pytorch/examples' loop)."""
+    spec = get_job(cfg.job)
+    torch.manual_seed(cfg.seed)
+    model, loss_fn = spec.build_model(cfg), spec.loss(cfg)
+    opt, sched = optimizer_and_schedule(cfg, model.parameters(), len(loaders["train"]))
+    for _ in range(cfg.epochs):
+        model.train()
+        for x, y in loaders["train"]:
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(spec.prepare(x)), y)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+        evaluate_loader(model, loss_fn, spec, loaders["val"])
+    return evaluate_loader(model, loss_fn, spec, loaders["test"])
+
+
 def train(cfg: TrainConfig, sets: dict) -> dict[str, float]:
     """cfg.epochs epochs of the textbook step, validating after each; the test metrics."""
     spec = get_job(cfg.job)
@@ -99,14 +148,18 @@ def command_line(doc: str) -> tuple[argparse.Namespace, TrainConfig]:
     p.add_argument("--split", type=Path, required=True, help="torch file of the split's row indices")
     p.add_argument("--epochs", type=int)
     p.add_argument("--chunk-epochs", type=int, help="epochs between checkpoints (the plain loop writes none)")
+    p.add_argument("--data", help="the job's --data (default: the job's)")
+    p.add_argument("--num-workers", type=int, help="DataLoader workers of a Dataset job")
     a = p.parse_args()
     torch.set_num_threads(1)  # like with like: ours trains on 1 thread by default on 2 cores
-    return a, get_job(a.job).config(epochs=a.epochs, chunk_epochs=a.chunk_epochs)
+    return a, get_job(a.job).config(epochs=a.epochs, chunk_epochs=a.chunk_epochs, data=a.data,
+                                    num_workers=a.num_workers)
 
 
 def main() -> None:
     a, cfg = command_line(__doc__)
-    test = train(cfg, prepared_sets(cfg, a.split))
+    loaders = dataset_loaders(cfg, a.split)
+    test = train(cfg, prepared_sets(cfg, a.split)) if loaders is None else train_loader(cfg, loaders)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "metrics.json").write_text(json.dumps({"test": test}, indent=1))
     print(f"plain: done, test {test}", flush=True)

@@ -320,15 +320,17 @@ def cache_root() -> Path:
 
 def fetch_data(url: str) -> Path:
     """A local copy of the data at ``url`` (a file, or a folder), fetched again when the
-    store's copy changes (its ETag or size)."""
+    store's copy changes (a file's ETag or size; a folder's keys and their ETags)."""
     remote = Remote(url)
     try:
         info = remote.fs.info(remote.root)
+        # A folder has no ETag of its own: its listing (one LIST per 1 000 keys) is its version.
+        listing = remote.listed() if info.get("type") == "directory" else None
     except FileNotFoundError:
         raise UserError(f"data {url} does not exist; pass --data to a file or folder on the store") from None
     except Exception as exc:  # noqa: BLE001
         raise store_error(url, exc) from None
-    version = json.dumps([url, info.get("ETag"), info.get("size")], default=str)
+    version = json.dumps([url, info.get("ETag"), info.get("size"), listing], default=str, sort_keys=True)
     local = cache_root() / "data" / hashlib.sha256(version.encode()).hexdigest()[:16] / url.rstrip("/").rsplit("/", 1)[-1]
     if not local.exists():
         local.parent.mkdir(parents=True, exist_ok=True)
