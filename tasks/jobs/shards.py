@@ -30,7 +30,7 @@ import shutil
 import tarfile
 import tempfile
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator
@@ -135,9 +135,8 @@ def samples_in(url: str, path: Path) -> list[tuple[str, dict[str, tuple[int, int
         if not samples or samples[-1][0] != key:
             samples.append((key, {}))
         samples[-1][1][ext] = (member.offset_data, member.size)
-    keys = [key for key, _ in samples]
-    if len(set(keys)) != len(keys):
-        twice = next(k for k in keys if keys.count(k) > 1)
+    twice = next((k for k, n in Counter(key for key, _ in samples).items() if n > 1), None)
+    if twice is not None:
         raise UserError(f"shard {url}: the files of sample {twice!r} are not next to each other; write the shard "
                         f"with each sample's files together (tar them in key order)")
     odd = next((s for s in samples if s[1].keys() != samples[0][1].keys()), None)
