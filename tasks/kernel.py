@@ -4,7 +4,7 @@
 - ``UserError``: bad input, reported in one line, never retried.
 - ``TrainConfig``: everything that defines a run (frozen pydantic; the CLI, the flows and the
   deployments derive their options from it).
-- Paths of the repository, and atomic file I/O (``atomic_write_*``: the old file or the whole
+- Paths of the repository and of the local cache (``cache_root``), and atomic file I/O (``atomic_write_*``: the old file or the whole
   new one, never a torn one), ``read_json``, ``sha256_file``, ``utc_now``.
 """
 
@@ -169,6 +169,13 @@ def auto_threads(processes: int) -> int:
     return max(1, (usable_cores() - 1) // processes)
 
 
+def cache_root() -> Path:
+    """Staging folders, downloaded data and shards: ``$TRAINFLOW_CACHE``, else ~/.cache/trainflow."""
+    if os.environ.get("TRAINFLOW_CACHE"):
+        return Path(os.environ["TRAINFLOW_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "trainflow"
+
+
 def usable_cores() -> int:
     """The cores this process may use (its affinity where the OS tells it)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -265,6 +272,14 @@ def saved_traceback(exc: BaseException) -> str:
     with os.fdopen(fd, "w") as f:
         f.write("".join(traceback.format_exception(exc)))
     return name
+
+
+def own_line(message: str, name: str) -> str:
+    """The text after ``name: `` in ``message``'s last line that has it, else ``message``: an
+    exception raised in a DataLoader worker is raised again in the training process with the
+    worker's whole traceback as its message; its own one line is in there."""
+    lines = [line for line in message.splitlines() if f"{name}: " in line]
+    return lines[-1].split(f"{name}: ", 1)[1] if lines else message
 
 
 def sha256_file(path: Path) -> str:

@@ -5,11 +5,12 @@
 - :class:`DatasetRows`, for a job that gives a map-style ``torch.utils.data.Dataset`` (the
   tutorials' way): a ``DataLoader`` with ``--num-workers`` processes fetches the items.
 
-Both take the epoch's order (a pure function of seed and epoch) and the batch to start from, so
-a run resumed inside an epoch fetches only the batches it has not trained on. The items of a
-Dataset are fetched with torch's, ``random``'s and numpy's global generators seeded from
-(seed, epoch, item index) (:func:`sample_seed`): random augmentation is then the same whichever
-worker fetches an item and however many workers there are, and the same after a resume.
+Both give the epoch's order (a pure function of seed and epoch; for ``Shards``, grouped by shard)
+and take the batch to start from, so a run resumed inside an epoch fetches only the batches it has
+not trained on. The items of a Dataset are fetched with torch's, ``random``'s and numpy's global
+generators seeded from (seed, epoch, item index) (:func:`sample_seed`): random augmentation is
+then the same whichever worker fetches an item and however many workers there are, and the same
+after a resume.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from tasks.jobs.shards import Shards, ShardUnavailable
 from tasks.jobs.spec import JobData, Tensors
-from tasks.kernel import UserError
+from tasks.kernel import UserError, own_line
 
 #: The "epoch" of the items that evaluation fetches (each item's draws then repeat every evaluation).
 EVALUATION = -1
@@ -34,6 +36,9 @@ class Rows(Protocol):
     """One part (train, val or test) of a job's data, as the loop reads it."""
 
     def __len__(self) -> int: ...
+
+    def order(self, seed: int, epoch: int) -> torch.Tensor:
+        """The rows of this part (positions) in ``epoch``'s order: a pure function of (seed, epoch)."""
 
     def batches(self, epoch: int, order: torch.Tensor, batch_size: int, start: int, count: int) -> Iterator[Any]:
         """Batches ``start`` .. ``count - 1`` of ``order`` (rows of this part), ``batch_size`` rows each."""
@@ -67,6 +72,16 @@ def to_device(batch: Any, device: torch.device, non_blocking: bool = False) -> A
     return batch
 
 
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator of one epoch's order: a resumed run draws the order an uninterrupted one did."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The shuffled order of ``n`` rows in one epoch, a pure function of (seed, epoch)."""
+    return torch.randperm(n, generator=epoch_generator(seed, epoch))
+
+
 class TensorRows:
     """Rows held as two tensors on the training device."""
 
@@ -75,6 +90,9 @@ class TensorRows:
 
     def __len__(self) -> int:
         return len(self.x)
+
+    def order(self, seed: int, epoch: int) -> torch.Tensor:
+        return epoch_order(seed, epoch, len(self))
 
     def batches(self, epoch: int, order: torch.Tensor, batch_size: int, start: int, count: int) -> Iterator[Any]:
         order = order[start * batch_size : count * batch_size].to(self.x.device)
@@ -122,6 +140,10 @@ class SeededItems(Dataset):
             random.seed(s)
             np.random.seed(s & 0xFFFFFFFF)
             return index, self.dataset[index]
+        except ShardUnavailable:
+            raise  # the store's failure, not the item's: retried as the store's other errors are
+        except UserError as exc:  # the data's own one-line message (a damaged shard)
+            raise ItemError(str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - the job's own code: name the item (and its file)
             raise ItemError(f"item {index} of the {self.part} set{file_of(self.dataset, index)}: {type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''}; fix the dataset or its transform") from None
@@ -144,9 +166,7 @@ class ItemError(UserError):
     of our own message is kept."""
 
     def __init__(self, message: str):
-        marker = f"{type(self).__name__}: "
-        lines = [line for line in message.splitlines() if marker in line]
-        super().__init__(lines[-1].split(marker, 1)[1] if lines else message)
+        super().__init__(own_line(message, type(self).__name__))
 
 
 def collate(part: str):
@@ -179,17 +199,22 @@ def shapes(item: Any) -> Any:
 
 
 class Plan(Sampler):
-    """The loader's batch sampler: the batches of keys to fetch next, set before each pass
-    (it runs in the main process, so persistent workers see every new plan)."""
+    """The loader's batch sampler: the rows to fetch next, in batches keyed by (epoch, index),
+    set before each pass (it runs in the main process, so persistent workers see every new
+    plan). The keys are made a batch at a time: an epoch's are never all in memory at once."""
 
     def __init__(self) -> None:
-        self.keys: list[list[tuple[int, int]]] = []
+        self.epoch, self.rows, self.size = EVALUATION, torch.zeros(0, dtype=torch.long), 1
+
+    def set(self, epoch: int, rows: torch.Tensor, size: int) -> None:
+        self.epoch, self.rows, self.size = epoch, rows, size
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        return iter(self.keys)
+        for b in range(0, len(self.rows), self.size):
+            yield [(self.epoch, i) for i in self.rows[b : b + self.size].tolist()]
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return -(-len(self.rows) // self.size)
 
 
 class DatasetRows:
@@ -198,7 +223,7 @@ class DatasetRows:
 
     def __init__(self, dataset: Dataset, indices: torch.Tensor, seed: int, part: str, device: torch.device,
                  workers: int, prepare: Any):
-        self.indices, self.device, self.prepare = indices, device, prepare
+        self.dataset, self.indices, self.device, self.prepare = dataset, indices, device, prepare
         self.plan, pin = Plan(), device.type == "cuda"
         self.loader = DataLoader(SeededItems(dataset, seed, part), batch_sampler=self.plan, num_workers=workers,
                                  collate_fn=collate(part), pin_memory=pin, persistent_workers=workers > 0,
@@ -208,9 +233,16 @@ class DatasetRows:
     def __len__(self) -> int:
         return len(self.indices)
 
-    def fetch(self, keys: list[list[tuple[int, int]]]) -> Iterator[Any]:
-        """The batches of ``keys``, on the device, through the job's ``prepare``."""
-        self.plan.keys = keys
+    def order(self, seed: int, epoch: int) -> torch.Tensor:
+        generator = epoch_generator(seed, epoch)
+        order = torch.randperm(len(self), generator=generator)
+        if isinstance(self.dataset, Shards):  # a shard (or a window of them) after the other
+            order = order[self.dataset.locality(self.indices[order], generator)]
+        return order
+
+    def fetch(self, epoch: int, rows: torch.Tensor, batch_size: int) -> Iterator[Any]:
+        """Items ``rows`` of ``epoch`` in batches, on the device, through the job's ``prepare``."""
+        self.plan.set(epoch, rows, batch_size)
         batches = iter(self.loader)
         while True:
             try:
@@ -232,15 +264,13 @@ class DatasetRows:
             raise error
 
     def batches(self, epoch: int, order: torch.Tensor, batch_size: int, start: int, count: int) -> Iterator[Any]:
-        rows = self.indices[order[start * batch_size : count * batch_size]].tolist()
-        return self.fetch([[(epoch, i) for i in rows[b : b + batch_size]] for b in range(0, len(rows), batch_size)])
+        return self.fetch(epoch, self.indices[order[start * batch_size : count * batch_size]], batch_size)
 
     def in_order(self, batch_size: int) -> Iterator[Any]:
-        rows = self.indices.tolist()
-        return self.fetch([[(EVALUATION, i) for i in rows[b : b + batch_size]] for b in range(0, len(rows), batch_size)])
+        return self.fetch(EVALUATION, self.indices, batch_size)
 
     def example(self, k: int) -> torch.Tensor | None:
-        self.plan.keys = [[(EVALUATION, i) for i in self.indices[:k].tolist()]]
+        self.plan.set(EVALUATION, self.indices[:k], k)
         batch = next(iter(self.loader))
         return batch[0] if isinstance(batch, (tuple, list)) else None
 

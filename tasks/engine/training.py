@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from tasks.jobs.registry import get_job
-from tasks.engine.rows import Rows, TensorRows, head, rows_of
+from tasks.engine.rows import Rows, TensorRows, epoch_order, head, rows_of  # noqa: F401 - epoch_order: its users import it here
 from tasks.jobs.spec import JobData, JobSpec
 from tasks.kernel import TrainConfig, UserError, saved_traceback
 from tasks.storage.checkpoint import capture_rng, restore_rng
@@ -155,13 +155,6 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_pe
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     return None
-
-
-def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
-    """The shuffled row order of one epoch, a pure function of (seed, epoch): a resumed run
-    replays exactly the order an uninterrupted run would have used."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g)
 
 
 class EpochStopped(Exception):
@@ -525,7 +518,7 @@ class Trainer:
     def fit(self, epoch: int, on_batch: Callable[[int, torch.Tensor], bool | None] | None = None) -> float:
         """Train epoch ``epoch`` (the rest of it, after a stop inside it): this process's share
         of every batch; the mean batch loss."""
-        order, batch_size = self.parallel.share(epoch_order(self.cfg.seed, epoch, len(self.train)), self.cfg.batch_size)
+        order, batch_size = self.parallel.share(self.train.order(self.cfg.seed, epoch), self.cfg.batch_size)
         batches = self.train.batches(epoch, order, batch_size, self.skip, self.steps_per_epoch)
         cost = train_epoch(self.step, batches, self.cfg.grad_accum, on_batch, self.skip, self.partial)
         return self.parallel.epoch_cost(self.model, cost)

@@ -115,6 +115,9 @@ class JobSpec:
     #: (as Lightning's ``configure_optimizers``); the scheduler is stepped after every optimizer
     #: step. None: ``--optimizer`` and ``--schedule`` choose.
     optimizers: Callable[[TrainConfig, nn.Module, int], tuple[torch.optim.Optimizer, Any]] | None = None
+    #: Whether ``load`` reads ``--data`` where it lies: a store URL reaches it as text (``Shards``
+    #: stream it, tasks/jobs/shards.py). False: ``load`` gets a local copy of what a URL names.
+    streams: bool = False
 
     def config(self, **overrides: Any) -> TrainConfig:
         """Validated TrainConfig: this job's defaults with ``overrides`` (None means default)."""

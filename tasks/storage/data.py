@@ -9,10 +9,11 @@ from pathlib import Path
 import torch
 
 from tasks.jobs.registry import get_job
+from tasks.jobs.shards import Shards, ShardUnavailable
 from tasks.jobs.spec import JobData, Tensors
 from tasks.kernel import TrainConfig, UserError, atomic_write_json, saved_traceback
 from tasks.storage.records import DataInfo
-from tasks.storage.remote import fetch_data, is_url
+from tasks.storage.remote import fetch_data, is_url, store_error
 from tasks.storage.run import Run
 
 SPLIT_FILE = "split.json"
@@ -21,7 +22,10 @@ PARTS = ("train", "val", "test")
 
 def load_job_data(cfg: TrainConfig) -> JobData:
     """The job's data for ``cfg`` (parsed and checked once per process per file version); data
-    on a store is read from a local copy, fetched again when the store's version changes."""
+    on a store is read from a local copy, fetched again when the store's version changes, unless
+    the job streams it (its ``load`` gets the URL)."""
+    if is_url(cfg.data) and get_job(cfg.job).streams:
+        return _load_cached(cfg.job, str(cfg.data), None)
     path = fetch_data(str(cfg.data)) if is_url(cfg.data) else Path(cfg.data)
     try:
         stamp = path.stat().st_mtime_ns
@@ -33,9 +37,11 @@ def load_job_data(cfg: TrainConfig) -> JobData:
 @lru_cache(maxsize=4)
 def _load_cached(job: str, path: str, stamp: int | None) -> JobData:
     try:
-        return get_job(job).load(Path(path))
+        return get_job(job).load(path if is_url(path) else Path(path))
     except UserError:
         raise
+    except ShardUnavailable as exc:  # the store, not the job: one line, exit 1 if it does not answer
+        raise store_error(path, exc.__cause__ or exc) from None
     except Exception as exc:  # noqa: BLE001 - the job's own code: it fails the same on every retry
         raise UserError(f"job {job}: its load({path}) failed ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''}); fix the job's load or --data "
@@ -44,7 +50,8 @@ def _load_cached(job: str, path: str, stamp: int | None) -> JobData:
 
 def make_split(data: JobData, cfg: TrainConfig) -> dict[str, torch.Tensor]:
     """Seeded split of the pool into train/val/test index tensors (``random_split``'s
-    algorithm); a job with its own test (or validation) set keeps that set whole."""
+    algorithm; for shards, its rows grouped by shard); a job with its own test (or validation)
+    set keeps that set whole."""
     n = len(data.pool)
     train, val, test = (n, 0, 0) if data.val is not None else get_job(cfg.job).split_sizes(n)
     if train < cfg.batch_size * cfg.grad_accum:
@@ -52,7 +59,10 @@ def make_split(data: JobData, cfg: TrainConfig) -> dict[str, torch.Tensor]:
             f"one step of {cfg.grad_accum} batches of {cfg.batch_size}"
         raise UserError(f"too few rows to split in {cfg.data}: {n} rows give {train} training rows, fewer than "
                         f"{step}; add rows or lower --batch-size{'' if cfg.grad_accum == 1 else ' or --grad-accum'}")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    perm = torch.randperm(n, generator=generator)
+    if isinstance(data.pool, Shards):  # whole shards to each part, but where one part ends (docs/jobs.md)
+        perm = perm[data.pool.locality(perm, generator)]
     split = {"train": perm[:train], "val": perm[train : train + val], "test": perm[train + val : train + val + test]}
     if data.val is not None:
         split["train"], split["val"] = perm, torch.arange(len(data.val))

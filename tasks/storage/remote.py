@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tasks.kernel import UserError, atomic_write_bytes
+from tasks.kernel import UserError, atomic_write_bytes, cache_root
 
 log = logging.getLogger("trainflow.store")
 
@@ -309,13 +309,6 @@ class Lease:
 
 
 # --- local copies of what is on a store ---------------------------------------------------------
-
-
-def cache_root() -> Path:
-    """Staging folders and downloaded data: ``$TRAINFLOW_CACHE``, else ~/.cache/trainflow."""
-    if os.environ.get("TRAINFLOW_CACHE"):
-        return Path(os.environ["TRAINFLOW_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "trainflow"
 
 
 def fetch_data(url: str) -> Path:
