@@ -57,13 +57,18 @@ def export(dest: str, source: Path = DATA_DIR, limit: int | None = None) -> str:
     if "://" not in dest:
         write_parts(data, Path(dest), limit)
         return dest
-    from tasks.storage.remote import Remote  # fsspec, and the one-line errors for a store
+    import fsspec.core  # a job reaches a store through fsspec, not through trainflow's storage layer
 
-    remote = Remote(dest)
     with tempfile.TemporaryDirectory(prefix="fashion_png-") as tmp:
         write_parts(data, Path(tmp), limit)
-        remote.fs.put(f"{tmp}/", remote.root, recursive=True)
-    return remote.url
+        try:
+            fs, root = fsspec.core.url_to_fs(dest)
+            fs.put(f"{tmp}/", root, recursive=True)
+        except (ImportError, ValueError, OSError) as exc:  # no extra, a bad URL, the store refused
+            raise UserError(f"could not write the images to {dest} ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}); check the URL, the bucket and "
+                            f"the credentials (pip install -e '.[s3]' for s3://)") from None
+    return dest
 
 
 def write_parts(data: JobData, dest: Path, limit: int | None) -> None:
