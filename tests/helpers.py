@@ -111,8 +111,9 @@ def train_cli(args: list[str], prefect_api: str, root: Path, run_name: str) -> P
 
     assert prefect_api  # the session's server: main() reports to it
     assert main([*args, "--artifacts-dir", str(root), "--run-name", run_name]) == 0
-    job = args[args.index("--job") + 1]
-    return root / job / run_name
+    from tasks.jobs.registry import get_job
+
+    return root / get_job(args[args.index("--job") + 1]).name / run_name  # my_job:JOB -> my_job.JOB
 
 
 def start(args: list[str], prefect_api: str, **env: str) -> subprocess.Popen:
