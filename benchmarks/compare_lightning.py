@@ -2,7 +2,8 @@
 
     pip install -e '.[bench]'                     # Lightning: a benchmark-only dependency
     python benchmarks/compare_lightning.py [nonlinear|fashion_mnist|fashion_png] [--rounds N] [--quick]
-                                           [--prefect-api-url URL] [--data D --num-workers N] [--no-resume]
+                                           [--prefect-api-url URL] [--data D --num-workers N] [--epochs N]
+                                           [--no-resume]
 
 Ours runs as a user runs it: ``python flows/train_flow.py --job JOB --artifacts-dir DIR
 --run-name NAME`` (with no PREFECT_API_URL it starts its own temporary Prefect server). The
@@ -283,10 +284,11 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the runs' folders and logs")
     p.add_argument("--data", help="the job's --data, on every side (fashion_png: the exported images)")
     p.add_argument("--num-workers", type=int, help="DataLoader workers of a Dataset job, on every side")
+    p.add_argument("--epochs", type=int, help="the run's epochs, on every side (default: the job's)")
     p.add_argument("--no-resume", action="store_true", help="whole runs only, no kill -> resume runs")
     a = p.parse_args()
     become_subreaper()
-    given = {k: v for k, v in (("data", a.data), ("num_workers", a.num_workers)) if v is not None}
+    given = {k: v for k, v in (("data", a.data), ("num_workers", a.num_workers), ("epochs", a.epochs)) if v is not None}
     overrides = {**(QUICK[a.job] if a.quick else {}), **given}
     cfg = get_job(JOB_PATHS.get(a.job, a.job)).config(**overrides)
     tmp = Path(tempfile.mkdtemp(prefix=f"bench-{a.job}-"))

@@ -174,7 +174,7 @@ def build_model(cfg: TrainConfig) -> nn.Module:
 JOB = JobSpec(
     name="fashion_png",
     description="FashionMNIST as PNG files (ImageFolder), random crop and flip, through a DataLoader; CNN, accuracy",
-    defaults=dict(data=DEFAULT_DIR, model="cnn", epochs=15, chunk_epochs=3, lr=3e-3, batch_size=128,
+    defaults=dict(data=DEFAULT_DIR, model="cnn", epochs=30, chunk_epochs=5, lr=3e-3, batch_size=128,
                   eval_batch_size=128, optimizer="adamw", weight_decay=1e-4, schedule="onecycle",
                   label_smoothing=0.1),
     load=load,
