@@ -25,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.engine.rows import TensorRows
-from tasks.engine.training import Trainer, epoch_order, evaluate_model, train_epoch
+from tasks.engine.rows import TensorRows, epoch_order
+from tasks.engine.training import Trainer, evaluate_model, train_epoch
 from tasks.jobs.registry import get_job
 from tasks.jobs.spec import Tensors
 from tasks.orchestration.server import reserve_port

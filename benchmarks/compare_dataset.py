@@ -24,12 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.engine.rows import DatasetRows, TensorRows
+from tasks.engine.rows import DatasetRows, TensorRows, epoch_order
 from tasks.engine.training import (
     Step,
     build_optimizer,
     build_scheduler,
-    epoch_order,
     textbook_loss,
     train_epoch,
 )

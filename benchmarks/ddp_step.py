@@ -34,8 +34,8 @@ def worker(model: str, batch: int, steps: int, ddp: bool) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from tasks.engine.distributed import shard
-    from tasks.engine.rows import TensorRows
-    from tasks.engine.training import Step, build_optimizer, epoch_order, textbook_loss, train_epoch
+    from tasks.engine.rows import TensorRows, epoch_order
+    from tasks.engine.training import Step, build_optimizer, textbook_loss, train_epoch
     from tasks.jobs.registry import get_job
     from tasks.storage.data import load_job_data, make_split, split_tensors
 

@@ -25,8 +25,8 @@ import torch
 from rich.console import Console
 
 from tasks.engine.progress import ChunkProgress, Watchers
-from tasks.engine.rows import TensorRows
-from tasks.engine.training import Step, build_optimizer, epoch_order, textbook_loss, train_epoch
+from tasks.engine.rows import TensorRows, epoch_order
+from tasks.engine.training import Step, build_optimizer, textbook_loss, train_epoch
 from tasks.jobs.registry import get_job
 from tasks.jobs.spec import Tensors
 

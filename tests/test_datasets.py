@@ -224,8 +224,8 @@ def test_grad_accum_gives_the_result_of_a_larger_batch() -> None:
     import torch
     from torch import nn
 
-    from tasks.engine.rows import TensorRows
-    from tasks.engine.training import Step, build_optimizer, epoch_order, textbook_loss, train_epoch
+    from tasks.engine.rows import TensorRows, epoch_order
+    from tasks.engine.training import Step, build_optimizer, textbook_loss, train_epoch
     from tasks.jobs.registry import get_job
 
     data = get_job("nonlinear").load(ROOT / "data" / "non_linear.csv").pool

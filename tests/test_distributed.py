@@ -17,7 +17,7 @@ import torch
 
 from flows.train_flow import main, train_flow
 from tasks.engine.distributed import ChunkJob, shard
-from tasks.engine.training import epoch_order
+from tasks.engine.rows import epoch_order
 from tasks.jobs.registry import JOBS
 from tasks.kernel import TrainConfig
 from tasks.orchestration.server import reserve_port

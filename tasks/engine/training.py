@@ -16,8 +16,8 @@ from typing import Any, Callable, Iterator, Protocol
 import torch
 from torch import nn
 
+from tasks.engine.rows import Rows, TensorRows, head, rows_of
 from tasks.jobs.registry import get_job
-from tasks.engine.rows import Rows, TensorRows, epoch_order, head, rows_of  # noqa: F401 - epoch_order: its users import it here
 from tasks.jobs.spec import JobData, JobSpec
 from tasks.kernel import TrainConfig, UserError, saved_traceback
 from tasks.storage.checkpoint import capture_rng, restore_rng
