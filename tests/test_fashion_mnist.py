@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import tasks.jobs.fashion_mnist as fm
-from tasks.engine.rows import TensorRows
 from flows.train_flow import main, train_flow
+from tasks.engine.rows import TensorRows, epoch_order
 from tasks.kernel import UserError
 from tests.helpers import run_cli, write_tiny_fashion_mnist
 
@@ -185,7 +185,7 @@ def test_tutorial_recipe_from_the_command_line_trains_like_the_tutorials_loop(ti
         torch.manual_seed(0)
         models.append(fm.build_model(cfg))
     ours, theirs = models
-    order, cpu = training.epoch_order(0, 0, len(data)), torch.device("cpu")
+    order, cpu = epoch_order(0, 0, len(data)), torch.device("cpu")
     step = training.Step(cfg, ours, training.build_optimizer(cfg, ours), None,
                          training.textbook_loss(nn.CrossEntropyLoss()), cpu)
     training.train_epoch(step, TensorRows(data, cpu, fm.prepare).batches(0, order, cfg.batch_size, 0,
