@@ -29,9 +29,11 @@ def evaluate_run(run: Run) -> dict[str, Any]:
     with final_trainer(run) as trainer, contextlib.closing(
             rows_of(data, split, "test", cfg.seed, trainer.device, cfg.num_workers, trainer.spec.prepare)) as test:
         metrics: dict[str, Any] = {"job": cfg.job, "epochs": cfg.epochs, "checkpoint": trainer.resumed_from.name}
-        for part, rows in (("val", trainer.val), ("test", test)):
-            metrics[part] = {"rows": len(rows), **evaluate_model(trainer.model, trainer.loss_fn, rows,
-                                                                  cfg.eval_batch_size, trainer.spec, trainer.step.autocast)}
+        # The last epoch validated this very model, the same way: its figures are the val metrics.
+        metrics["val"] = {"rows": len(trainer.val),
+                          **{k[4:]: v[-1] for k, v in trainer.history.items() if k.startswith("val_")}}
+        metrics["test"] = {"rows": len(test), **evaluate_model(trainer.model, trainer.loss_fn, test, cfg.eval_batch_size,
+                                                                trainer.spec, trainer.step.autocast)}
     metrics["final_train_loss"] = trainer.history["train_loss"][-1]
     metrics["epochs_trained"] = trainer.next_epoch
     metrics["stopped_early"] = trainer.stopped_early

@@ -262,12 +262,10 @@ def report(run_dir: Path, model: nn.Module, data: JobData, split: dict, metrics:
 
 def save_confusion_png(path: Path, cm: torch.Tensor) -> None:
     """Confusion matrix heat map with counts."""
-    import matplotlib
+    from tasks.jobs.plots import new_figure, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 7), dpi=100)
+    fig = new_figure(8, 7)
+    ax = fig.add_subplot()
     ax.imshow(cm.numpy(), cmap="Blues")
     ax.set_xticks(range(10), LABELS, rotation=45, ha="right")
     ax.set_yticks(range(10), LABELS)
@@ -279,29 +277,30 @@ def save_confusion_png(path: Path, cm: torch.Tensor) -> None:
             ax.text(j, i, v, ha="center", va="center", fontsize=7, color="white" if v > cm.max() / 2 else "black")
     acc = float(cm.diag().sum()) / float(cm.sum())
     ax.set_title(f"FashionMNIST test set: accuracy {acc:.2%}")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def save_grid_png(path: Path, images: torch.Tensor, true: torch.Tensor, pred: torch.Tensor) -> None:
-    """4x4 grid of test images titled 'predicted (true)', the tutorial's labels_map names."""
-    import matplotlib
+    """4x4 grid of test images titled 'predicted (true)', the tutorial's labels_map names (red
+    when wrong). One axes showing a montage: 16 subplots cost a second of layout."""
+    from tasks.jobs.plots import new_figure, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig = plt.figure(figsize=(9, 10), dpi=100)
-    for i in range(len(images)):
-        ax = fig.add_subplot(4, 4, i + 1)
+    side = images.shape[-1]
+    width, height, top = side + 12, side + 14, 12  # a cell: the caption, then the image
+    montage = torch.full((4 * height, 4 * width), 255, dtype=torch.uint8)
+    for i, image in enumerate(images[:16]):
+        r, c = divmod(i, 4)
+        montage[r * height + top : r * height + top + side, c * width + 6 : c * width + 6 + side] = image
+    fig = new_figure(9, 10)
+    ax = fig.add_subplot()
+    ax.imshow(montage.numpy(), cmap="gray", vmin=0, vmax=255)
+    ax.axis("off")
+    for i in range(len(images[:16])):
+        r, c = divmod(i, 4)
         ok = int(pred[i]) == int(true[i])
-        ax.set_title(f"{LABELS[int(pred[i])]}\n(true: {LABELS[int(true[i])]})", fontsize=9,
-                     color="black" if ok else "red")
-        ax.axis("off")
-        ax.imshow(images[i].numpy(), cmap="gray")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+        ax.text(c * width + width / 2, r * height + top - 1, f"{LABELS[int(pred[i])]}\n(true: {LABELS[int(true[i])]})",
+                ha="center", va="bottom", fontsize=9, color="black" if ok else "red")
+    save_png(fig, path)
 
 
 def _predict_arguments(parser: Any) -> None:
