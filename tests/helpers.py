@@ -33,18 +33,23 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 300, what: str = "
                proc: Any = None, every: float = 0.02) -> Any:
     """Poll ``predicate`` until it returns something truthy, and return that. Fails naming ``what``
     when ``timeout`` seconds pass (a ceiling for busy machines, not an expectation), or at once
-    when a process in ``proc`` (a Popen, a Command, or a list of them) ends first."""
+    when a process in ``proc`` (a Popen, a Command, or a list of them) ends first. Polls every
+    ``every`` seconds, or 10 times the check's own time if that is longer: a check that asks a
+    server (S3, Prefect) takes at most a tenth of a core, here and in the server, on a suite
+    that is CPU-bound."""
     procs = [] if proc is None else list(proc) if isinstance(proc, Sequence) else [proc]
     deadline = time.monotonic() + timeout
     while True:
+        began = time.monotonic()
         value = predicate()
         if value:
             return value
+        cost = time.monotonic() - began
         for p in procs:
             if p.poll() is not None:
                 raise AssertionError(f"{what}: the process ended first ({p.returncode}):\n{output_of(p)}")
         assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(every)
+        time.sleep(max(every, 10 * cost))
 
 
 def output_of(proc: Any, n: int = 3000) -> str:

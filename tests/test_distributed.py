@@ -168,11 +168,13 @@ def cnn_reference(prefect_api: str, tmp_path_factory) -> tuple[list[str], Path]:
     return args, train_cli(args, prefect_api, root / "ref", "ref")
 
 
-def test_sigkill_of_a_rank_then_of_the_command_resumes_bit_exact(cnn_reference: tuple[list[str], Path],
-                                                                 prefect_api: str, tmp_path: Path) -> None:
+def test_sigkill_of_a_rank_then_sigterm_of_the_command_resumes_bit_exact(cnn_reference: tuple[list[str], Path],
+                                                                        prefect_api: str, tmp_path: Path) -> None:
     """Rank 1 SIGKILLed in chunk 2: torchrun stops the group and the task retries the chunk. Then
-    the command SIGKILLed in that retry: its ranks go with it, and the same command resumes from
-    checkpoint 1. The end is bit-identical to an uninterrupted two-process run."""
+    SIGTERM to the command in that retry: all ranks agree to stop at the end of the current epoch,
+    rank 0 saves (every rank's random stream with it), exit 143, and the ranks leave with it. The
+    same command resumes; the end is bit-identical to an uninterrupted two-process run. (SIGKILL
+    of the whole group: test_datasets and test_streaming.)"""
     base, reference = cnn_reference
     args = [*base, "--artifacts-dir", str(tmp_path), "--run-name", "r"]
     run = Command.train(args, info(prefect_api), start_new_session=True)
@@ -182,14 +184,15 @@ def test_sigkill_of_a_rank_then_of_the_command_resumes_bit_exact(cnn_reference: 
     run.wait_line("a process of the group failed")
     ranks = wait_until(lambda: [p for p in rank_processes(run) if p not in victim], what="the ranks of the retry",
                        proc=run)
-    run.proc.send_signal(signal.SIGKILL)
-    run.wait()
-    assert not (tmp_path / "fashion_mnist" / "r" / "checkpoints" / "checkpoint-2.json").exists(), "killed too late"
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.wait() == 143, run.output[-3000:]
+    # Inside chunk 2 (epochs 3-4), at an epoch's end; 4 if the signal came during its last epoch.
+    assert re.search(r"SIGTERM: saved checkpoint-2\.pt at epoch [34]/4", run.output), run.output[-3000:]
     wait_until(lambda: not any(is_rank(p) for p in ranks), what="the ranks to exit with the command")
     again = run_cli(args, prefect_api)
     assert again.returncode == 0, again.stderr[-3000:]
     assert_same_run(tmp_path / "fashion_mnist" / "r", reference)
-    assert not (tmp_path / "fashion_mnist" / "r" / ".ranks").exists(), "the killed chunk's rank files stay behind"
+    assert not (tmp_path / "fashion_mnist" / "r" / ".ranks").exists(), "the stopped chunk's rank files stay behind"
 
 
 def is_rank(pid: int) -> bool:
@@ -228,24 +231,6 @@ def test_a_rank_that_raises_stops_the_group_and_the_retry_resumes(reference: Pat
     assert_same_tensors(state_dict(run_dir / "model_state_dict.pt"), state_dict(reference / "model_state_dict.pt"))
     for name in ("history.csv", "split.json"):  # metrics.json names the job
         assert (run_dir / name).read_text() == (reference / name).read_text(), name
-
-
-def test_sigterm_saves_at_the_end_of_the_epoch_then_resumes(cnn_reference: tuple[list[str], Path], prefect_api: str,
-                                                           tmp_path: Path) -> None:
-    """All ranks agree to stop at the end of the current epoch; rank 0 saves (every rank's random
-    stream with it); exit 143; the rerun ends bit-exact."""
-    base, reference = cnn_reference
-    args = [*base, "--artifacts-dir", str(tmp_path), "--run-name", "r"]
-    run = Command.train(args, info(prefect_api), start_new_session=True)
-    run.wait_line("chunk 2: 2 processes")
-    wait_until(lambda: rank_processes(run), what="the ranks of chunk 2", proc=run)
-    run.proc.send_signal(signal.SIGTERM)
-    assert run.wait() == 143, run.output[-3000:]
-    # Inside chunk 2 (epochs 3-4), at an epoch's end; 4 if the signal came during its last epoch.
-    assert re.search(r"SIGTERM: saved checkpoint-2\.pt at epoch [34]/4", run.output), run.output[-3000:]
-    again = run_cli(args, prefect_api)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert_same_run(tmp_path / "fashion_mnist" / "r", reference)
 
 
 def test_two_launchers_over_loopback_train_as_one_launcher_with_two_processes(reference: Path, tmp_path: Path) -> None:

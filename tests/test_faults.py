@@ -53,10 +53,10 @@ SLOW_FSYNC = Path(__file__).parent / "slow_fsync"
 # The soak job: 16 chunks, more than the kills below get through (each attempt trains at most
 # about one chunk before its kill: it is aimed at the start-up, the first new chunk or a write).
 SOAK = ["--job", "nonlinear", "--epochs", "4000", "--chunk-epochs", "250", "--seed", "3"]
-#: Where the kills are aimed, in turn: an attempt's start (it holds the run folder, resumes),
-#: the middle of a chunk, the inside of a checkpoint write (its bytes, then its manifest: the
-#: commit, in turn).
-PHASES = ("start-up", "mid-chunk", "in-write .pt", "start-up", "mid-chunk", "in-write .json")
+#: Where the kills are aimed, in turn: the middle of a chunk, an attempt's start (it holds the
+#: run folder, resumes from a checkpoint), the inside of a checkpoint write (its bytes, then its
+#: manifest: the commit, in turn).
+PHASES = ("mid-chunk", "start-up", "in-write .pt", "mid-chunk", "in-write .json")
 
 
 def newest_chunk(folder: Path) -> int:

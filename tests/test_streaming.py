@@ -47,8 +47,9 @@ def write_shards(location: str, tmp_path: Path) -> str:
 def fetched(log: Path, epoch: int) -> list[tuple[str, str, int]]:
     """(key, rank, process) of the training shards' samples fetched for training in ``epoch``
     (0-based), as ``$SHARD_LOG`` tells them (an item's seed is a function of its epoch)."""
-    lines = [line.split() for line in log.read_text().splitlines()] if log.exists() else []
-    return [(key, rank, int(pid)) for url, key, seed, rank, pid in lines
+    text = log.read_text() if log.exists() else ""
+    lines = [line.split() for line in text.split("\n")[:-1]]  # whole lines: a reader may see one half-written
+    return [(key, rank, int(pid)) for url, key, seed, rank, pid in (f for f in lines if len(f) == 5)
             if "/train/" in url and int(seed) == sample_seed(3, epoch, int(key))]
 
 
