@@ -30,13 +30,13 @@ FP = "f" * 64
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 300, what: str = "the condition",
-               proc: Any = None, every: float = 0.02) -> Any:
+               proc: Any = None, every: float | None = None) -> Any:
     """Poll ``predicate`` until it returns something truthy, and return that. Fails naming ``what``
     when ``timeout`` seconds pass (a ceiling for busy machines, not an expectation), or at once
     when a process in ``proc`` (a Popen, a Command, or a list of them) ends first. Polls every
-    ``every`` seconds, or 10 times the check's own time if that is longer: a check that asks a
-    server (S3, Prefect) takes at most a tenth of a core, here and in the server, on a suite
-    that is CPU-bound."""
+    ``every`` seconds; by default every 20 ms, or 10 times the check's own time if that is longer:
+    a check that asks a server (S3, Prefect) then takes at most a tenth of a core, here and in the
+    server, on a suite that is CPU-bound. Give ``every`` where the moment matters (a kill)."""
     procs = [] if proc is None else list(proc) if isinstance(proc, Sequence) else [proc]
     deadline = time.monotonic() + timeout
     while True:
@@ -49,7 +49,7 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 300, what: str = "
             if p.poll() is not None:
                 raise AssertionError(f"{what}: the process ended first ({p.returncode}):\n{output_of(p)}")
         assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(max(every, 10 * cost))
+        time.sleep(every if every is not None else max(0.02, 10 * cost))
 
 
 def output_of(proc: Any, n: int = 3000) -> str:

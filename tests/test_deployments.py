@@ -410,7 +410,7 @@ def test_scheduled_deployments_end_to_end(postgres_server: Server, s3_server, pr
     # worker-2, which resumes it from the checkpoints on S3.
     fr = trigger(server, RUN)
     run = Remote(f"{root}/nonlinear/{resolve_run_name(RUN_NAME_TEMPLATE, 'nonlinear', fr.expected_start_time)}")
-    wait_until(lambda: len(commits(run)) >= 2, CEILING, "checkpoint 2 on S3", proc=w1)
+    wait_until(lambda: len(commits(run)) >= 2, CEILING, "checkpoint 2 on S3", proc=w1, every=0.1)  # then the kill
     w2 = worker(server, tmp_path, "worker-2", root)  # now the only worker with a free slot
     procs.stop(w1, signal.SIGKILL)  # the worker, its flow run process, everything in them
     before = commits(run)
@@ -434,7 +434,7 @@ def test_scheduled_deployments_end_to_end(postgres_server: Server, s3_server, pr
     assert sorted(a.name for a in automations(server)) == sorted([AUTOMATION_NAME, SILENT_NAME]), "registered twice: no copies"
     fr = trigger(server, RUN)
     run = Remote(f"{root}/nonlinear/{resolve_run_name(RUN_NAME_TEMPLATE, 'nonlinear', fr.expected_start_time)}")
-    wait_until(lambda: len(commits(run)) >= 2, CEILING, "checkpoint 2 on S3", proc=w2)
+    wait_until(lambda: len(commits(run)) >= 2, CEILING, "checkpoint 2 on S3", proc=w2, every=0.1)  # then the kill
     runs = descendants(w2.pid)
     assert runs, "no flow-run process under worker-2"
     for pid in runs:  # the flow-run process only, not the worker

@@ -342,7 +342,7 @@ def kill_in(phase: str, args: list[str], env: dict[str, str], run: Remote, rng: 
         wait_until(lambda: newest_commit(ckpts) > first, what="a new commit", proc=proc)
         time.sleep(rng.uniform(0.0, 2.0))
     elif phase == "in-upload":
-        aimed = wait_until(lambda: uploading(ckpts, keys_before), what="a checkpoint upload", proc=proc)
+        aimed = wait_until(lambda: uploading(ckpts, keys_before), what="a checkpoint upload", proc=proc, every=0.05)
     else:
         wait_until(lambda: attempts_begun(run) > begun, what="the attempt to begin", proc=proc, every=0.1)
         time.sleep(rng.uniform(0.0, 3.0))
