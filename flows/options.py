@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import os
 import sys
 import typing
@@ -16,7 +17,7 @@ from pydantic.fields import FieldInfo
 
 from flows import HELP_FILE
 from tasks.jobs.registry import JOBS, default_jobs
-from tasks.kernel import ROOT, TrainConfig
+from tasks.kernel import ROOT, TrainConfig, UserError
 
 #: Field name -> field, in TrainConfig's order.
 FIELDS: dict[str, FieldInfo] = dict(TrainConfig.model_fields)
@@ -106,7 +107,25 @@ def train_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(p)  # one flag per TrainConfig field
+    p.add_argument("--config", metavar="FILE", help="a JSON file of these options, such as a sweep's "
+                   "best_config.json (flows/sweep_flow.py); options given on the command line win")
     return p
+
+
+def with_config_file(args: dict[str, Any]) -> dict[str, Any]:
+    """``args`` (the parsed flags, ``config`` among them) with the options of the ``--config``
+    file filled in where no flag gave one; UserError in one line for a file that can't be used."""
+    path = args.pop("config", None)
+    if path is None:
+        return args
+    try:
+        values = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--config {path}: {exc.strerror if isinstance(exc, OSError) else 'not JSON'}") from None
+    unknown = sorted(set(values) - set(FIELDS)) if isinstance(values, dict) else ["(not an object)"]
+    if unknown:
+        raise UserError(f"--config {path}: unknown option {unknown[0]!r}; a config file holds training options")
+    return {**args, **{k: v for k, v in values.items() if args.get(k) is None}}
 
 
 def rendered_help(columns: int = 100) -> str:

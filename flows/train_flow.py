@@ -53,7 +53,7 @@ from prefect.runtime import flow_run  # noqa: E402
 from prefect.states import Cancelled  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 
-from flows.options import config_parameters, with_parameters  # noqa: E402
+from flows.options import config_parameters, with_config_file, with_parameters  # noqa: E402
 from flows.options import train_parser as parser  # noqa: E402
 from tasks.engine.training import GracefulStop, StopRequested, check_job, chunk_count  # noqa: E402
 from tasks.jobs.registry import default_jobs, get_job  # noqa: E402
@@ -215,7 +215,11 @@ def print_results(results: dict[str, dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None, server: Any = None) -> int:
     """CLI entry point; returns the exit status. ``server``: the command's temporary Prefect
     server (:func:`start_up`), None to use the one Prefect's settings name."""
-    args = vars(parser().parse_args(argv))
+    try:
+        args = with_config_file(vars(parser().parse_args(argv)))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     job = args.pop("job")
     if error := refused(job, args):
         print(error[0], file=sys.stderr)

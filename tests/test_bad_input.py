@@ -106,6 +106,8 @@ def test_bad_csv(case: str, tmp_path: Path, existing_artifacts: Path, capsys) ->
         (["--num-workers", "-1"], "invalid --num-workers: Input should be greater than or equal to 0 (got -1)"),
         (["--grad-accum", "0"], "invalid --grad-accum: Input should be greater than or equal to 1 (got 0)"),
         (["--clip-grad-norm", "0"], "invalid --clip-grad-norm: Input should be greater than 0 (got 0.0)"),
+        (["--config", "/nonexistent/best_config.json"], "--config /nonexistent/best_config.json: No such file"),
+        (["--config", str(ROOT / "pyproject.toml")], f"--config {ROOT / 'pyproject.toml'}: not JSON"),
         pytest.param(["--precision", "fp16"], "--precision fp16 needs CUDA (its GradScaler); on the CPU use "
                      "--precision bf16", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine")),
         (["--nproc-per-node", "2", "--dist-backend", "nccl", "--device", "cpu"], "--dist-backend nccl needs CUDA"),

@@ -1,0 +1,315 @@
+"""Hyperparameter sweeps: the search space, the sweep's folder and its Optuna study. No Prefect
+here: flows/sweep_flow.py runs each trial as an ordinary training run and tells the study its
+result.
+
+- The space: ``--space NAME=KIND:ARGS``, KIND one of ``log:LOW:HIGH``, ``float:LOW:HIGH``,
+  ``int:LOW:HIGH``, ``choice:A,B,...``; NAME is a training option (``lr``, ``batch_size``, ...).
+- The folder ``<artifacts>/sweeps/<name>/`` holds ``sweep.json`` (what the sweep is), the study
+  (``study.db``: Optuna's RDB storage on SQLite), one run folder per trial
+  (``<job>/trial-NNN/``), ``trials.csv``, ``best_config.json`` and ``summary.md``. One sweep
+  command at a time holds it (an OS lock), so a trial found RUNNING is one whose command died.
+- Resume: such a trial is taken up again with its own parameters: its run folder resumes from
+  its latest checkpoint (or only reports, if it had finished). The sampler is built for each
+  new trial, seeded with the sweep's seed plus the number of finished trials, so with one trial
+  at a time a resumed sweep asks for exactly the trials an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import fcntl
+import hashlib
+import io
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from tasks.kernel import TrainConfig, UserError, atomic_write_json, atomic_write_text, read_json
+
+#: Options that say where or how a run executes, not what it learns: a sweep does not vary them.
+NOT_SWEPT = frozenset({"job", "data", "artifacts_dir", "run_name", "fresh", "wait_lock", "device", "keep_last",
+                       "save_best", "num_workers", "threads", "nproc_per_node", "dist_backend", "oversubscribe",
+                       "chunk_epochs", "eval_batch_size"})
+SAMPLERS = ("tpe", "random", "grid")
+SPACE_HELP = ("NAME=KIND:ARGS, KIND one of log:LOW:HIGH, float:LOW:HIGH, int:LOW:HIGH, choice:A,B,...; "
+              "e.g. --space lr=log:1e-4:1e-2 --space batch_size=choice:64,128,256")
+
+
+def sweepable() -> list[str]:
+    """The training options a sweep may vary."""
+    return [name for name in TrainConfig.model_fields if name not in NOT_SWEPT]
+
+
+def number(text: str) -> int | float:
+    """``"64"`` -> 64, ``"1e-3"`` -> 0.001; ValueError otherwise."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def choice(text: str) -> int | float | str:
+    """A choice as the option takes it: a number when it reads as one, else the text."""
+    try:
+        return number(text.strip())
+    except ValueError:
+        return text.strip()
+
+
+def parse_dimension(text: str) -> tuple[str, Any]:
+    """``NAME=KIND:ARGS`` -> (option name, Optuna distribution); UserError in one line."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    name, sep, rest = text.partition("=")
+    kind, _, args = rest.partition(":")
+    name = name.strip().replace("-", "_")
+    if not sep or not args:
+        raise UserError(f"--space {text!r}: write {SPACE_HELP}")
+    if name not in sweepable():
+        raise UserError(f"--space {text!r}: {name!r} is not an option a sweep can vary; choose from: "
+                        f"{', '.join(sweepable())}")
+    if kind == "choice":
+        values = [choice(v) for v in args.split(",")]
+        if len(set(values)) != len(values):
+            raise UserError(f"--space {text!r}: a choice is listed twice")
+        return name, CategoricalDistribution(values)
+    if kind not in ("log", "float", "int"):
+        raise UserError(f"--space {text!r}: unknown kind {kind!r}; use log, float, int or choice")
+    try:
+        low, high = (number(v) for v in args.split(":"))
+    except ValueError:
+        raise UserError(f"--space {text!r}: {kind} needs LOW:HIGH, two numbers") from None
+    if not low < high:
+        raise UserError(f"--space {text!r}: the low end must be below the high end")
+    if kind == "log" and low <= 0:
+        raise UserError(f"--space {text!r}: a log range needs a positive low end")
+    if kind == "int":
+        return name, IntDistribution(int(low), int(high))
+    return name, FloatDistribution(float(low), float(high), log=kind == "log")
+
+
+def ends(distribution: Any) -> list[Any]:
+    """The values to check a dimension with: its choices, or the ends of its range."""
+    return list(getattr(distribution, "choices", None) or (distribution.low, distribution.high))
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """What a sweep is: the job's fixed options, the space, the budget, the sampler and its seed
+    (the runs' ``--seed``); and where it lives. Built from the command's input: bad input is
+    refused in one line before anything is written."""
+
+    job: str
+    fixed: dict[str, Any]
+    space: dict[str, Any]
+    trials: int
+    sampler: str
+    seed: int
+    folder: Path
+    direction: str
+    metric: str
+
+    @classmethod
+    def of(cls, job: str, trials: int, space: list[str], sampler: str, name: str | None,
+           options: dict[str, Any]) -> SweepPlan:
+        from tasks.jobs.registry import get_job
+
+        spec = get_job(job)
+        if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+            raise UserError(f"--sweep-name {name!r}: use letters, digits, '.', '_' and '-'")
+        if trials < 1:
+            raise UserError(f"--trials {trials}: a sweep needs at least 1 trial")
+        if sampler not in SAMPLERS:
+            raise UserError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+        fixed = {k: v for k, v in options.items() if v is not None}
+        dims = dict(parse_dimension(text) for text in space)
+        if len(dims) < len(space):
+            raise UserError("--space names an option twice; give each option one range")
+        cfg = spec.config(**fixed)  # the fixed options alone first: their own errors name them
+        check_space(spec, fixed, dims, sampler)
+        if "://" in str(cfg.artifacts_dir):
+            raise UserError("a sweep keeps its study in a local folder: give --artifacts-dir a local path")
+        what = describe(spec.name, fixed, dims, sampler)
+        digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+        folder = Path(cfg.artifacts_dir) / "sweeps" / (name or f"sweep-{digest[:10]}")
+        return cls(spec.name, fixed, dims, trials, sampler, cfg.seed, folder,
+                   "maximize" if spec.monitor[1] else "minimize", spec.monitor[0])
+
+    def describe(self) -> dict[str, Any]:
+        """sweep.json's content: what must stay the same for a rerun to continue this sweep
+        (not the budget: more trials continue it)."""
+        return describe(self.job, self.fixed, self.space, self.sampler)
+
+    def config(self, params: dict[str, Any], number: int) -> TrainConfig:
+        """The training config of trial ``number``."""
+        from tasks.jobs.registry import get_job
+
+        return get_job(self.job).config(**{**self.fixed, **params, "artifacts_dir": self.folder,
+                                           "run_name": f"trial-{number:03d}"})
+
+
+def describe(job: str, fixed: dict[str, Any], space: dict[str, Any], sampler: str) -> dict[str, Any]:
+    return {"job": job, "fixed": {k: str(v) for k, v in sorted(fixed.items())},
+            "space": {k: repr(v) for k, v in sorted(space.items())}, "sampler": sampler}
+
+
+def check_space(spec: Any, fixed: dict[str, Any], dims: dict[str, Any], sampler: str) -> None:
+    """Each dimension is not also fixed, each of its values makes a valid config, and a grid
+    has only choices and integers."""
+    for name, dist in dims.items():
+        if name in fixed:
+            raise UserError(f"--{name.replace('_', '-')} is both fixed and in --space; give one")
+        for value in ends(dist):
+            try:
+                spec.config(**{**fixed, name: value})
+            except (ValidationError, UserError) as exc:
+                why = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
+                raise UserError(f"--space {name}: {value!r} is not a valid --{name.replace('_', '-')}: {why}") from None
+        if sampler == "grid" and not hasattr(dist, "choices") and type(dist).__name__ != "IntDistribution":
+            raise UserError(f"--sampler grid needs choices or int ranges; --space {name} is a float range")
+
+
+class Sweep:
+    """The sweep's folder and study, held by this process (an OS lock on the folder)."""
+
+    def __init__(self, plan: SweepPlan):
+        self.plan, self.seed = plan, plan.seed
+        self.lock: Any = None
+
+    def __enter__(self) -> Sweep:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.plan.folder.mkdir(parents=True, exist_ok=True)
+        self.lock = open(self.plan.folder / ".lock", "a+")  # noqa: SIM115 - held until __exit__
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.lock.close()
+            raise UserError(f"another sweep command holds {self.plan.folder}; wait for it, or stop it") from None
+        self.check_same_sweep()
+        self.storage = f"sqlite:///{self.plan.folder / 'study.db'}"
+        optuna.create_study(storage=self.storage, study_name="sweep", direction=self.plan.direction,
+                            load_if_exists=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(OSError):
+            self.lock.close()
+
+    def check_same_sweep(self) -> None:
+        """sweep.json: written once; a rerun with another space or other options is refused."""
+        path, now = self.plan.folder / "sweep.json", {**self.plan.describe(), "seed": self.seed}
+        saved = read_json(path)
+        if saved is None:
+            atomic_write_json(path, now)
+        elif saved != now:
+            raise UserError(f"{self.plan.folder} holds a sweep with other options or another space; "
+                            "give this one another --sweep-name")
+
+    def study(self, sampler: Any = None) -> Any:
+        import optuna
+
+        return optuna.load_study(study_name="sweep", storage=self.storage, sampler=sampler)
+
+    def trials(self, *states: str) -> list[Any]:
+        """The study's trials (in number order), of the given states (names, e.g. COMPLETE)."""
+        from optuna.trial import TrialState
+
+        return self.study().get_trials(deepcopy=False, states=tuple(TrialState[s] for s in states) or None)
+
+    def next_trial(self) -> tuple[int, dict[str, Any]]:
+        """A trial whose command died (taken up again), else a new one from the sampler."""
+        from optuna.trial import TrialState
+
+        for trial in self.trials("RUNNING"):
+            if set(trial.params) == set(self.plan.space):
+                return trial.number, trial.params
+            self.study().tell(trial.number, state=TrialState.FAIL)  # killed inside ask: no run yet
+        finished = len(self.trials("COMPLETE", "PRUNED", "FAIL"))
+        trial = self.study(self.sampler(self.seed + finished)).ask(fixed_distributions=self.plan.space)
+        return trial.number, trial.params
+
+    def sampler(self, seed: int) -> Any:
+        from optuna import samplers
+
+        if self.plan.sampler == "grid":
+            grid = {k: list(getattr(d, "choices", None) or range(d.low, d.high + 1)) for k, d in self.plan.space.items()}
+            return samplers.GridSampler(grid, seed=self.seed)
+        return samplers.RandomSampler(seed=seed) if self.plan.sampler == "random" else samplers.TPESampler(seed=seed)
+
+    def tell(self, number: int, value: float | None) -> None:
+        """The trial's validation metric (None or not finite: it failed)."""
+        from optuna.trial import TrialState
+
+        if value is None or not math.isfinite(value):
+            self.study().tell(number, state=TrialState.FAIL)
+        else:
+            self.study().tell(number, value)
+
+    def done(self) -> int:
+        return len(self.trials("COMPLETE", "PRUNED", "FAIL"))
+
+    def best(self) -> Any | None:
+        complete = self.trials("COMPLETE")
+        if not complete:
+            return None
+        pick = max if self.plan.direction == "maximize" else min
+        return pick(complete, key=lambda t: t.value)
+
+
+def trial_rows(sweep: Sweep) -> list[dict[str, Any]]:
+    """One row per trial: number, state, value, parameters, run folder, seconds."""
+    rows = []
+    for t in sweep.trials():
+        seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
+        rows.append({"trial": t.number, "state": t.state.name, sweep.plan.metric: t.value,
+                     **{k: t.params.get(k) for k in sweep.plan.space},
+                     "run_folder": f"{sweep.plan.job}/trial-{t.number:03d}", "seconds": seconds})
+    return rows
+
+
+def write_outputs(sweep: Sweep) -> dict[str, Any] | None:
+    """trials.csv, best_config.json and summary.md in the sweep's folder; the best trial's row."""
+    rows, folder = trial_rows(sweep), sweep.plan.folder
+    if not rows:
+        return None
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(folder / "trials.csv", buf.getvalue())
+    best = sweep.best()
+    if best is not None:
+        cfg = sweep.plan.config(best.params, best.number).model_dump(mode="json", exclude={"run_name", "fresh", "wait_lock"})
+        atomic_write_json(folder / "best_config.json", {k: v for k, v in cfg.items() if k != "artifacts_dir"})
+    atomic_write_text(folder / "summary.md", summary_markdown(sweep, rows, best))
+    return None if best is None else next(r for r in rows if r["trial"] == best.number)
+
+
+def summary_markdown(sweep: Sweep, rows: list[dict[str, Any]], best: Any) -> str:
+    """The sweep at a glance: the best trial, the command that trains it, every trial."""
+    plan = sweep.plan
+    lines = [f"# Sweep of {plan.job}: {plan.direction} validation {plan.metric}", ""]
+    if best is not None:
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in {**plan.fixed, **best.params}.items()
+                         if k != "artifacts_dir")
+        lines += [f"Best: trial {best.number}, {plan.metric} {best.value:.6g}.", "",
+                  f"    python flows/train_flow.py --job {plan.job} {flags}", ""]
+    names = list(rows[0])
+    lines += ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+    lines += ["| " + " | ".join("" if r[n] is None else f"{r[n]:.6g}" if isinstance(r[n], float) else str(r[n])
+                                for n in names) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def objective(metrics: dict[str, Any] | None, metric: str) -> float | None:
+    """The trial's value: its final validation ``metric`` (None when there is none)."""
+    value = ((metrics or {}).get("val") or {}).get(metric)
+    return float(value) if isinstance(value, (int, float)) else None

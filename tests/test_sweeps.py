@@ -1,0 +1,84 @@
+"""Sweeps (flows/sweep_flow.py): a sweep killed inside a trial resumes that trial and ends as an
+uninterrupted one; a finished one reports; bad input is one line."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.sweep_flow import main
+from flows.train_flow import main as train
+from tests.helpers import ROOT, cli_env, wait_until
+
+#: 3 trials of 600 epochs in 3 chunks, lr from a seeded TPE sampler (its random start-up).
+ARGS = ["--job", "nonlinear", "--epochs", "600", "--chunk-epochs", "200", "--seed", "3", "--trials", "3",
+        "--space", "lr=log:1e-5:3e-4", "--sweep-name", "s"]
+
+
+def trials(folder: Path) -> list[dict[str, str]]:
+    """trials.csv's rows without their durations."""
+    with open(folder / "trials.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
+def test_a_sweep_killed_inside_a_trial_resumes_it_and_ends_as_an_uninterrupted_one(
+        prefect_api: str, tmp_path: Path, capsys) -> None:
+    """SIGKILL to the command's process group inside trial 1's run; the same command resumes
+    that run from its checkpoint (not from scratch) and ends with the same trials, values and
+    best trial, bit for bit, as an uninterrupted sweep. Then it reruns as already complete."""
+    assert main([*ARGS, "--artifacts-dir", str(tmp_path / "ref")]) == 0
+    folder = tmp_path / "arts" / "sweeps" / "s"
+    args = [*ARGS, "--artifacts-dir", str(tmp_path / "arts")]
+    killed = subprocess.Popen([sys.executable, str(ROOT / "flows" / "sweep_flow.py"), *args], cwd=ROOT,
+                              env=cli_env(prefect_api), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    trial_1 = folder / "nonlinear" / "trial-001"
+    wait_until((trial_1 / "checkpoints" / "checkpoint-1.json").exists, what="trial 1's first checkpoint",
+               proc=killed, every=0.01)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert not (trial_1 / "metrics.json").exists(), "killed too late: trial 1 had finished"
+    assert main(args) == 0
+    assert trials(folder) == trials(tmp_path / "ref" / "sweeps" / "s")
+    assert json.loads((folder / "best_config.json").read_text()) == \
+        json.loads((tmp_path / "ref" / "sweeps" / "s" / "best_config.json").read_text())
+    record = json.loads((trial_1 / "run.json").read_text())
+    assert record["attempts"] == 2 and record["resumes"][-1]["from_checkpoint"].startswith("checkpoint-"), record
+    capsys.readouterr()
+    assert main(args) == 0
+    assert capsys.readouterr().out.startswith("sweep: already complete: best trial ")
+    # best_config.json trains again as an ordinary run, to the best trial's value.
+    assert train(["--config", str(folder / "best_config.json"), "--artifacts-dir", str(tmp_path / "again")]) == 0
+    (again,) = (tmp_path / "again" / "nonlinear").glob("run-*")
+    best = min(float(row["loss"]) for row in trials(folder) if row["state"] == "COMPLETE")
+    assert json.loads((again / "metrics.json").read_text())["val"]["loss"] == best
+
+
+@pytest.mark.parametrize(("options", "error"), [
+    (["--trials", "0"], "error: --trials 0: a sweep needs at least 1 trial"),
+    (["--space", "width=int:1:4"], "error: --space 'width=int:1:4': 'width' is not an option a sweep can vary"),
+    (["--space", "lr=log:1e-2:1e-4"], "error: --space 'lr=log:1e-2:1e-4': the low end must be below the high end"),
+    (["--space", "lr=log:0:1e-4"], "error: --space 'lr=log:0:1e-4': a log range needs a positive low end"),
+    (["--lr", "0.1"], "error: --lr is both fixed and in --space; give one"),
+    (["--space", "lr=float:0.1:0.2"], "error: --space names an option twice; give each option one range"),
+    (["--sampler", "grid"], "error: --sampler grid needs choices or int ranges; --space lr is a float range"),
+    (["--sampler", "anneal"], "error: argument --sampler: invalid choice: 'anneal'"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(options: list[str], error: str, tmp_path: Path,
+                                                          capsys) -> None:
+    argv = ["--job", "nonlinear", "--trials", "3", "--space", "lr=log:1e-5:1e-3", *options,
+            "--artifacts-dir", str(tmp_path / "a")]
+    try:
+        status = main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        status = exc.code
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith(error) and err.count("\n") == 1, err
+    assert not (tmp_path / "a").exists()
