@@ -47,6 +47,7 @@ def test_a_sweep_killed_inside_a_trial_resumes_it_and_ends_as_an_uninterrupted_o
     assert not (trial_1 / "metrics.json").exists(), "killed too late: trial 1 had finished"
     assert main(args) == 0
     assert trials(folder) == trials(tmp_path / "ref" / "sweeps" / "s")
+    assert all((folder / name).stat().st_size > 0 for name in ("history.png", "parameters.png", "summary.md"))
     assert json.loads((folder / "best_config.json").read_text()) == \
         json.loads((tmp_path / "ref" / "sweeps" / "s" / "best_config.json").read_text())
     record = json.loads((trial_1 / "run.json").read_text())

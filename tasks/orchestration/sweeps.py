@@ -290,6 +290,7 @@ def write_outputs(sweep: Sweep) -> dict[str, Any] | None:
         cfg = sweep.plan.config(best.params, best.number).model_dump(mode="json", exclude={"run_name", "fresh", "wait_lock"})
         atomic_write_json(folder / "best_config.json", {k: v for k, v in cfg.items() if k != "artifacts_dir"})
     atomic_write_text(folder / "summary.md", summary_markdown(sweep, rows, best))
+    plot_study(sweep.plan, [r for r in rows if r["state"] == "COMPLETE"])
     return None if best is None else next(r for r in rows if r["trial"] == best.number)
 
 
@@ -302,11 +303,41 @@ def summary_markdown(sweep: Sweep, rows: list[dict[str, Any]], best: Any) -> str
                          if k != "artifacts_dir")
         lines += [f"Best: trial {best.number}, {plan.metric} {best.value:.6g}.", "",
                   f"    python flows/train_flow.py --job {plan.job} {flags}", ""]
+    lines += [*(f"![{name}]({name})" for name in PLOTS), ""]
     names = list(rows[0])
     lines += ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
     lines += ["| " + " | ".join("" if r[n] is None else f"{r[n]:.6g}" if isinstance(r[n], float) else str(r[n])
                                 for n in names) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+#: The study's plots, in the sweep's folder (and linked from summary.md).
+PLOTS = ("history.png", "parameters.png")
+
+
+def plot_study(plan: SweepPlan, done: list[dict[str, Any]]) -> None:
+    """history.png: each finished trial's value and the best so far; parameters.png: the
+    metric against each parameter of the space (log axes for log ranges)."""
+    from tasks.jobs.plots import new_figure, save_png
+
+    values = [r[plan.metric] for r in done]
+    fig = new_figure(8, 4.5)
+    ax = fig.add_subplot()
+    ax.plot([r["trial"] for r in done], values, "o", label="trial")
+    pick = max if plan.direction == "maximize" else min
+    ax.step([r["trial"] for r in done], [pick(values[: i + 1]) for i in range(len(values))], where="post",
+            label="best so far")
+    ax.set(xlabel="trial", ylabel=f"validation {plan.metric}", title=f"Sweep of {plan.job}")
+    ax.legend()
+    save_png(fig, plan.folder / PLOTS[0])
+    fig = new_figure(4 * len(plan.space), 4)
+    for i, (name, dist) in enumerate(plan.space.items()):
+        ax = fig.add_subplot(1, len(plan.space), i + 1)
+        ax.plot([str(r[name]) if hasattr(dist, "choices") else r[name] for r in done], values, "o")
+        ax.set(xlabel=name, ylabel=f"validation {plan.metric}" if i == 0 else None)
+        if getattr(dist, "log", False):
+            ax.set_xscale("log")
+    save_png(fig, plan.folder / PLOTS[1])
 
 
 def objective(metrics: dict[str, Any] | None, metric: str) -> float | None:
