@@ -133,6 +133,8 @@ class SweepPlan:
             raise UserError("--space names an option twice; give each option one range")
         cfg = spec.config(**fixed)  # the fixed options alone first: their own errors name them
         check_space(spec, fixed, dims, sampler)
+        if sampler == "grid" and trials > (points := math.prod(len(v) for v in grid_of(dims).values())):
+            raise UserError(f"--trials {trials}: the grid has {points} points; ask for at most that many")
         if "://" in str(cfg.artifacts_dir):
             raise UserError("a sweep keeps its study in a local folder: give --artifacts-dir a local path")
         what = describe(spec.name, fixed, dims, sampler)
@@ -173,6 +175,11 @@ def check_space(spec: Any, fixed: dict[str, Any], dims: dict[str, Any], sampler:
                 raise UserError(f"--space {name}: {value!r} is not a valid --{name.replace('_', '-')}: {why}") from None
         if sampler == "grid" and not hasattr(dist, "choices") and type(dist).__name__ != "IntDistribution":
             raise UserError(f"--sampler grid needs choices or int ranges; --space {name} is a float range")
+
+
+def grid_of(space: dict[str, Any]) -> dict[str, list[Any]]:
+    """Every value of each dimension (choices and int ranges), for the grid sampler."""
+    return {k: list(getattr(d, "choices", None) or range(d.low, d.high + 1)) for k, d in space.items()}
 
 
 class Sweep:
@@ -231,17 +238,15 @@ class Sweep:
         for trial in self.trials("RUNNING"):
             if set(trial.params) == set(self.plan.space):
                 return trial.number, trial.params
-            self.study().tell(trial.number, state=TrialState.FAIL)  # killed inside ask: no run yet
-        finished = len(self.trials("COMPLETE", "PRUNED", "FAIL"))
-        trial = self.study(self.sampler(self.seed + finished)).ask(fixed_distributions=self.plan.space)
+            self.study().tell(trial.number, state=TrialState.FAIL)  # killed inside ask: no run, not counted
+        trial = self.study(self.sampler(self.seed + self.done())).ask(fixed_distributions=self.plan.space)
         return trial.number, trial.params
 
     def sampler(self, seed: int) -> Any:
         from optuna import samplers
 
         if self.plan.sampler == "grid":
-            grid = {k: list(getattr(d, "choices", None) or range(d.low, d.high + 1)) for k, d in self.plan.space.items()}
-            return samplers.GridSampler(grid, seed=self.seed)
+            return samplers.GridSampler(grid_of(self.plan.space), seed=self.seed)
         return samplers.RandomSampler(seed=seed) if self.plan.sampler == "random" else samplers.TPESampler(seed=seed)
 
     def tell(self, number: int, value: float | None) -> None:
@@ -254,7 +259,8 @@ class Sweep:
             self.study().tell(number, value)
 
     def done(self) -> int:
-        return len(self.trials("COMPLETE", "PRUNED", "FAIL"))
+        """Trials finished by their run: a trial cut inside the study's ask had none."""
+        return sum(set(t.params) == set(self.plan.space) for t in self.trials("COMPLETE", "PRUNED", "FAIL"))
 
     def best(self) -> Any | None:
         complete = self.trials("COMPLETE")
