@@ -7,6 +7,7 @@ trials and keeps their results in the sweep's folder (tasks/orchestration/sweeps
 from __future__ import annotations
 
 import inspect
+import signal
 import sys
 import time
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.exceptions import CancelledRun
+from prefect.states import Cancelled
 from pydantic import ValidationError
 
 from flows.options import OneLineParser, add_arguments, config_parameters, with_parameters
@@ -45,7 +47,11 @@ def sweep(job: str, trials: int, space: list[str], sampler: str = "tpe", sweep_n
         started, first = time.monotonic(), study.done()
         while study.done() < plan.trials:
             number, params = study.next_trial()
-            study.tell(number, run_trial(plan, number, params))
+            try:
+                value = run_trial(plan, number, params)
+            except CancelledRun as exc:  # the trial stopped on request, at a checkpoint: so does the sweep
+                return Cancelled(message=str(exc))
+            study.tell(number, value)
             best = write_outputs(study)
             progress(logger, study, best, (time.monotonic() - started) / (study.done() - first))
         return outcome(plan, "completed", best)
@@ -90,7 +96,7 @@ def sweep_parameters() -> list[inspect.Parameter]:
     return own + config_parameters(exclude=PER_TRIAL)
 
 
-#: The flow; a trial stopped on request (SIGTERM, Ctrl-C) stops it, Cancelled.
+#: The flow; a trial stopped on request (SIGTERM, Ctrl-C) stops it, Cancelled, with the trial's message.
 sweep_flow = flow(name="sweep", retries=0)(with_parameters(sweep, sweep_parameters()))
 
 
@@ -128,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     quiet_command()
     with flow_settings(server):
         state = sweep_flow(**args, return_state=True)
+        if state.is_cancelled():  # SIGTERM or Ctrl-C: the message names the signal first
+            print(f"stopped: {state.message}", file=sys.stderr)
+            return 128 + signal.Signals[state.message.split(":", 1)[0]].value
         try:
             result = state.result()
         except UserError as exc:
