@@ -142,9 +142,13 @@ def main(argv: list[str] | None = None) -> int:
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        except (KeyboardInterrupt, CancelledRun) as exc:
-            print(f"stopped: {exc}; rerun the same command to continue the sweep", file=sys.stderr)
+        except KeyboardInterrupt:  # between two trials
+            print("stopped; rerun the same command to continue the sweep", file=sys.stderr)
             return 130
+        except Exception as exc:  # noqa: BLE001 - Prefect logged the details
+            print(f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; rerun the same "
+                  "command to continue the sweep", file=sys.stderr)
+            return 1
     best, metric = result["best"], result["metric"]
     shown = "no trial completed" if best is None else f"best trial {best['trial']}, {metric} {best[metric]:.6g} (" + \
         ", ".join(f"{k} {best[k]}" for k in result["space"]) + ")"
