@@ -67,9 +67,9 @@ def test_prefect_yaml_is_generated_from_the_job_registry() -> None:
 
 
 def test_every_option_is_a_flag_and_a_parameter_of_both_flows() -> None:
-    """Options are defined once, as TrainConfig fields: each is a CLI flag, a ``train`` parameter
-    and a ``scheduled-train`` parameter (but ``fresh``), typed and described like the field, and
-    the deployments' parameters are among them."""
+    """Options are defined once, as TrainConfig fields: each is a CLI flag (besides ``--config``,
+    a file of them), a ``train`` parameter and a ``scheduled-train`` parameter (but ``fresh``),
+    typed and described like the field, and the deployments' parameters are among them."""
     import inspect
 
     from deployments.flow import scheduled_train
@@ -78,7 +78,7 @@ def test_every_option_is_a_flag_and_a_parameter_of_both_flows() -> None:
 
     fields = set(TrainConfig.model_fields)
     flags = {a.dest for a in parser()._actions} - {"help"}
-    assert flags == fields
+    assert flags == fields | {"config"}  # --config FILE: the same options, from a file
     assert set(inspect.signature(train_flow.fn).parameters) == fields
     assert set(inspect.signature(scheduled_train.fn).parameters) == fields - {"fresh"}
     schema = train_flow.parameters.model_dump()["properties"]
