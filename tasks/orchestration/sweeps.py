@@ -186,7 +186,7 @@ class Sweep:
     """The sweep's folder and study, held by this process (an OS lock on the folder)."""
 
     def __init__(self, plan: SweepPlan):
-        self.plan, self.seed = plan, plan.seed
+        self.plan = plan
         self.lock: Any = None
 
     def __enter__(self) -> Sweep:
@@ -212,7 +212,7 @@ class Sweep:
 
     def check_same_sweep(self) -> None:
         """sweep.json: written once; a rerun with another space or other options is refused."""
-        path, now = self.plan.folder / "sweep.json", {**self.plan.describe(), "seed": self.seed}
+        path, now = self.plan.folder / "sweep.json", {**self.plan.describe(), "seed": self.plan.seed}
         saved = read_json(path)
         if saved is None:
             atomic_write_json(path, now)
@@ -239,14 +239,14 @@ class Sweep:
             if set(trial.params) == set(self.plan.space):
                 return trial.number, trial.params
             self.study().tell(trial.number, state=TrialState.FAIL)  # killed inside ask: no run, not counted
-        trial = self.study(self.sampler(self.seed + self.done())).ask(fixed_distributions=self.plan.space)
+        trial = self.study(self.sampler(self.plan.seed + self.done())).ask(fixed_distributions=self.plan.space)
         return trial.number, trial.params
 
     def sampler(self, seed: int) -> Any:
         from optuna import samplers
 
         if self.plan.sampler == "grid":
-            return samplers.GridSampler(grid_of(self.plan.space), seed=self.seed)
+            return samplers.GridSampler(grid_of(self.plan.space), seed=self.plan.seed)
         return samplers.RandomSampler(seed=seed) if self.plan.sampler == "random" else samplers.TPESampler(seed=seed)
 
     def tell(self, number: int, value: float | None) -> None:
