@@ -108,7 +108,9 @@ def test_soak_random_sigkills(prefect_api: str, tmp_path: Path) -> None:
         progress.append(newest_chunk(run_dir / "checkpoints"))
     final = run_cli(args, prefect_api)
     assert final.returncode == 0, final.stderr[-3000:]
-    assert cut >= 2 and progress[-1] >= 3 and progress == sorted(progress), (cut, progress)
+    # Two mid-chunk kills each follow a new checkpoint; the last one may land before that
+    # checkpoint's manifest (an uncommitted .pt, redone by the next attempt), hence >= 2.
+    assert cut >= 2 and progress[-1] >= 2 and progress == sorted(progress), (cut, progress)
     # Nothing half-written ever carried a checkpoint's name: nothing was quarantined.
     assert not (run_dir / "checkpoints" / "quarantine").exists()
     assert_same_run(run_dir, reference)
