@@ -12,49 +12,90 @@ import sys
 import time
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
-from prefect.exceptions import CancelledRun
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import wait
 from prefect.states import Cancelled
 from pydantic import ValidationError
 
 from flows.options import OneLineParser, add_arguments, config_parameters, with_parameters
-from flows.train_flow import flow_settings, one_line, train_flow
+from flows.train_flow import flow_settings, one_line
+from tasks.engine.training import GracefulStop
 from tasks.kernel import UserError
 from tasks.orchestration.sweeps import (
+    PRUNERS,
     SAMPLERS,
     SPACE_HELP,
     Sweep,
     SweepPlan,
-    objective,
     trial_rows,
     write_outputs,
 )
+from tasks.orchestration.trials import TrialOutcome, TrialProcess, watch
 
 #: Training options that a sweep sets per trial itself.
 PER_TRIAL = frozenset({"job", "run_name", "fresh", "wait_lock"})
+#: The sweep's own options, beside the training options every trial shares.
+OWN = ("job", "trials", "space", "sampler", "pruner", "parallel", "sweep_name")
 
 
-def sweep(job: str, trials: int, space: list[str], sampler: str = "tpe", sweep_name: str | None = None,
-          **options: Any) -> dict[str, Any]:
-    """Run ``trials`` trials of ``job`` over ``space``, one at a time; a rerun continues the sweep."""
-    plan = SweepPlan.of(job, trials, space, sampler, sweep_name, options)
-    logger = get_run_logger()
-    with Sweep(plan) as study:
+def sweep(job: str, trials: int, space: list[str], sampler: str = "tpe", pruner: str = "none", parallel: int = 1,
+          sweep_name: str | None = None, **options: Any) -> Any:
+    """Run ``trials`` trials of ``job`` over ``space``, ``parallel`` at a time; a rerun continues the sweep."""
+    plan = SweepPlan.of(job, trials, space, sampler, sweep_name, options, pruner, parallel)
+    with Sweep(plan) as study, GracefulStop() as stop:
         if study.done() >= plan.trials:
-            logger.info("%s is already complete (%d trials)", plan.folder, study.done())
+            get_run_logger().info("%s is already complete (%d trials)", plan.folder, study.done())
             return outcome(plan, "already complete", write_outputs(study))
-        started, first = time.monotonic(), study.done()
-        while study.done() < plan.trials:
-            number, params = study.next_trial()
-            try:
-                value = run_trial(plan, number, params)
-            except CancelledRun as exc:  # the trial stopped on request, at a checkpoint: so does the sweep
-                return Cancelled(message=str(exc))
-            study.tell(number, value)
-            best = write_outputs(study)
-            progress(logger, study, best, (time.monotonic() - started) / (study.done() - first))
+        best = run_trials(study, stop)
+        if stop.signum is not None:  # SIGTERM or Ctrl-C: every running trial stopped at a checkpoint
+            return Cancelled(message=f"{signal.Signals(stop.signum).name}: the sweep and its running trials "
+                                     "stopped at checkpoints; rerun the same command to continue the sweep")
         return outcome(plan, "completed", best)
+
+
+def run_trials(study: Sweep, stop: GracefulStop) -> dict[str, Any] | None:
+    """Keep ``parallel`` trials training until the budget is spent (or a stop is asked for);
+    tell the study each one's outcome as it ends; the best trial's row."""
+    plan, running, best = study.plan, {}, None
+    started, first = time.monotonic(), study.done()
+    while True:
+        while stop.signum is None and len(running) < plan.parallel and study.done() + len(running) < plan.trials:
+            number, params = study.next_trial(set(running))
+            running[number] = train_trial.submit(study, number, params, stop)
+        if not running:
+            return best
+        for future in wait(list(running.values()), timeout=1.0).done:
+            try:
+                result: TrialOutcome = future.result()
+            except BaseException:
+                stop.signum = stop.signum or signal.SIGTERM  # the other trials stop at a checkpoint too
+                wait(list(running.values()))
+                raise
+            del running[result.number]
+            if result.state != "STOPPED":
+                study.tell(result)
+                best = write_outputs(study)
+                progress(study, best, (time.monotonic() - started) / max(1, study.done() - first))
+
+
+@task(name="train-trial", retries=0, cache_policy=NO_CACHE)
+def train_trial(study: Sweep, number: int, params: dict[str, Any], stop: GracefulStop) -> TrialOutcome:
+    """Train trial ``number`` in its own process (a rerun of a cut trial resumes its run from its
+    checkpoint), reporting each chunk to the study's pruner; what it came to."""
+    logger, plan = get_run_logger(), study.plan
+    cfg = plan.config(params, number)
+    logger.info("trial %d: %s", number, ", ".join(f"{k}={v}" for k, v in params.items()))
+    config = {**cfg.model_dump(mode="json"), "wait_lock": True}
+    trial = TrialProcess(plan.folder, config, number, plan.metric)
+    # The last chunk is not judged: the run ends there anyway, and a stop would race its end.
+    result = watch(trial, lambda values: study.judge(number, {e: v for e, v in values.items() if e < cfg.epochs}),
+                   lambda: stop.signum)
+    if result.state in ("FAIL", "PRUNED"):
+        logger.warning("trial %d %s: %s", number, "failed" if result.state == "FAIL" else "pruned",
+                       result.message or "its options made the run fail")
+    return result
 
 
 def outcome(plan: SweepPlan, status: str, best: dict[str, Any] | None) -> dict[str, Any]:
@@ -63,25 +104,12 @@ def outcome(plan: SweepPlan, status: str, best: dict[str, Any] | None) -> dict[s
             "space": list(plan.space)}
 
 
-def run_trial(plan: SweepPlan, number: int, params: dict[str, Any]) -> float | None:
-    """Train trial ``number`` (a child flow run; a rerun of a cut trial resumes it); its value,
-    None if its options made it fail (a diverged learning rate is a result, not an error)."""
-    cfg = plan.config(params, number)
-    get_run_logger().info("trial %d: %s", number, ", ".join(f"{k}={v}" for k, v in params.items()))
-    try:
-        result = train_flow(**{**plan.fixed, **params, "job": plan.job, "artifacts_dir": str(cfg.artifacts_dir),
-                               "run_name": cfg.run_name})
-    except UserError as exc:
-        get_run_logger().warning("trial %d failed: %s", number, exc)
-        return None
-    return objective(result[plan.job]["metrics"], plan.metric)
-
-
-def progress(logger: Any, study: Sweep, best: dict[str, Any] | None, per_trial: float) -> None:
+def progress(study: Sweep, best: dict[str, Any] | None, per_trial: float) -> None:
     """One line per finished trial: trials done, best so far, ETA; and the UI's table."""
     plan, done = study.plan, study.done()
     shown = f"best {plan.metric} {best[plan.metric]:.6g} (trial {best['trial']})" if best else "no trial finished yet"
-    logger.info("sweep: %d/%d trials done, %s, ETA %.0fs", done, plan.trials, shown, per_trial * (plan.trials - done))
+    get_run_logger().info("sweep: %d/%d trials done, %s, ETA %.0fs", done, plan.trials, shown,
+                          per_trial * (plan.trials - done))
     create_table_artifact(key="sweep-trials", table=trial_rows(study),
                           description=f"Trials of the sweep in {plan.folder}")
 
@@ -92,11 +120,14 @@ def sweep_parameters() -> list[inspect.Parameter]:
     own = [inspect.Parameter("job", kw, annotation=str), inspect.Parameter("trials", kw, annotation=int),
            inspect.Parameter("space", kw, annotation=list[str]),
            inspect.Parameter("sampler", kw, annotation=str, default="tpe"),
+           inspect.Parameter("pruner", kw, annotation=str, default="none"),
+           inspect.Parameter("parallel", kw, annotation=int, default=1),
            inspect.Parameter("sweep_name", kw, annotation=str | None, default=None)]
     return own + config_parameters(exclude=PER_TRIAL)
 
 
-#: The flow; a trial stopped on request (SIGTERM, Ctrl-C) stops it, Cancelled, with the trial's message.
+#: The flow; SIGTERM or Ctrl-C stops its running trials at checkpoints and ends it Cancelled.
+#: Its trials are tasks on Prefect's thread pool, each watching its trial's process.
 sweep_flow = flow(name="sweep", retries=0)(with_parameters(sweep, sweep_parameters()))
 
 
@@ -112,6 +143,12 @@ def parser() -> OneLineParser:
     p.add_argument("--space", action="append", required=True, metavar="NAME=KIND:ARGS", help=SPACE_HELP)
     p.add_argument("--sampler", choices=SAMPLERS, default="tpe",
                    help="tpe (default), random or grid; seeded with --seed")
+    p.add_argument("--pruner", choices=PRUNERS, default="none",
+                   help="stop a hopeless trial at a checkpoint, judged on its validation metric after each "
+                   "chunk: median (against the other trials, from the third on) or hyperband; none (default)")
+    p.add_argument("--parallel", type=int, default=1, metavar="K",
+                   help="trials training at a time, each in its own process (default 1; only 1 makes a "
+                   "resumed sweep ask for the same trials as an uninterrupted one)")
     p.add_argument("--sweep-name", help="the sweep's folder under <artifacts-dir>/sweeps (default: from its options)")
     p.add_argument("--job", required=True, help="the job to sweep: a built-in name or module.path:NAME")
     add_arguments(p, exclude=PER_TRIAL)
@@ -123,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(parser().parse_args(argv))
     try:
         SweepPlan.of(args["job"], args["trials"], args["space"], args["sampler"], args["sweep_name"],
-                     {k: v for k, v in args.items() if k not in ("job", "trials", "space", "sampler", "sweep_name")})
+                     {k: v for k, v in args.items() if k not in OWN}, args["pruner"], args["parallel"])
     except (UserError, ValidationError) as exc:
         print(f"error: {one_line(exc) if isinstance(exc, ValidationError) else exc}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
 """Sweeps (flows/sweep_flow.py): a sweep killed inside a trial resumes that trial and ends as an
-uninterrupted one; a finished one reports; bad input is one line."""
+uninterrupted one, pruning included; trials side by side stop at checkpoints with the sweep and
+resume; a finished one reports; bad input is one line."""
 
 from __future__ import annotations
 
@@ -15,11 +16,14 @@ import pytest
 
 from flows.sweep_flow import main
 from flows.train_flow import main as train
+from tasks.kernel import read_json
+from tasks.storage.store import OWNER_FILE
 from tests.helpers import ROOT, cli_env, wait_until
 
-#: 3 trials of 600 epochs in 3 chunks, lr from a seeded TPE sampler (its random start-up).
+#: 3 trials of 600 epochs in 3 chunks, lr from a seeded TPE sampler (its random start-up), the
+#: median pruner judging the third trial after its first and second chunks.
 ARGS = ["--job", "nonlinear", "--epochs", "600", "--chunk-epochs", "200", "--seed", "3", "--trials", "3",
-        "--space", "lr=log:1e-5:3e-4", "--sweep-name", "s"]
+        "--space", "lr=log:1e-5:3e-4", "--pruner", "median", "--sweep-name", "s"]
 
 
 def trials(folder: Path) -> list[dict[str, str]]:
@@ -28,25 +32,50 @@ def trials(folder: Path) -> list[dict[str, str]]:
         return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
 
 
+def sweep_command(args: list[str], prefect_api: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "flows" / "sweep_flow.py"), *args], cwd=ROOT,
+                            env=cli_env(prefect_api), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def chunks_recorded(run_dir: Path) -> int:
+    """Chunks the run's record holds (run.json is rewritten after each chunk's checkpoint)."""
+    return len((read_json(run_dir / "run.json") or {}).get("chunks", {}))
+
+
+def trainer_pid(run_dir: Path) -> int:
+    return int((read_json(run_dir / OWNER_FILE) or {})["pid"])
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return Path(f"/proc/{pid}/stat").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+
+
 def test_a_sweep_killed_inside_a_trial_resumes_it_and_ends_as_an_uninterrupted_one(
         prefect_api: str, tmp_path: Path, capsys) -> None:
-    """SIGKILL to the command's process group inside trial 1's run; the same command resumes
-    that run from its checkpoint (not from scratch) and ends with the same trials, values and
-    best trial, bit for bit, as an uninterrupted sweep. Then it reruns as already complete."""
+    """SIGKILL to the command's process group inside trial 1's run: the trial's own process dies
+    with it. The same command resumes that run from its checkpoint (not from scratch) and ends
+    with the same trials, values, pruned trial and best trial, bit for bit, as an uninterrupted
+    sweep. Then it reruns as already complete."""
     assert main([*ARGS, "--artifacts-dir", str(tmp_path / "ref")]) == 0
+    reference = trials(tmp_path / "ref" / "sweeps" / "s")
+    assert [row["state"] for row in reference] == ["COMPLETE", "COMPLETE", "PRUNED"], reference
     folder = tmp_path / "arts" / "sweeps" / "s"
     args = [*ARGS, "--artifacts-dir", str(tmp_path / "arts")]
-    killed = subprocess.Popen([sys.executable, str(ROOT / "flows" / "sweep_flow.py"), *args], cwd=ROOT,
-                              env=cli_env(prefect_api), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    killed = sweep_command(args, prefect_api)
     trial_1 = folder / "nonlinear" / "trial-001"
-    wait_until((trial_1 / "checkpoints" / "checkpoint-1.json").exists, what="trial 1's first checkpoint",
-               proc=killed, every=0.01)
+    wait_until(lambda: chunks_recorded(trial_1), what="trial 1's first chunk", proc=killed, every=0.01)
+    trainer = trainer_pid(trial_1)
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait()
+    wait_until(lambda: gone(trainer), 30, "the trial's process to die with the sweep")
     assert not (trial_1 / "metrics.json").exists(), "killed too late: trial 1 had finished"
     assert main(args) == 0
-    assert trials(folder) == trials(tmp_path / "ref" / "sweeps" / "s")
+    assert trials(folder) == reference
     assert all((folder / name).stat().st_size > 0 for name in ("history.png", "parameters.png", "summary.md"))
     assert json.loads((folder / "best_config.json").read_text()) == \
         json.loads((tmp_path / "ref" / "sweeps" / "s" / "best_config.json").read_text())
@@ -62,6 +91,26 @@ def test_a_sweep_killed_inside_a_trial_resumes_it_and_ends_as_an_uninterrupted_o
     assert json.loads((again / "metrics.json").read_text())["val"]["loss"] == best
 
 
+def test_trials_side_by_side_stop_at_checkpoints_with_the_sweep_and_resume(prefect_api: str, tmp_path: Path) -> None:
+    """--parallel 2: two trials train at once, each in its own process. SIGTERM to the sweep
+    stops both at checkpoints (exit 143, one line); the same command takes both up again from
+    there and completes them."""
+    args = [*ARGS[:-4], "--trials", "2", "--parallel", "2", "--sweep-name", "p", "--artifacts-dir", str(tmp_path)]
+    runs = [tmp_path / "sweeps" / "p" / "nonlinear" / f"trial-{n:03d}" for n in (0, 1)]
+    stopped = sweep_command(args, prefect_api)
+    wait_until(lambda: all(chunks_recorded(run) for run in runs), what="both trials' first chunk", proc=stopped)
+    stopped.send_signal(signal.SIGTERM)
+    _, err = stopped.communicate(timeout=120)
+    assert stopped.returncode == 143 and err.splitlines()[-1].startswith("stopped: SIGTERM: the sweep and its "
+                                                                          "running trials stopped"), err[-2000:]
+    assert [read_json(run / "run.json")["status"] for run in runs] == ["stopped", "stopped"]
+    assert main(args) == 0
+    assert [row["state"] for row in trials(tmp_path / "sweeps" / "p")] == ["COMPLETE", "COMPLETE"]
+    for run in runs:
+        record = read_json(run / "run.json")
+        assert record["attempts"] == 2 and record["resumes"][-1]["from_checkpoint"].startswith("checkpoint-"), record
+
+
 @pytest.mark.parametrize(("options", "error"), [
     (["--trials", "0"], "error: --trials 0: a sweep needs at least 1 trial"),
     (["--space", "width=int:1:4"], "error: --space 'width=int:1:4': 'width' is not an option a sweep can vary"),
@@ -71,6 +120,8 @@ def test_a_sweep_killed_inside_a_trial_resumes_it_and_ends_as_an_uninterrupted_o
     (["--space", "lr=float:0.1:0.2"], "error: --space names an option twice; give each option one range"),
     (["--sampler", "grid"], "error: --sampler grid needs choices or int ranges; --space lr is a float range"),
     (["--sampler", "anneal"], "error: argument --sampler: invalid choice: 'anneal'"),
+    (["--pruner", "asha"], "error: argument --pruner: invalid choice: 'asha'"),
+    (["--parallel", "0"], "error: --parallel 0: run at least 1 trial at a time"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(options: list[str], error: str, tmp_path: Path,
                                                           capsys) -> None:

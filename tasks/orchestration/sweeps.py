@@ -8,10 +8,14 @@ result.
   (``study.db``: Optuna's RDB storage on SQLite), one run folder per trial
   (``<job>/trial-NNN/``), ``trials.csv``, ``best_config.json`` and ``summary.md``. One sweep
   command at a time holds it (an OS lock), so a trial found RUNNING is one whose command died.
-- Resume: such a trial is taken up again with its own parameters: its run folder resumes from
-  its latest checkpoint (or only reports, if it had finished). The sampler is built for each
-  new trial, seeded with the sweep's seed plus the number of finished trials, so with one trial
-  at a time a resumed sweep asks for exactly the trials an uninterrupted one does.
+- Trials: each is an ordinary training run in its own process (tasks/orchestration/trials.py),
+  ``--parallel K`` at a time. With ``--pruner``, each chunk's validation metric is reported to
+  the study and a trial the pruner gives up on stops at a checkpoint (PRUNED).
+- Resume: a trial found RUNNING is taken up again with its own parameters: its run folder
+  resumes from its latest checkpoint (or only reports, if it had finished). The sampler is built
+  for each new trial, seeded with the sweep's seed plus the number of trials asked so far, so
+  with one trial at a time a resumed sweep asks for exactly the trials an uninterrupted one does,
+  and the pruner judges each trial on the same reports.
 """
 
 from __future__ import annotations
@@ -31,12 +35,14 @@ from typing import Any
 from pydantic import ValidationError
 
 from tasks.kernel import TrainConfig, UserError, atomic_write_json, atomic_write_text, read_json
+from tasks.orchestration.trials import TrialOutcome
 
 #: Options that say where or how a run executes, not what it learns: a sweep does not vary them.
 NOT_SWEPT = frozenset({"job", "data", "artifacts_dir", "run_name", "fresh", "wait_lock", "device", "keep_last",
                        "save_best", "num_workers", "threads", "nproc_per_node", "dist_backend", "oversubscribe",
                        "chunk_epochs", "eval_batch_size"})
 SAMPLERS = ("tpe", "random", "grid")
+PRUNERS = ("none", "median", "hyperband")
 SPACE_HELP = ("NAME=KIND:ARGS, KIND one of log:LOW:HIGH, float:LOW:HIGH, int:LOW:HIGH, choice:A,B,...; "
               "e.g. --space lr=log:1e-4:1e-2 --space batch_size=choice:64,128,256")
 
@@ -114,10 +120,12 @@ class SweepPlan:
     folder: Path
     direction: str
     metric: str
+    pruner: str = "none"
+    parallel: int = 1
 
     @classmethod
     def of(cls, job: str, trials: int, space: list[str], sampler: str, name: str | None,
-           options: dict[str, Any]) -> SweepPlan:
+           options: dict[str, Any], pruner: str = "none", parallel: int = 1) -> SweepPlan:
         from tasks.jobs.registry import get_job
 
         spec = get_job(job)
@@ -127,6 +135,10 @@ class SweepPlan:
             raise UserError(f"--trials {trials}: a sweep needs at least 1 trial")
         if sampler not in SAMPLERS:
             raise UserError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+        if pruner not in PRUNERS:
+            raise UserError(f"unknown pruner {pruner!r}; choose one of: {', '.join(PRUNERS)}")
+        if parallel < 1:
+            raise UserError(f"--parallel {parallel}: run at least 1 trial at a time")
         fixed = {k: v for k, v in options.items() if v is not None}
         dims = dict(parse_dimension(text) for text in space)
         if len(dims) < len(space):
@@ -137,16 +149,16 @@ class SweepPlan:
             raise UserError(f"--trials {trials}: the grid has {points} points; ask for at most that many")
         if "://" in str(cfg.artifacts_dir):
             raise UserError("a sweep keeps its study in a local folder: give --artifacts-dir a local path")
-        what = describe(spec.name, fixed, dims, sampler)
+        what = describe(spec.name, fixed, dims, sampler, pruner)
         digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
         folder = Path(cfg.artifacts_dir) / "sweeps" / (name or f"sweep-{digest[:10]}")
         return cls(spec.name, fixed, dims, trials, sampler, cfg.seed, folder,
-                   "maximize" if spec.monitor[1] else "minimize", spec.monitor[0])
+                   "maximize" if spec.monitor[1] else "minimize", spec.monitor[0], pruner, parallel)
 
     def describe(self) -> dict[str, Any]:
         """sweep.json's content: what must stay the same for a rerun to continue this sweep
-        (not the budget: more trials continue it)."""
-        return describe(self.job, self.fixed, self.space, self.sampler)
+        (not the budget, nor how many trials run at a time)."""
+        return describe(self.job, self.fixed, self.space, self.sampler, self.pruner)
 
     def config(self, params: dict[str, Any], number: int) -> TrainConfig:
         """The training config of trial ``number``."""
@@ -156,9 +168,10 @@ class SweepPlan:
                                            "run_name": f"trial-{number:03d}"})
 
 
-def describe(job: str, fixed: dict[str, Any], space: dict[str, Any], sampler: str) -> dict[str, Any]:
-    return {"job": job, "fixed": {k: str(v) for k, v in sorted(fixed.items())},
+def describe(job: str, fixed: dict[str, Any], space: dict[str, Any], sampler: str, pruner: str) -> dict[str, Any]:
+    what = {"job": job, "fixed": {k: str(v) for k, v in sorted(fixed.items())},
             "space": {k: repr(v) for k, v in sorted(space.items())}, "sampler": sampler}
+    return what | ({"pruner": pruner} if pruner != "none" else {})  # sweeps made before pruners keep their name
 
 
 def check_space(spec: Any, fixed: dict[str, Any], dims: dict[str, Any], sampler: str) -> None:
@@ -201,7 +214,9 @@ class Sweep:
             self.lock.close()
             raise UserError(f"another sweep command holds {self.plan.folder}; wait for it, or stop it") from None
         self.check_same_sweep()
-        self.storage = f"sqlite:///{self.plan.folder / 'study.db'}"
+        # One storage object for the sweep: its SQLAlchemy sessions are thread-safe, and trial
+        # threads report through it (Optuna's own n_jobs threads share one the same way).
+        self.storage = optuna.storages.RDBStorage(f"sqlite:///{self.plan.folder / 'study.db'}")
         optuna.create_study(storage=self.storage, study_name="sweep", direction=self.plan.direction,
                             load_if_exists=True)
         return self
@@ -223,7 +238,20 @@ class Sweep:
     def study(self, sampler: Any = None) -> Any:
         import optuna
 
-        return optuna.load_study(study_name="sweep", storage=self.storage, sampler=sampler)
+        return optuna.load_study(study_name="sweep", storage=self.storage, sampler=sampler, pruner=self.pruner())
+
+    def pruner(self) -> Any:
+        """The plan's pruner, judging from the third trial on (median) or by Hyperband's brackets
+        over the run's epochs; the steps are the epochs at which chunks end."""
+        from optuna import pruners
+
+        if self.plan.pruner == "median":
+            return pruners.MedianPruner(n_startup_trials=2)
+        if self.plan.pruner == "hyperband":
+            epochs = self.plan.config({}, 0).epochs
+            return pruners.HyperbandPruner(min_resource=min(self.plan.config({}, 0).chunk_epochs, epochs),
+                                           max_resource=epochs)
+        return pruners.NopPruner()
 
     def trials(self, *states: str) -> list[Any]:
         """The study's trials (in number order), of the given states (names, e.g. COMPLETE)."""
@@ -231,15 +259,18 @@ class Sweep:
 
         return self.study().get_trials(deepcopy=False, states=tuple(TrialState[s] for s in states) or None)
 
-    def next_trial(self) -> tuple[int, dict[str, Any]]:
-        """A trial whose command died (taken up again), else a new one from the sampler."""
+    def next_trial(self, running: set[int] = frozenset()) -> tuple[int, dict[str, Any]]:
+        """A trial whose command died (RUNNING, not one of ``running``, this command's own),
+        taken up again; else a new one from the sampler."""
         from optuna.trial import TrialState
 
         for trial in self.trials("RUNNING"):
+            if trial.number in running:
+                continue
             if set(trial.params) == set(self.plan.space):
                 return trial.number, trial.params
             self.study().tell(trial.number, state=TrialState.FAIL)  # killed inside ask: no run, not counted
-        trial = self.study(self.sampler(self.plan.seed + self.done())).ask(fixed_distributions=self.plan.space)
+        trial = self.study(self.sampler(self.plan.seed + self.asked())).ask(fixed_distributions=self.plan.space)
         return trial.number, trial.params
 
     def sampler(self, seed: int) -> Any:
@@ -247,16 +278,42 @@ class Sweep:
 
         if self.plan.sampler == "grid":
             return samplers.GridSampler(grid_of(self.plan.space), seed=self.plan.seed)
-        return samplers.RandomSampler(seed=seed) if self.plan.sampler == "random" else samplers.TPESampler(seed=seed)
+        if self.plan.sampler == "random":
+            return samplers.RandomSampler(seed=seed)
+        # The constant liar keeps trials running side by side apart (no effect one at a time).
+        return samplers.TPESampler(seed=seed, constant_liar=True)
 
-    def tell(self, number: int, value: float | None) -> None:
-        """The trial's validation metric (None or not finite: it failed)."""
+    def judge(self, number: int, values: dict[int, float]) -> bool:
+        """Report trial ``number``'s chunk values ({epoch: value}) not yet in the study, in order;
+        True as soon as the pruner gives the trial up (then nothing later is reported). A trial
+        taken up again is first judged on what it had reported: the same decision as before."""
+        import optuna
+
+        if self.plan.pruner == "none":
+            return False
+        trial_id = self.storage.get_trial_id_from_study_id_trial_number(
+            self.storage.get_study_id_from_name("sweep"), number)
+        trial, known = optuna.trial.Trial(self.study(), trial_id), self.storage.get_trial(trial_id).intermediate_values
+        if known and trial.should_prune():
+            return True
+        for epoch in sorted(set(values) - set(known)):
+            trial.report(values[epoch], epoch)
+            if trial.should_prune():
+                return True
+        return False
+
+    def tell(self, outcome: TrialOutcome) -> None:
+        """What the trial came to: its value, pruned (at its last report), or failed."""
         from optuna.trial import TrialState
 
-        if value is None or not math.isfinite(value):
-            self.study().tell(number, state=TrialState.FAIL)
+        if outcome.state == "COMPLETE" and outcome.value is not None and math.isfinite(outcome.value):
+            self.study().tell(outcome.number, outcome.value)
         else:
-            self.study().tell(number, value)
+            self.study().tell(outcome.number, state=TrialState.PRUNED if outcome.state == "PRUNED" else TrialState.FAIL)
+
+    def asked(self) -> int:
+        """Trials the sampler gave parameters to (a trial cut inside the study's ask had none)."""
+        return sum(set(t.params) == set(self.plan.space) for t in self.trials())
 
     def done(self) -> int:
         """Trials finished by their run: a trial cut inside the study's ask had none."""
@@ -345,8 +402,3 @@ def plot_study(plan: SweepPlan, done: list[dict[str, Any]]) -> None:
             ax.set_xscale("log")
     save_png(fig, plan.folder / PLOTS[1])
 
-
-def objective(metrics: dict[str, Any] | None, metric: str) -> float | None:
-    """The trial's value: its final validation ``metric`` (None when there is none)."""
-    value = ((metrics or {}).get("val") or {}).get(metric)
-    return float(value) if isinstance(value, (int, float)) else None

@@ -1,0 +1,136 @@
+"""A sweep's trial as its own process: ``python flows/train_flow.py --config <trial>.json``, the
+command a user runs, watched by the sweep (flows/sweep_flow.py).
+
+- The process dies with the sweep's, even on SIGKILL (Linux: it asks the kernel for SIGKILL when
+  its parent dies, ``prctl(PR_SET_PDEATHSIG)``, first thing, as a torchrun rank does): a rerun of
+  the sweep never finds a trial still training from the killed one. It runs in its own session,
+  so a Ctrl-C in the terminal reaches the sweep alone, which passes it on once.
+- After each chunk the run writes its ``run.json``: the trial reads its validation metric from
+  there, reports it to the study and asks the pruner; a trial to prune gets SIGTERM and stops at
+  a checkpoint after its current batch, like any run stopped on request.
+- Its output goes to ``<sweep>/trials/trial-NNN.log`` (appended by each attempt).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tasks.kernel import ROOT, atomic_write_json, read_json
+
+#: Exit statuses of a run stopped on request (SIGINT, SIGTERM): it stopped at a checkpoint.
+STOPPED = (128 + signal.SIGINT, 128 + signal.SIGTERM)
+#: The train command's status for a run its options made fail (bad input, a diverged lr).
+OPTIONS_FAILED = 2
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    """How a trial's process ended: ``COMPLETE`` (with its value), ``PRUNED``, ``FAIL`` (its
+    options made the run fail), or ``STOPPED`` (the sweep itself was asked to stop)."""
+
+    number: int
+    state: str
+    value: float | None = None
+    message: str = ""
+
+
+class TrialProcess:
+    """One attempt of trial ``number``: its command, started at once, and what the sweep reads."""
+
+    def __init__(self, folder: Path, config: dict[str, Any], number: int, metric: str):
+        self.number, self.metric = number, metric
+        self.run_dir = Path(config["artifacts_dir"]) / config["job"] / config["run_name"]
+        trials = folder / "trials"
+        self.config_file, self.log_file = trials / f"trial-{number:03d}.json", trials / f"trial-{number:03d}.log"
+        trials.mkdir(exist_ok=True)
+        atomic_write_json(self.config_file, config)
+        with open(self.log_file, "a") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "tasks.orchestration.trials", str(os.getpid()), "flows/train_flow.py",
+                 "--config", str(self.config_file)],
+                cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.signalled: int | None = None
+
+    def chunk_values(self) -> dict[int, float]:
+        """The validation metric at the end of each chunk the run recorded: {epoch: value}."""
+        chunks = (read_json(self.run_dir / "run.json") or {}).get("chunks", {})
+        key = f"val_{self.metric}"
+        return {int(row["epoch"]): float(row[key]) for row in chunks.values()
+                if isinstance(row.get(key), (int, float)) and math.isfinite(row[key])}
+
+    def signal(self, signum: int) -> None:
+        """Ask the run to stop at its next checkpoint (once: a second signal stops it at once)."""
+        if self.signalled is None and self.process.poll() is None:
+            self.signalled = signum
+            self.process.send_signal(signum)
+
+    def outcome(self, pruned: bool) -> TrialOutcome:
+        """Once the process has ended: what the trial came to."""
+        status, last = self.process.returncode, self.last_line()
+        if status == 0 and not pruned:
+            val = ((read_json(self.run_dir / "metrics.json") or {}).get("val") or {}).get(self.metric)
+            if isinstance(val, (int, float)):
+                return TrialOutcome(self.number, "COMPLETE", float(val))
+            return TrialOutcome(self.number, "FAIL", message=f"no validation {self.metric} in its metrics.json")
+        # Given up on: PRUNED, whether it stopped, ended (the stop came after its end) or diverged.
+        if pruned and status in (0, OPTIONS_FAILED, *STOPPED):
+            stopped = last.removeprefix("stopped: ").split("; rerun")[0]
+            return TrialOutcome(self.number, "PRUNED", message=f"its run stopped: {stopped}" if status in STOPPED else last)
+        if status in STOPPED and self.signalled is not None:
+            return TrialOutcome(self.number, "STOPPED", message=last)
+        if status == OPTIONS_FAILED:
+            return TrialOutcome(self.number, "FAIL", message=last)
+        raise RuntimeError(f"trial {self.number} ended with exit status {status}: {last} (its output: {self.log_file})")
+
+    def last_line(self) -> str:
+        """The last line the trial's command printed in this attempt."""
+        try:
+            lines = self.log_file.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return next((line for line in reversed(lines) if line.strip()), "")
+
+
+def watch(trial: TrialProcess, judge: Any, stop_requested: Any, every: float = 0.5) -> TrialOutcome:
+    """Wait for the trial's process. Whenever its record holds new chunk values, ``judge({epoch:
+    value}) -> prune?`` sees them all; a trial to prune, or every trial once ``stop_requested()``
+    returns a signal, is asked to stop at its next checkpoint."""
+    seen: dict[int, float] = {}
+    pruned = False
+    while trial.process.poll() is None:
+        if (signum := stop_requested()) is not None:
+            trial.signal(signum)
+        if not pruned and (values := trial.chunk_values()) != seen:
+            seen = values
+            if judge(values):
+                pruned = True
+                trial.signal(signal.SIGTERM)
+        time.sleep(every)
+    return trial.outcome(pruned)
+
+
+def child(argv: list[str]) -> None:
+    """The trial's process (``python -m tasks.orchestration.trials <sweep pid> <script> <args>``):
+    on Linux, be SIGKILLed when the sweep dies, gone at once if it is gone already; then run
+    ``python <script> <args>``."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != int(argv[0]):
+        sys.exit(1)
+    sys.argv = argv[1:]
+    runpy.run_path(argv[1], run_name="__main__")
+
+
+if __name__ == "__main__":
+    child(sys.argv[1:])
