@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 from prefect.states import Cancelled
@@ -58,14 +58,10 @@ def sweep(job: str, trials: int, space: list[str], sampler: str = "tpe", pruner:
 def run_trials(study: Sweep, stop: GracefulStop) -> dict[str, Any] | None:
     """Keep ``parallel`` trials training until the budget is spent (or a stop is asked for);
     tell the study each one's outcome as it ends; the best trial's row."""
-    plan, running, best = study.plan, {}, None
-    started, first = time.monotonic(), study.done()
-    while True:
-        while stop.signum is None and len(running) < plan.parallel and study.done() + len(running) < plan.trials:
-            number, params = study.next_trial(set(running))
-            running[number] = train_trial.submit(study, number, params, stop)
-        if not running:
-            return best
+    running: dict[int, Any] = {}
+    best, started, first = None, time.monotonic(), study.done()
+    while start_trials(study, stop, running):
+        told = False
         for future in wait(list(running.values()), timeout=1.0).done:
             try:
                 result: TrialOutcome = future.result()
@@ -76,8 +72,22 @@ def run_trials(study: Sweep, stop: GracefulStop) -> dict[str, Any] | None:
             del running[result.number]
             if result.state != "STOPPED":
                 study.tell(result)
-                best = write_outputs(study)
-                progress(study, best, (time.monotonic() - started) / max(1, study.done() - first))
+                told = True
+        if told:  # the next trials boot meanwhile
+            start_trials(study, stop, running)
+            best = write_outputs(study)
+            progress(study, best, (time.monotonic() - started) / max(1, study.done() - first))
+    return best
+
+
+def start_trials(study: Sweep, stop: GracefulStop, running: dict[int, Any]) -> bool:
+    """Fill the free slots with trials (none once a stop is asked for or the budget is spent);
+    whether any trial is running."""
+    while stop.signum is None and len(running) < study.plan.parallel and \
+            study.done() + len(running) < study.plan.trials:
+        number, params = study.next_trial(set(running))
+        running[number] = train_trial.submit(study, number, params, stop)
+    return bool(running)
 
 
 @task(name="train-trial", retries=0, cache_policy=NO_CACHE)
@@ -112,6 +122,8 @@ def progress(study: Sweep, best: dict[str, Any] | None, per_trial: float) -> Non
                           per_trial * (plan.trials - done))
     create_table_artifact(key="sweep-trials", table=trial_rows(study),
                           description=f"Trials of the sweep in {plan.folder}")
+    create_markdown_artifact(key="sweep-summary", markdown=(plan.folder / "summary.md").read_text(),
+                             description=f"The sweep in {plan.folder}: best trial, its command, every trial")
 
 
 def sweep_parameters() -> list[inspect.Parameter]:

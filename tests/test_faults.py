@@ -157,31 +157,26 @@ def server_outside_group(out: str, pgid: int) -> str:
     return port
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_and_ctrl_c_save_after_the_batch_then_resume(sig, reference: Path, prefect_api: str, tmp_path: Path) -> None:
-    """SIGTERM goes to the process alone (a process manager's stop). Ctrl-C goes, as a terminal
-    sends it, to the whole foreground process group of a command that started its own temporary
-    server: the server is outside that group, so the run stops cleanly and the server stops with
-    the command. Both: exit 128+signal with a checkpoint from inside the chunk (the current batch
-    finished, the chunk not), no crash reported, and a rerun that ends bit-exact."""
+def test_ctrl_c_saves_after_the_batch_then_resumes(reference: Path, prefect_api: str, tmp_path: Path) -> None:
+    """Ctrl-C goes, as a terminal sends it, to the whole foreground process group of a command
+    that started its own temporary server: the server is outside that group, so the run stops
+    cleanly and the server stops with the command. Exit 130 with a checkpoint from inside the
+    chunk (the current batch finished, the chunk not), no crash reported, and a rerun that ends
+    bit-exact. (SIGTERM to the process alone takes the same path: tests/test_datasets.py stops a
+    run with it inside an epoch; tests/test_sweeps.py stops a sweep's trials with it.)"""
+    sig = signal.SIGINT
     args = [*ARGS, "--artifacts-dir", str(tmp_path), "--run-name", "t"]
     ckpts = tmp_path / "nonlinear" / "t" / "checkpoints"
-    terminal = sig == signal.SIGINT
-    env = own_server_env(tmp_path / "prefect-home") if terminal else cli_env(prefect_api, PREFECT_LOGGING_LEVEL="INFO")
-    run = Command.train(args, env, start_new_session=True)  # its own group, as in a shell
-    if terminal:
-        run.wait_line("temporary server on")
-        port = server_outside_group(run.output, run.pid)
+    run = Command.train(args, own_server_env(tmp_path / "prefect-home"), start_new_session=True)  # as in a shell
+    run.wait_line("temporary server on")
+    port = server_outside_group(run.output, run.pid)
     # Into chunk 3 (epochs 501-750) by a fifth of chunk 2's time: its first line comes just before its
     # first epoch, and a chunk takes a fraction of a second on a quiet machine, seconds on a busy one.
     run.wait_line("Task run 'train_chunk-2'")
     t2 = time.monotonic()
     run.wait_line("Task run 'train_chunk-3'")
     time.sleep(min(max((time.monotonic() - t2) / 5, 0.02), 0.5))
-    if terminal:
-        os.killpg(run.pid, sig)  # Ctrl-C
-    else:
-        run.proc.send_signal(sig)
+    os.killpg(run.pid, sig)  # Ctrl-C
     assert run.wait() == 128 + sig, run.output[-2000:]
     out = run.output
     name = signal.Signals(sig).name
@@ -192,8 +187,7 @@ def test_sigterm_and_ctrl_c_save_after_the_batch_then_resume(sig, reference: Pat
     inside = json.loads((ckpts / "checkpoint-3.json").read_text())["batch"]  # batches of the next epoch done
     assert (inside > 0) == (f" and {inside}/" in last), last  # the message says where inside the epoch
     assert "Crash detected" not in out and "Crashed(" not in out, out[-3000:]  # a stop, not a crash
-    if terminal:
-        wait_until(lambda: not server_pids(port), what="the temporary server to stop with the command")
+    wait_until(lambda: not server_pids(port), what="the temporary server to stop with the command")
     again = run_cli(args, prefect_api)
     assert again.returncode == 0, again.stderr[-2000:]
     assert_same_run(tmp_path / "nonlinear" / "t", reference)

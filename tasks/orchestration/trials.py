@@ -13,13 +13,13 @@ command a user runs, watched by the sweep (flows/sweep_flow.py).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import runpy
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,7 +114,8 @@ def watch(trial: TrialProcess, judge: Any, stop_requested: Any, every: float = 0
             if judge(values):
                 pruned = True
                 trial.signal(signal.SIGTERM)
-        time.sleep(every)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            trial.process.wait(every)  # back at once when the trial ends
     return trial.outcome(pruned)
 
 
