@@ -32,7 +32,7 @@ from tasks.orchestration.sweeps import (
     trial_rows,
     write_outputs,
 )
-from tasks.orchestration.trials import TrialOutcome, TrialProcess, watch
+from tasks.orchestration.trials import TrialOutcome, TrialProcess, share_of_cores, watch
 
 #: Training options that a sweep sets per trial itself.
 PER_TRIAL = frozenset({"job", "run_name", "fresh", "wait_lock"})
@@ -98,7 +98,8 @@ def train_trial(study: Sweep, number: int, params: dict[str, Any], stop: Gracefu
     cfg = plan.config(params, number)
     logger.info("trial %d: %s", number, ", ".join(f"{k}={v}" for k, v in params.items()))
     config = {**cfg.model_dump(mode="json"), "wait_lock": True}
-    trial = TrialProcess(plan.folder, config, number, plan.metric)
+    trial = TrialProcess(plan.folder, config, number, plan.metric,
+                         share_of_cores(cfg.threads, plan.parallel * cfg.nproc_per_node))
     # The last chunk is not judged: the run ends there anyway, and a stop would race its end.
     result = watch(trial, lambda values: study.judge(number, {e: v for e, v in values.items() if e < cfg.epochs}),
                    lambda: stop.signum)

@@ -141,3 +141,17 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(options: list[str], err
     err = capsys.readouterr().err
     assert status == 2 and err.startswith(error) and err.count("\n") == 1, err
     assert not (tmp_path / "a").exists()
+
+
+def test_trials_side_by_side_share_the_cores(monkeypatch) -> None:
+    """--threads auto gives each of K trial processes (ranks included) its share of 16 cores,
+    one kept free; a number of threads, or the user's $OMP_NUM_THREADS, is left as it is."""
+    from tasks.orchestration.trials import share_of_cores
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert share_of_cores("auto", 4) == {"OMP_NUM_THREADS": "3"}
+    assert share_of_cores("auto", 32) == {"OMP_NUM_THREADS": "1"}
+    assert share_of_cores("auto", 1) == share_of_cores(2, 4) == {}
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert share_of_cores("auto", 4) == {}

@@ -9,6 +9,9 @@ command a user runs, watched by the sweep (flows/sweep_flow.py).
   there, reports it to the study and asks the pruner; a trial to prune gets SIGTERM and stops at
   a checkpoint after its current batch, like any run stopped on request.
 - Its output goes to ``<sweep>/trials/trial-NNN.log`` (appended by each attempt).
+- Trials side by side share the cores: with ``--threads auto`` (and no ``$OMP_NUM_THREADS``),
+  each gets its share (:func:`share_of_cores`), resolved when its run folder is made and kept
+  with the run, as ``auto`` always is.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.kernel import ROOT, atomic_write_json, read_json
+from tasks.kernel import ROOT, atomic_write_json, auto_threads, read_json
 
 #: Exit statuses of a run stopped on request (SIGINT, SIGTERM): it stopped at a checkpoint.
 STOPPED = (128 + signal.SIGINT, 128 + signal.SIGTERM)
@@ -46,7 +49,7 @@ class TrialOutcome:
 class TrialProcess:
     """One attempt of trial ``number``: its command, started at once, and what the sweep reads."""
 
-    def __init__(self, folder: Path, config: dict[str, Any], number: int, metric: str):
+    def __init__(self, folder: Path, config: dict[str, Any], number: int, metric: str, env: dict[str, str]):
         self.number, self.metric = number, metric
         self.run_dir = Path(config["artifacts_dir"]) / config["job"] / config["run_name"]
         trials = folder / "trials"
@@ -57,7 +60,8 @@ class TrialProcess:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "tasks.orchestration.trials", str(os.getpid()), "flows/train_flow.py",
                  "--config", str(self.config_file)],
-                cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                cwd=ROOT, env={**os.environ, **env}, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)
         self.signalled: int | None = None
 
     def chunk_values(self) -> dict[int, float]:
@@ -98,6 +102,15 @@ class TrialProcess:
         except OSError:
             return ""
         return next((line for line in reversed(lines) if line.strip()), "")
+
+
+def share_of_cores(threads: int | str, processes: int) -> dict[str, str]:
+    """The environment that gives each of ``processes`` trial processes (ranks included) its
+    share of the cores, where the trials' ``threads`` is ``auto`` and the user set no
+    $OMP_NUM_THREADS (which ``auto`` reads, per process); else nothing."""
+    if threads != "auto" or os.environ.get("OMP_NUM_THREADS") or processes < 2:
+        return {}
+    return {"OMP_NUM_THREADS": str(auto_threads(processes))}
 
 
 def watch(trial: TrialProcess, judge: Any, stop_requested: Any, every: float = 0.5) -> TrialOutcome:
