@@ -1,8 +1,10 @@
 """The sweep flow and its command line: ``python flows/sweep_flow.py --help`` (docs/sweeps.md).
 
-Each trial is an ordinary training run, a child flow run of the ``sweep`` flow run: its own run
-folder under the sweep's, its own checkpoints, the same resume. The study (Optuna) chooses the
-trials and keeps their results in the sweep's folder (tasks/orchestration/sweeps.py)."""
+Each trial is an ordinary training run, the train command in its own process
+(tasks/orchestration/trials.py) watched by a ``train-trial`` task of the ``sweep`` flow run: its
+own run folder under the sweep's, its own checkpoints, the same resume. The study (Optuna)
+chooses the trials, judges them after each chunk and keeps their results in the sweep's folder
+(tasks/orchestration/sweeps.py)."""
 
 from __future__ import annotations
 
