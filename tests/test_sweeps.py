@@ -27,7 +27,9 @@ ARGS = ["--job", "nonlinear", "--epochs", "600", "--chunk-epochs", "200", "--see
 
 
 def trials(folder: Path) -> list[dict[str, str]]:
-    """trials.csv's rows without their durations."""
+    """trials.csv's rows without their durations (none before the first is written)."""
+    if not (folder / "trials.csv").exists():
+        return []
     with open(folder / "trials.csv", newline="") as f:
         return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
 
@@ -36,6 +38,15 @@ def sweep_command(args: list[str], prefect_api: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(ROOT / "flows" / "sweep_flow.py"), *args], cwd=ROOT,
                             env=cli_env(prefect_api), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
+
+
+def kill_when(args: list[str], prefect_api: str, moment, what: str):
+    """Start the sweep command; SIGKILL its process group at ``moment()`` (truthy); that value."""
+    proc = sweep_command(args, prefect_api)
+    value = wait_until(moment, what=what, proc=proc, every=0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return value
 
 
 def chunks_recorded(run_dir: Path) -> int:
@@ -57,30 +68,27 @@ def gone(pid: int) -> bool:
 
 def test_a_sweep_killed_inside_a_trial_resumes_it_and_ends_as_an_uninterrupted_one(
         prefect_api: str, tmp_path: Path, capsys) -> None:
-    """SIGKILL to the command's process group inside trial 1's run: the trial's own process dies
-    with it. The same command resumes that run from its checkpoint (not from scratch); killed
-    again as that trial ends, before the study is told, the next rerun takes it up from its
-    checkpoints, and the sweep ends with the same trials, values, pruned trial and best trial,
-    bit for bit, as an uninterrupted sweep. Then it reruns as already complete."""
+    """SIGKILL to the command's process group inside trial 1's run (the trial's own process dies
+    with it), then again as that trial ends before the study is told, then between trials: each
+    rerun of the same command takes the cut trial up from its checkpoints (none starts over),
+    and the sweep ends with the same trials, values, pruned trial and best trial, bit for bit, as
+    an uninterrupted sweep. Then it reruns as already complete."""
     assert main([*ARGS, "--artifacts-dir", str(tmp_path / "ref")]) == 0
     reference = trials(tmp_path / "ref" / "sweeps" / "s")
     assert [row["state"] for row in reference] == ["COMPLETE", "COMPLETE", "PRUNED"], reference
     folder = tmp_path / "arts" / "sweeps" / "s"
     args = [*ARGS, "--artifacts-dir", str(tmp_path / "arts")]
-    killed = sweep_command(args, prefect_api)
     trial_1 = folder / "nonlinear" / "trial-001"
-    wait_until(lambda: chunks_recorded(trial_1), what="trial 1's first chunk", proc=killed, every=0.01)
-    trainer = trainer_pid(trial_1)
-    os.killpg(killed.pid, signal.SIGKILL)
-    killed.wait()
+    # 1. Inside trial 1's second chunk; its own process dies with the command.
+    trainer = kill_when(args, prefect_api, lambda: chunks_recorded(trial_1) and trainer_pid(trial_1), "trial 1's chunk")
     wait_until(lambda: gone(trainer), 30, "the trial's process to die with the sweep")
     assert not (trial_1 / "metrics.json").exists(), "killed too late: trial 1 had finished"
-    # Killed again as trial 1 ends (its metrics written), before the study hears of it.
-    again = sweep_command(args, prefect_api)
-    wait_until((trial_1 / "metrics.json").exists, what="trial 1's end", proc=again, every=0.01)
-    os.killpg(again.pid, signal.SIGKILL)
-    again.wait()
+    # 2. As trial 1 ends (its metrics written), before the study hears of it.
+    kill_when(args, prefect_api, (trial_1 / "metrics.json").exists, "trial 1's end")
     assert trials(folder)[1]["state"] == "RUNNING"
+    # 3. Between trials: trial 1 told, trial 2 just asked for.
+    kill_when(args, prefect_api, lambda: [r["state"] for r in trials(folder)] == ["COMPLETE", "COMPLETE", "RUNNING"],
+              "trial 1 told and trial 2 asked")
     assert main(args) == 0
     assert trials(folder) == reference
     assert all((folder / name).stat().st_size > 0 for name in ("history.png", "parameters.png", "summary.md"))
