@@ -247,10 +247,10 @@ class Sweep:
 
         if self.plan.pruner == "median":
             return pruners.MedianPruner(n_startup_trials=2)
-        if self.plan.pruner == "hyperband":
-            epochs = self.plan.config({}, 0).epochs
-            return pruners.HyperbandPruner(min_resource=min(self.plan.config({}, 0).chunk_epochs, epochs),
-                                           max_resource=epochs)
+        if self.plan.pruner == "hyperband":  # epochs in the space: the longest finished trial's
+            cfg = self.plan.config({}, 0)
+            return pruners.HyperbandPruner(min_resource=min(cfg.chunk_epochs, cfg.epochs),
+                                           max_resource="auto" if "epochs" in self.plan.space else cfg.epochs)
         return pruners.NopPruner()
 
     def trials(self, *states: str) -> list[Any]:
