@@ -51,6 +51,20 @@ def job_parameters(job: str) -> dict[str, Any]:
     return {"job": spec.name, **{k: v for k, v in values.items() if isinstance(v, (bool, int, float, str))}}
 
 
+#: The served ``sweep/<job>`` deployments (on demand, no schedule): trials and space to edit per run.
+SWEEP_FLOW_NAME = "sweep"
+SWEEP_TRIALS = 8
+
+
+def sweep_parameters(job: str) -> dict[str, Any]:
+    """A sweep's editable parameters: the job, a budget, and a space: the learning rate a decade
+    either side of the job's default (flows/sweep_flow.py, docs/sweeps.md)."""
+    spec = get_job(job)
+    lr = spec.config().lr
+    return {"job": spec.name, "trials": SWEEP_TRIALS, "space": [f"lr=log:{lr / 10:g}:{lr * 10:g}"],
+            "sampler": "tpe", "pruner": "median"}
+
+
 def deployments(cron: str | None = None, timezone: str | None = None, jobs: list[str] | None = None) -> list[dict[str, Any]]:
     """Deployment definitions (prefect.yaml's shape) for ``jobs`` (default: every registered job;
     an import path names the user's own, see docs/jobs.md)."""

@@ -25,6 +25,7 @@ from deployments.registry import (
     default_timezone,
     deployments,
     prefect_yaml,
+    sweep_parameters,
 )
 from tasks.jobs.registry import JOBS
 from tasks.kernel import UserError
@@ -34,8 +35,8 @@ from tasks.storage.remote import is_url
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python deployments/serve.py",
-        description="Register and serve one deployment per registered job (scheduled-train/<job>) "
-        "on the Prefect server at PREFECT_API_URL.",
+        description="Register and serve two deployments per registered job, scheduled-train/<job> and an "
+        "on-demand sweep/<job>, on the Prefect server at PREFECT_API_URL.",
     )
     p.add_argument("--cron", default=None, help=f"cron schedule for every job (default ${CRON_ENV} or '{default_cron()}')")
     p.add_argument("--timezone", default=None, help=f"schedule time zone (default ${TIMEZONE_ENV} or {default_timezone()})")
@@ -53,21 +54,26 @@ def parser() -> argparse.ArgumentParser:
 
 
 def to_deployments(args: argparse.Namespace) -> list:
-    """``RunnerDeployment`` objects, one per job, from the shared definitions."""
+    """``RunnerDeployment`` objects, one scheduled training and one on-demand sweep per job,
+    from the shared definitions."""
     from prefect.client.schemas.objects import ConcurrencyLimitConfig
     from prefect.schedules import Cron
 
     from deployments.flow import scheduled_train
+    from flows.sweep_flow import sweep_flow
 
-    out = []
+    out, where = [], {}
+    if args.artifacts_dir:
+        where["artifacts_dir"] = args.artifacts_dir if is_url(args.artifacts_dir) else str(Path(args.artifacts_dir).resolve())
     for d in deployments(args.cron, args.timezone, args.job):
-        params = dict(d["parameters"])
-        if args.artifacts_dir:
-            params["artifacts_dir"] = args.artifacts_dir if is_url(args.artifacts_dir) else str(Path(args.artifacts_dir).resolve())
         schedules = [] if args.no_schedule else [Cron(s["cron"], timezone=s["timezone"]) for s in d["schedules"]]
         out.append(scheduled_train.to_deployment(
-            name=d["name"], description=d["description"], parameters=params, schedules=schedules, tags=d["tags"],
-            concurrency_limit=ConcurrencyLimitConfig(**d["concurrency_limit"]),
+            name=d["name"], description=d["description"], parameters={**d["parameters"], **where},
+            schedules=schedules, tags=d["tags"], concurrency_limit=ConcurrencyLimitConfig(**d["concurrency_limit"]),
+        ))
+        out.append(sweep_flow.to_deployment(
+            name=d["name"], description=f"Search options of {d['name']}: edit trials, space, sampler, pruner",
+            parameters={**sweep_parameters(d["name"]), **where}, tags=["trainflow", "sweep", d["name"]],
         ))
     return out
 
@@ -90,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
         register()  # idempotent: a crashed run of these deployments is requeued and resumes
     os.environ.update(HEARTBEAT_ENV)  # the flow runs' heartbeat, which the automations expect
-    print("serving: " + ", ".join(f"scheduled-train/{d.name}" for d in deps), flush=True)
+    print("serving: " + ", ".join(f"{d.flow_name}/{d.name}" for d in deps), flush=True)
     serve(*deps, limit=args.limit)
     return 0
 

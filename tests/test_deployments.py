@@ -38,6 +38,7 @@ from deployments.registry import (
     WORK_POOL,
     job_parameters,
     prefect_yaml,
+    sweep_parameters,
 )
 from tasks.jobs.registry import JOBS
 from tasks.storage.remote import Remote
@@ -300,12 +301,12 @@ def run_folder(root: Path, flow_run) -> Path:
     return root / "nonlinear" / resolve_run_name(RUN_NAME_TEMPLATE, "nonlinear", flow_run.expected_start_time)
 
 
-def trigger(server: Server, parameters: dict[str, Any]):
+def trigger(server: Server, parameters: dict[str, Any], deployment: str = f"{FLOW_NAME}/nonlinear"):
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings({PREFECT_API_URL: server.url}):
-        return run_deployment(f"{FLOW_NAME}/nonlinear", parameters=parameters, timeout=0)
+        return run_deployment(deployment, parameters=parameters, timeout=0)
 
 
 def state_of(server: Server, flow_run_id):
@@ -355,7 +356,8 @@ def sqlite_server(tmp_path_factory) -> Iterator[Server]:
 
 def serve_and_run_once(server: Server, served: Path) -> Path:
     """``deployments/serve.py`` registers every job's deployment and the automations, and runs a
-    triggered run to completion; then Ctrl-C. Returns that run's folder."""
+    triggered run to completion, and a triggered sweep of two trials; then Ctrl-C. Returns the
+    run's folder."""
     procs = server.procs
     serve = procs.start("serve", [sys.executable, "deployments/serve.py", "--artifacts-dir", str(served)], server.env())
 
@@ -375,13 +377,22 @@ def serve_and_run_once(server: Server, served: Path) -> Path:
     record = json.loads((ref_folder / "run.json").read_text())
     assert record["status"] == "completed" and record["attempts"] == 1, sorted(served.rglob("*"))
     assert {"metrics.json", "model_state_dict.pt", "model.pt", "history.csv"} <= {p.name for p in ref_folder.iterdir()}
+    # The on-demand sweep beside it, its trials and space edited for this run.
+    with server.client() as c:
+        assert c.read_deployment_by_name("sweep/nonlinear").parameters == {**sweep_parameters("nonlinear"),
+                                                                          "artifacts_dir": str(served)}
+    edited = {"trials": 2, "space": ["lr=log:1e-5:1e-4"], "pruner": "none", "epochs": 200, "chunk_epochs": 100}
+    wait_completed(server, trigger(server, edited, "sweep/nonlinear").id, alive=[serve])
+    (trials_csv,) = (served / "sweeps").glob("*/trials.csv")
+    assert [row.split(",")[1] for row in trials_csv.read_text().splitlines()[1:]] == ["COMPLETE", "COMPLETE"]
+    assert (trials_csv.parent / "best_config.json").exists()
     procs.stop(serve, signal.SIGINT)  # Ctrl-C: serve pauses its schedules
     return ref_folder
 
 
 def test_served_deployments_run_on_sqlite(sqlite_server: Server, tmp_path: Path) -> None:
     """SQLite, the default backend: the server answers, serve.py registers the deployments, and a
-    triggered run completes (the end-to-end scenario below runs on PostgreSQL)."""
+    triggered run and a triggered sweep complete (the end-to-end scenario below runs on PostgreSQL)."""
     serve_and_run_once(sqlite_server, tmp_path / "served")
 
 
