@@ -110,7 +110,9 @@ def test_trials_side_by_side_stop_at_checkpoints_with_the_sweep_and_resume(prefe
     """--parallel 2: two trials train at once, each in its own process. SIGTERM to the sweep
     stops both at checkpoints (exit 143, one line); the same command takes both up again from
     there and completes them."""
-    args = [*ARGS[:-4], "--trials", "2", "--parallel", "2", "--sweep-name", "p", "--artifacts-dir", str(tmp_path)]
+    # 6 chunks: both trials are mid-run when the stop comes (the first to start is a chunk or two ahead).
+    args = [*ARGS[:-4], "--trials", "2", "--parallel", "2", "--epochs", "1200", "--sweep-name", "p",
+            "--artifacts-dir", str(tmp_path)]
     runs = [tmp_path / "sweeps" / "p" / "nonlinear" / f"trial-{n:03d}" for n in (0, 1)]
     stopped = sweep_command(args, prefect_api)
     wait_until(lambda: all(chunks_recorded(run) for run in runs), what="both trials' first chunk", proc=stopped)
