@@ -29,29 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tasks.kernel import read_json  # noqa: E402
-from tasks.orchestration.server import reserve_port  # noqa: E402
+from tasks.orchestration.server import launch  # noqa: E402
 
 SWEEP = ["--job", "nonlinear", "--epochs", "2000", "--chunk-epochs", "500", "--seed", "3",
          "--space", "lr=log:1e-5:3e-4", "--sweep-name", "bench"]
-
-
-def server(home: Path) -> tuple[subprocess.Popen, str]:
-    """A Prefect server for both sides; its API URL once it answers."""
-    with reserve_port() as sock:
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
-                             str(port), "--no-ui"], env={**os.environ, "PREFECT_HOME": str(home)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/api"
-    for _ in range(600):
-        try:
-            import urllib.request
-
-            urllib.request.urlopen(f"{url}/health", timeout=1)
-            return proc, url
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError("the Prefect server did not start")
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> float:
@@ -88,31 +69,38 @@ def killed_and_rerun(trials: int, folder: Path, env: dict[str, str], rng: random
     return time.perf_counter() - began, read_json(run / "run.json")["resumes"][-1]["epochs_saved"]
 
 
+def one_round(r: int, trials: int, tmp: Path, env: dict[str, str], rng: random.Random) -> dict[str, float]:
+    """The sweep and its trials one by one (the first side alternates), then the killed sweep."""
+    sides = {}
+    for side in (("sweep", "trials") if r % 2 == 0 else ("trials", "sweep")):
+        if side == "sweep":
+            sides["sweep"] = timed(sweep_cmd(trials, tmp / f"s{r}"), env)
+        else:  # the trials of the reference sweep (made first if needed)
+            ref = tmp / "ref"
+            if not (ref / "sweeps" / "bench" / "trials").exists():
+                timed(sweep_cmd(trials, ref), env)
+            sides["trials"] = one_by_one(ref / "sweeps" / "bench", tmp / f"t{r}", env)
+    sides["killed"], sides["resumed_at"] = killed_and_rerun(trials, tmp / f"k{r}", env, rng)
+    return sides
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--trials", type=int, default=4)
     args = p.parse_args()
+    if args.trials < 2:
+        p.error("--trials: at least 2 (the kill is aimed at trial 1)")
     tmp = Path(tempfile.mkdtemp(prefix="sweep-bench-"))
-    srv, url = server(tmp / "prefect-home")
-    env = {**os.environ, "PREFECT_API_URL": url}
-    rng, rows = random.Random(0), []
-    try:
-        for r in range(args.rounds):
-            sides = {}
-            for side in (("sweep", "trials") if r % 2 == 0 else ("trials", "sweep")):
-                if side == "sweep":
-                    sides["sweep"] = timed(sweep_cmd(args.trials, tmp / f"s{r}"), env)
-                else:  # the trials of round 0's reference sweep (made first if needed)
-                    ref = tmp / "ref"
-                    if not (ref / "sweeps" / "bench" / "trials").exists():
-                        timed(sweep_cmd(args.trials, ref), env)
-                    sides["trials"] = one_by_one(ref / "sweeps" / "bench", tmp / f"t{r}", env)
-            sides["killed"], sides["resumed_at"] = killed_and_rerun(args.trials, tmp / f"k{r}", env, rng)
-            rows.append(sides)
-            print(json.dumps({"round": r, **{k: round(v, 2) for k, v in sides.items()}}), flush=True)
-    finally:
-        srv.terminate()
+    # One server for both sides: the configured one, else a temporary one that dies with this
+    # process (the command's own, tasks/orchestration/server.py); it sets PREFECT_API_URL.
+    if (srv := launch()) is not None:
+        srv.wait_ready()
+    env, rng = dict(os.environ), random.Random(0)
+    rows = []
+    for r in range(args.rounds):
+        rows.append(one_round(r, args.trials, tmp, env, rng))
+        print(json.dumps({"round": r, **{k: round(v, 2) for k, v in rows[-1].items()}}), flush=True)
     s, t, k = (sum(row[key] for row in rows) for key in ("sweep", "trials", "killed"))
     per_round = ", ".join(f"{row['sweep'] / row['trials']:.3f}" for row in rows)
     print(f"{args.trials} trials of nonlinear ({' '.join(SWEEP[2:6])}), {args.rounds} rounds, one Prefect server")

@@ -62,7 +62,8 @@ def run_trials(study: Sweep, stop: GracefulStop) -> dict[str, Any] | None:
     tell the study each one's outcome as it ends; the best trial's row."""
     running: dict[int, Any] = {}
     best, started, first = None, time.monotonic(), study.done()
-    while start_trials(study, stop, running):
+    start_trials(study, stop, running)
+    while running:  # slots are filled again only when a trial was told (the study is read then)
         told = False
         for future in wait(list(running.values()), timeout=1.0).done:
             try:
@@ -82,14 +83,12 @@ def run_trials(study: Sweep, stop: GracefulStop) -> dict[str, Any] | None:
     return best
 
 
-def start_trials(study: Sweep, stop: GracefulStop, running: dict[int, Any]) -> bool:
-    """Fill the free slots with trials (none once a stop is asked for or the budget is spent);
-    whether any trial is running."""
+def start_trials(study: Sweep, stop: GracefulStop, running: dict[int, Any]) -> None:
+    """Fill the free slots with trials (none once a stop is asked for or the budget is spent)."""
     while stop.signum is None and len(running) < study.plan.parallel and \
             study.done() + len(running) < study.plan.trials:
         number, params = study.next_trial(set(running))
         running[number] = train_trial.submit(study, number, params, stop)
-    return bool(running)
 
 
 @task(name="train-trial", retries=0, cache_policy=NO_CACHE)
@@ -103,8 +102,9 @@ def train_trial(study: Sweep, number: int, params: dict[str, Any], stop: Gracefu
     trial = TrialProcess(plan.folder, config, number, plan.metric,
                          share_of_cores(cfg.threads, plan.parallel * cfg.nproc_per_node))
     # The last chunk is not judged: the run ends there anyway, and a stop would race its end.
-    result = watch(trial, lambda values: study.judge(number, {e: v for e, v in values.items() if e < cfg.epochs}),
-                   lambda: stop.signum)
+    judge = None if plan.pruner == "none" else \
+        (lambda values: study.judge(number, {e: v for e, v in values.items() if e < cfg.epochs}))
+    result = watch(trial, judge, lambda: stop.signum)
     if result.state in ("FAIL", "PRUNED"):
         logger.warning("trial %d %s: %s", number, "failed" if result.state == "FAIL" else "pruned",
                        result.message or "its options made the run fail")

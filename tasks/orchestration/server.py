@@ -273,6 +273,18 @@ def freeze_once_up(port: int) -> None:
     gc.enable()
 
 
+def die_with_parent(parent: int, signum: int) -> None:
+    """In a child, first thing: on Linux, ask the kernel for ``signum`` when the parent dies
+    (PR_SET_PDEATHSIG = 1; done in the new process, not between fork and exec, so it is safe
+    whatever threads the parent runs); exit at once if ``parent`` is gone already."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signum)
+    if os.getppid() != parent:
+        sys.exit(1)
+
+
 def child(argv: list[str]) -> None:
     """The server's process (``python -m tasks.orchestration.server <parent pid> <port> <module> <args>``): on
     Linux, ask for SIGTERM when the parent dies (PR_SET_PDEATHSIG = 1; done in the new process, not
@@ -281,12 +293,7 @@ def child(argv: list[str]) -> None:
     makes many objects that live as long as the server; no full collection runs among them until
     the server answers (:func:`freeze_once_up`), as in flows/train_flow.py."""
     gc.disable()
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)
-    if os.getppid() != int(argv[0]):
-        sys.exit(1)
+    die_with_parent(int(argv[0]), signal.SIGTERM)
     threading.Thread(target=freeze_once_up, args=(int(argv[1]),), daemon=True).start()
     sys.argv = argv[2:]
     runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)

@@ -289,8 +289,6 @@ class Sweep:
         taken up again is first judged on what it had reported: the same decision as before."""
         import optuna
 
-        if self.plan.pruner == "none":
-            return False
         trial_id = self.storage.get_trial_id_from_study_id_trial_number(
             self.storage.get_study_id_from_name("sweep"), number)
         trial, known = optuna.trial.Trial(self.study(), trial_id), self.storage.get_trial(trial_id).intermediate_values

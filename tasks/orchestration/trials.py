@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.kernel import ROOT, atomic_write_json, auto_threads, read_json
+from tasks.orchestration.server import die_with_parent
 
 #: Exit statuses of a run stopped on request (SIGINT, SIGTERM): it stopped at a checkpoint.
 STOPPED = (128 + signal.SIGINT, 128 + signal.SIGTERM)
@@ -115,14 +116,15 @@ def share_of_cores(threads: int | str, processes: int) -> dict[str, str]:
 
 def watch(trial: TrialProcess, judge: Any, stop_requested: Any, every: float = 0.5) -> TrialOutcome:
     """Wait for the trial's process. Whenever its record holds new chunk values, ``judge({epoch:
-    value}) -> prune?`` sees them all; a trial to prune, or every trial once ``stop_requested()``
-    returns a signal, is asked to stop at its next checkpoint."""
+    value}) -> prune?`` sees them all (None: no pruner, the record is not read); a trial to
+    prune, or every trial once ``stop_requested()`` returns a signal, is asked to stop at its next
+    checkpoint."""
     seen: dict[int, float] = {}
     pruned = False
     while trial.process.poll() is None:
         if (signum := stop_requested()) is not None:
             trial.signal(signum)
-        if not pruned and (values := trial.chunk_values()) != seen:
+        if judge is not None and not pruned and (values := trial.chunk_values()) != seen:
             seen = values
             if judge(values):
                 pruned = True
@@ -134,14 +136,8 @@ def watch(trial: TrialProcess, judge: Any, stop_requested: Any, every: float = 0
 
 def child(argv: list[str]) -> None:
     """The trial's process (``python -m tasks.orchestration.trials <sweep pid> <script> <args>``):
-    on Linux, be SIGKILLed when the sweep dies, gone at once if it is gone already; then run
-    ``python <script> <args>``."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != int(argv[0]):
-        sys.exit(1)
+    SIGKILLed when the sweep dies (gone at once if it is gone already); then ``python <script> <args>``."""
+    die_with_parent(int(argv[0]), signal.SIGKILL)
     sys.argv = argv[1:]
     runpy.run_path(argv[1], run_name="__main__")
 
