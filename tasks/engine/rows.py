@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import random
+import traceback
 from typing import Any, Iterator, Protocol
 
 import numpy as np
@@ -277,8 +278,21 @@ class DatasetRows:
     def close(self) -> None:
         # The DataLoader's persistent iterator, the only holder of the workers, shuts them down
         # when it is freed: with the loader, once no batch generator is left open (train_epoch
-        # and evaluate_model close theirs).
-        self.loader = None
+        # and evaluate_model close theirs), and no cycle holds it (an error's, collected here).
+        workers, self.loader = self.loader is not None and self.loader.num_workers > 0, None
+        if workers:
+            gc.collect()
+
+
+def release_frames(error: BaseException | None) -> None:
+    """Clear the locals of the frames ``error`` and the errors chained to it went through (a
+    loader's iterator among them), so that keeping the error (Prefect keeps a failed task's)
+    does not keep them."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__
 
 
 def rows_of(data: JobData, split: dict[str, torch.Tensor], part: str, seed: int, device: torch.device,

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, Protocol
 import torch
 from torch import nn
 
-from tasks.engine.rows import Rows, TensorRows, head, rows_of
+from tasks.engine.rows import Rows, TensorRows, head, release_frames, rows_of
 from tasks.jobs.registry import get_job
 from tasks.jobs.spec import JobData, JobSpec
 from tasks.kernel import TrainConfig, UserError, saved_traceback
@@ -404,10 +404,22 @@ class Trainer:
     def __enter__(self) -> Trainer:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        """Stop the data's loader workers: the chunk is over, whatever its end."""
-        self.train.close()
-        self.val.close()
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        """Stop the data's loader workers: the chunk is over, whatever its end. After an error,
+        first drop what its frames hold: a loader iterator kept alive by them keeps its workers'
+        pids registered with the DataLoader's SIGCHLD handler, which then raises a dead worker's
+        error again at the next child's exit, anywhere (inside Prefect's retry, seen once in ~40
+        runs of test_datasets' worker kill). That handler may also fire during this cleanup: then
+        its error is the chunk's, and the cleanup runs again."""
+        for _ in range(3):
+            try:
+                release_frames(exc)
+                self.train.close()
+                self.val.close()
+                return
+            except RuntimeError as again:  # the loader's SIGCHLD handler, reporting the same death
+                exc = again
+        raise exc
 
     def load_data(self) -> None:
         cfg, data = self.cfg, load_job_data(self.cfg)
