@@ -31,10 +31,13 @@ from tasks.orchestration.sweeps import (
     SPACE_HELP,
     Sweep,
     SweepPlan,
+    end_tracker,
+    open_tracker,
     trial_rows,
     write_outputs,
 )
 from tasks.orchestration.trials import TrialOutcome, TrialProcess, share_of_cores, watch
+from tasks.tracking import PARENT_ENV
 
 #: Training options that a sweep sets per trial itself.
 PER_TRIAL = frozenset({"job", "run_name", "fresh", "wait_lock"})
@@ -50,19 +53,29 @@ def sweep(job: str, trials: int, space: list[str], sampler: str = "tpe", pruner:
         if study.done() >= plan.trials:
             get_run_logger().info("%s is already complete (%d trials)", plan.folder, study.done())
             return outcome(plan, "already complete", write_outputs(study))
-        best = run_trials(study, stop)
+        tracker = open_tracker(plan, get_run_logger())  # MLflow's parent run of the trials, if asked for
+        try:
+            best = run_trials(study, stop, tracker.run_id if tracker else None)
+        except BaseException:
+            if tracker:
+                tracker.end("FAILED")
+            raise
         if stop.signum is not None:  # SIGTERM or Ctrl-C: every running trial stopped at a checkpoint
+            if tracker:
+                tracker.end("KILLED")
             return Cancelled(message=f"{signal.Signals(stop.signum).name}: the sweep and its running trials "
                                      "stopped at checkpoints; rerun the same command to continue the sweep")
+        end_tracker(tracker, plan, best)
         return outcome(plan, "completed", best)
 
 
-def run_trials(study: Sweep, stop: GracefulStop) -> dict[str, Any] | None:
+def run_trials(study: Sweep, stop: GracefulStop, parent: str | None) -> dict[str, Any] | None:
     """Keep ``parallel`` trials training until the budget is spent (or a stop is asked for);
-    tell the study each one's outcome as it ends; the best trial's row."""
+    tell the study each one's outcome as it ends; the best trial's row. ``parent``: the MLflow
+    run of the sweep, parent of the trials'."""
     running: dict[int, Any] = {}
     best, started, first = None, time.monotonic(), study.done()
-    start_trials(study, stop, running)
+    start_trials(study, stop, running, parent)
     while running:  # slots are filled again only when a trial was told (the study is read then)
         told = False
         for future in wait(list(running.values()), timeout=1.0).done:
@@ -77,30 +90,31 @@ def run_trials(study: Sweep, stop: GracefulStop) -> dict[str, Any] | None:
                 study.tell(result)
                 told = True
         if told:  # the next trials boot meanwhile
-            start_trials(study, stop, running)
+            start_trials(study, stop, running, parent)
             best = write_outputs(study)
             progress(study, best, (time.monotonic() - started) / max(1, study.done() - first))
     return best
 
 
-def start_trials(study: Sweep, stop: GracefulStop, running: dict[int, Any]) -> None:
+def start_trials(study: Sweep, stop: GracefulStop, running: dict[int, Any], parent: str | None) -> None:
     """Fill the free slots with trials (none once a stop is asked for or the budget is spent)."""
     while stop.signum is None and len(running) < study.plan.parallel and \
             study.done() + len(running) < study.plan.trials:
         number, params = study.next_trial(set(running))
-        running[number] = train_trial.submit(study, number, params, stop)
+        running[number] = train_trial.submit(study, number, params, stop, parent)
 
 
 @task(name="train-trial", retries=0, cache_policy=NO_CACHE)
-def train_trial(study: Sweep, number: int, params: dict[str, Any], stop: GracefulStop) -> TrialOutcome:
+def train_trial(study: Sweep, number: int, params: dict[str, Any], stop: GracefulStop,
+                parent: str | None = None) -> TrialOutcome:
     """Train trial ``number`` in its own process (a rerun of a cut trial resumes its run from its
     checkpoint), reporting each chunk to the study's pruner; what it came to."""
     logger, plan = get_run_logger(), study.plan
     cfg = plan.config(params, number)
     logger.info("trial %d: %s", number, ", ".join(f"{k}={v}" for k, v in params.items()))
     config = {**cfg.model_dump(mode="json"), "wait_lock": True}
-    trial = TrialProcess(plan.folder, config, number, plan.metric,
-                         share_of_cores(cfg.threads, plan.parallel * cfg.nproc_per_node))
+    env = share_of_cores(cfg.threads, plan.parallel * cfg.nproc_per_node) | ({PARENT_ENV: parent} if parent else {})
+    trial = TrialProcess(plan.folder, config, number, plan.metric, env)
     # The last chunk is not judged: the run ends there anyway, and a stop would race its end.
     judge = None if plan.pruner == "none" else \
         (lambda values: study.judge(number, {e: v for e, v in values.items() if e < cfg.epochs}))

@@ -70,6 +70,7 @@ from tasks.reporting import RunReport  # noqa: E402
 from tasks.storage.data import describe_data, load_job_data, make_split  # noqa: E402
 from tasks.storage.remote import LeaseLost, StoreUnreachable  # noqa: E402
 from tasks.storage.run import Run  # noqa: E402
+from tasks.tracking import check_installed  # noqa: E402
 
 
 def build_configs(job: str | None, overrides: dict[str, Any]) -> list[TrainConfig]:
@@ -178,6 +179,7 @@ def preflight(configs: list[TrainConfig]) -> None:
         data = load_job_data(cfg)
         make_split(data, cfg)
         check_job(cfg, data)
+        check_installed(cfg.mlflow)
         Run.of(cfg, describe_data(cfg)).check()
 
 

@@ -117,6 +117,8 @@ class TrainConfig(BaseModel):
     save_best: bool = Field(default=False, description="also write model_best_state_dict.pt (best validation epoch)")
     wait_lock: float = Field(default=0, ge=0, allow_inf_nan=False,
                              description="seconds to wait for a run folder another process holds (default: refuse at once)")
+    mlflow: str | None = Field(default=None, description="MLflow tracking URI to log the run to (default: "
+                               "$MLFLOW_TRACKING_URI if set; needs pip install -e '.[mlflow]'; docs/mlflow.md)")
 
     @field_validator("lr", "weight_decay")
     @classmethod
@@ -188,7 +190,7 @@ TRAINING_FORMAT = 2
 # `data` is identified by content (data fingerprint), not by where the file lives.
 IDENTITY_EXCLUDE = frozenset(
     {"run_name", "artifacts_dir", "fresh", "device", "data", "keep_last", "save_best", "wait_lock", "oversubscribe",
-     "num_workers"}
+     "num_workers", "mlflow"}
 )
 #: Options added after TRAINING_FORMAT 2, part of the identity only when not at their default.
 LATER_OPTIONS = {"precision": "32", "grad_accum": 1, "clip_grad_norm": None}

@@ -33,6 +33,7 @@ from tasks.storage.records import RUN_FILE, ChunkResult, RunRecord
 from tasks.storage.remote import LeaseLost
 from tasks.storage.run import Run
 from tasks.storage.store import LATEST, LOCK_FILE, OWNER_FILE
+from tasks.tracking import OUTPUTS, Tracker, final_metrics, tracking_uri
 
 log = logging.getLogger("trainflow.reporting")
 
@@ -339,6 +340,7 @@ class RunReport:
         self.t0 = time.monotonic()
         self.trained_epochs, self.trained_seconds = 0, 0.0  # this attempt's, for the ETA
         self.resume_known = False  # the attempt's first chunk tells whether and whence it resumed
+        self.mlflow: Tracker | None = None
 
     @classmethod
     def start(cls, run: Run, logger: Any = log, flow_run_id: str | None = None) -> RunReport:
@@ -349,7 +351,21 @@ class RunReport:
         self.save()
         run.store.point_latest()
         self.artifacts.create_progress(*self.progress(read_history(run)))
+        self.open_mlflow()
         return self
+
+    def open_mlflow(self) -> None:
+        """The run's MLflow run (tasks/tracking.py), when one is asked for; its id in run.json."""
+        run, record = self.run, self.record
+        self.mlflow = Tracker.open(
+            tracking_uri(run.cfg.mlflow), os.environ.get("MLFLOW_EXPERIMENT_NAME") or run.cfg.job,
+            key=f"{run.where}@{record.started_at}", name=run.name, logger=self.log,
+            tags={"trainflow.run_dir": run.where, "trainflow.fingerprint": run.fingerprint,
+                  **({"prefect.flow_run_id": str(self.flow_run_id)} if self.flow_run_id else {})},
+            params={"run_name": run.name, "data": str(run.cfg.data), **run.cfg.identity()})
+        if self.mlflow is not None and record.mlflow_run_id != self.mlflow.run_id:
+            record.mlflow_run_id = self.mlflow.run_id
+            self.save()
 
     def save(self, strict: bool = False) -> None:
         """run.json; for a run on a store, then every staged file that changed (run.json last).
@@ -393,6 +409,8 @@ class RunReport:
             self.record.add_chunk(result)
         self.tensorboard(history, result.start_epoch)
         self.save()
+        if self.mlflow is not None:
+            self.mlflow.history(history)
         self.artifacts.update_progress(*self.progress(history))
 
     @property
@@ -443,6 +461,11 @@ class RunReport:
         atomic_write_text(self.run_dir / SUMMARY_FILE, summary_markdown(as_dict, metrics, chunks, plots, images=True))
         self.artifacts.summary(summary_markdown(as_dict, metrics, chunks, plots, images=False), chunks)
         self.artifacts.update_progress(*self.progress(history, finished=True))
+        if self.mlflow is not None:  # before run.json says completed: a kill before that finishes again
+            self.mlflow.history(history)
+            self.mlflow.metrics(final_metrics(metrics), int(history["epoch"][-1]) if history.get("epoch") else 0)
+            self.mlflow.files([self.run_dir / name for name in (*OUTPUTS, *plots)])
+            self.mlflow.end("FINISHED")
         record.files = hash_files(self.run)
         self.save(strict=True)  # last: "completed" means every output is in place, on the store too
         self.settle()
@@ -457,6 +480,8 @@ class RunReport:
             self.save()
         except Exception as err:  # noqa: BLE001 - the failure being recorded is the one to report
             self.log.warning("could not record the failure in %s (%s); it still says %r", RUN_FILE, err, "running")
+        if self.mlflow is not None:
+            self.mlflow.end("KILLED" if self.record.status == "stopped" else "FAILED")
         self.settle()
 
     def settle(self, timeout: float = 10.0) -> None:

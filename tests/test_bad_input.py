@@ -133,6 +133,14 @@ class _nullcontext:
         return False
 
 
+def test_mlflow_without_its_extra_names_the_install(existing_artifacts: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow: ImportError, as without the extra
+    before = snapshot(existing_artifacts)
+    code, err = run_main(capsys, ["--artifacts-dir", str(existing_artifacts), "--mlflow", "http://127.0.0.1:1"])
+    assert_one_line_error(code, err, "--mlflow needs MLflow: pip install -e '.[mlflow]'")
+    assert snapshot(existing_artifacts) == before
+
+
 def test_unwritable_artifacts_dir(tmp_path: Path, capsys) -> None:
     # A path under a regular file cannot be created, even by root.
     blocker = tmp_path / "file"

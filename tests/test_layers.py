@@ -15,7 +15,7 @@ LAYERS = (
     ("jobs", ("tasks.jobs",)),
     ("storage", ("tasks.storage",)),
     ("engine", ("tasks.engine",)),
-    ("reporting", ("tasks.reporting",)),
+    ("reporting", ("tasks.reporting", "tasks.tracking")),
     ("orchestration", ("tasks.orchestration",)),
     ("entry points", ("flows", "deployments")),
 )

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,18 +67,71 @@ def gone(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
 
 
+@pytest.fixture
+def mlflow_server(s3_server, tmp_path: Path):
+    """A real MLflow tracking server: runs in SQLite, artifacts on the test's S3, which the runs
+    upload through the server (its default, proxied artifacts). Returns its URL."""
+    from tasks.orchestration.server import reserve_port
+
+    with reserve_port() as sock:
+        port = sock.getsockname()[1]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint}
+    artifacts = f"{s3_server.bucket()}/mlflow"
+    with open(tmp_path / "mlflow.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                                 f"sqlite:///{tmp_path / 'mlflow.db'}", "--artifacts-destination", artifacts,
+                                 "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: answers(url), 300, "the MLflow server", proc=proc, every=0.3)
+        yield url, artifacts
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def answers(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=5) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
+
+
+def mlflow_sweep(url: str, folder: Path) -> tuple[Any, dict[str, Any]]:
+    """The sweep's MLflow run and its children's, by run name."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(url)
+    runs = client.search_runs([client.get_experiment_by_name("nonlinear").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("trainflow.sweep_dir") == str(folder.resolve())]
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    return parent, children
+
+
+def steps(url: str, run: Any, key: str = "train_loss") -> list[tuple[int, float]]:
+    from mlflow.tracking import MlflowClient
+
+    return sorted((m.step, m.value) for m in MlflowClient(url).get_metric_history(run.info.run_id, key))
+
+
 def test_a_sweep_killed_inside_a_trial_resumes_it_and_ends_as_an_uninterrupted_one(
-        prefect_api: str, tmp_path: Path, capsys) -> None:
+        prefect_api: str, mlflow_server, tmp_path: Path, capsys) -> None:
     """SIGKILL to the command's process group inside trial 1's run (the trial's own process dies
     with it), then again as that trial ends before the study is told, then between trials: each
     rerun of the same command takes the cut trial up from its checkpoints (none starts over),
     and the sweep ends with the same trials, values, pruned trial and best trial, bit for bit, as
-    an uninterrupted sweep. Then it reruns as already complete."""
-    assert main([*ARGS, "--artifacts-dir", str(tmp_path / "ref")]) == 0
+    an uninterrupted sweep; in MLflow too (a parent run, one child per trial, each with every
+    epoch once). Then it reruns as already complete."""
+    url, artifacts = mlflow_server
+    assert main([*ARGS, "--artifacts-dir", str(tmp_path / "ref"), "--mlflow", url]) == 0
     reference = trials(tmp_path / "ref" / "sweeps" / "s")
     assert [row["state"] for row in reference] == ["COMPLETE", "COMPLETE", "PRUNED"], reference
     folder = tmp_path / "arts" / "sweeps" / "s"
-    args = [*ARGS, "--artifacts-dir", str(tmp_path / "arts")]
+    args = [*ARGS, "--artifacts-dir", str(tmp_path / "arts"), "--mlflow", url]
     trial_1 = folder / "nonlinear" / "trial-001"
     # 1. Inside trial 1's second chunk; its own process dies with the command.
     trainer = kill_when(args, prefect_api, lambda: chunks_recorded(trial_1) and trainer_pid(trial_1), "trial 1's chunk")
@@ -96,6 +150,7 @@ def test_a_sweep_killed_inside_a_trial_resumes_it_and_ends_as_an_uninterrupted_o
         json.loads((tmp_path / "ref" / "sweeps" / "s" / "best_config.json").read_text())
     record = json.loads((trial_1 / "run.json").read_text())  # each attempt resumed: none started over
     assert record["attempts"] >= 2 and all(r["from_checkpoint"] for r in record["resumes"][1:]), record
+    check_mlflow(url, artifacts, tmp_path / "ref" / "sweeps" / "s", folder, record)
     capsys.readouterr()
     assert main(args) == 0
     assert capsys.readouterr().out.startswith("sweep: already complete: best trial ")
@@ -104,6 +159,29 @@ def test_a_sweep_killed_inside_a_trial_resumes_it_and_ends_as_an_uninterrupted_o
     (again,) = (tmp_path / "again" / "nonlinear").glob("run-*")
     best = min(float(row["loss"]) for row in trials(folder) if row["state"] == "COMPLETE")
     assert json.loads((again / "metrics.json").read_text())["val"]["loss"] == best
+
+
+def check_mlflow(url: str, artifacts: str, reference: Path, folder: Path, record: dict[str, Any]) -> None:
+    """The killed sweep's MLflow runs are the uninterrupted one's: a finished parent with the best
+    trial's figures, one child per trial, and each completed trial's run (trial 1's across its
+    attempts, the run.json names it) holding every epoch once, with the same values; the files
+    are on S3."""
+    import s3fs
+
+    ref_parent, ref_children = mlflow_sweep(url, reference)
+    parent, children = mlflow_sweep(url, folder)
+    assert parent.info.status == "FINISHED" and parent.data.params["space.lr"] == ref_parent.data.params["space.lr"]
+    assert parent.data.metrics == ref_parent.data.metrics and parent.data.metrics["best_trial"] in (0, 1)
+    assert sorted(children) == sorted(ref_children) == ["trial-000", "trial-001", "trial-002"]
+    assert children["trial-001"].info.run_id == record["mlflow_run_id"]
+    for name in ("trial-000", "trial-001"):
+        assert children[name].info.status == "FINISHED"
+        assert steps(url, children[name]) == steps(url, ref_children[name])
+        assert [s for s, _ in steps(url, children[name])] == list(range(1, 601))
+    assert [s for s, _ in steps(url, children["trial-002"])] == list(range(1, len(steps(url, children["trial-002"])) + 1))
+    assert children["trial-002"].info.status == "KILLED"  # pruned: stopped at a checkpoint
+    assert {"model_state_dict.pt", "summary.md", "loss.png"} <= {
+        p.rsplit("/", 1)[-1] for p in s3fs.S3FileSystem(skip_instance_cache=True).find(artifacts.removeprefix("s3://"))}
 
 
 def test_trials_side_by_side_stop_at_checkpoints_with_the_sweep_and_resume(prefect_api: str, tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,11 +37,12 @@ from pydantic import ValidationError
 
 from tasks.kernel import TrainConfig, UserError, atomic_write_json, atomic_write_text, read_json
 from tasks.orchestration.trials import TrialOutcome
+from tasks.tracking import Tracker, check_installed, tracking_uri
 
 #: Options that say where or how a run executes, not what it learns: a sweep does not vary them.
 NOT_SWEPT = frozenset({"job", "data", "artifacts_dir", "run_name", "fresh", "wait_lock", "device", "keep_last",
                        "save_best", "num_workers", "threads", "nproc_per_node", "dist_backend", "oversubscribe",
-                       "chunk_epochs", "eval_batch_size"})
+                       "chunk_epochs", "eval_batch_size", "mlflow"})
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("none", "median", "hyperband")
 SPACE_HELP = ("NAME=KIND:ARGS, KIND one of log:LOW:HIGH, float:LOW:HIGH, int:LOW:HIGH, choice:A,B,...; "
@@ -137,6 +139,7 @@ class SweepPlan:
             raise UserError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
         if pruner not in PRUNERS:
             raise UserError(f"unknown pruner {pruner!r}; choose one of: {', '.join(PRUNERS)}")
+        check_installed(options.get("mlflow"))
         if parallel < 1:
             raise UserError(f"--parallel {parallel}: run at least 1 trial at a time")
         fixed = {k: v for k, v in options.items() if v is not None}
@@ -169,7 +172,8 @@ class SweepPlan:
 
 
 def describe(job: str, fixed: dict[str, Any], space: dict[str, Any], sampler: str, pruner: str) -> dict[str, Any]:
-    what = {"job": job, "fixed": {k: str(v) for k, v in sorted(fixed.items())},
+    # Where the runs are logged is not what the sweep is: --mlflow does not rename it.
+    what = {"job": job, "fixed": {k: str(v) for k, v in sorted(fixed.items()) if k != "mlflow"},
             "space": {k: repr(v) for k, v in sorted(space.items())}, "sampler": sampler}
     return what | ({"pruner": pruner} if pruner != "none" else {})  # sweeps made before pruners keep their name
 
@@ -361,7 +365,7 @@ def summary_markdown(sweep: Sweep, rows: list[dict[str, Any]], best: Any) -> str
     lines = [f"# Sweep of {plan.job}: {plan.direction} validation {plan.metric}", ""]
     if best is not None:
         flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in {**plan.fixed, **best.params}.items()
-                         if k != "artifacts_dir")
+                         if k not in ("artifacts_dir", "mlflow"))
         lines += [f"Best: trial {best.number}, {plan.metric} {best.value:.6g}.", "",
                   f"    python flows/train_flow.py --job {plan.job} {flags}", ""]
     lines += [*(f"![{name}]({name})" for name in PLOTS), ""]
@@ -400,3 +404,23 @@ def plot_study(plan: SweepPlan, done: list[dict[str, Any]]) -> None:
             ax.set_xscale("log")
     save_png(fig, plan.folder / PLOTS[1])
 
+
+def open_tracker(plan: SweepPlan, logger: Any) -> Tracker | None:
+    """The sweep's MLflow run, parent of its trials' runs (tasks/tracking.py), when one is asked for."""
+    return Tracker.open(
+        tracking_uri(plan.fixed.get("mlflow")), os.environ.get("MLFLOW_EXPERIMENT_NAME") or plan.job,
+        key=str(plan.folder.resolve()), name=f"sweep {plan.folder.name}", logger=logger,
+        tags={"trainflow.sweep_dir": str(plan.folder.resolve())},
+        params={"trials": plan.trials, "sampler": plan.sampler, "pruner": plan.pruner, "parallel": plan.parallel,
+                "seed": plan.seed, **{f"space.{k}": repr(v) for k, v in plan.space.items()},
+                **{k: v for k, v in plan.fixed.items() if k != "mlflow"}})
+
+
+def end_tracker(tracker: Tracker | None, plan: SweepPlan, best: dict[str, Any] | None) -> None:
+    """A finished sweep's figures and files in its MLflow run."""
+    if tracker is None:
+        return
+    if best is not None:
+        tracker.metrics({f"best_val_{plan.metric}": best[plan.metric], "best_trial": best["trial"]}, plan.trials)
+    tracker.files([plan.folder / name for name in ("trials.csv", "best_config.json", "summary.md", *PLOTS)])
+    tracker.end("FINISHED")

@@ -138,6 +138,7 @@ class RunRecord(BaseModel):
     chunks: dict[str, dict[str, Any]] = Field(default_factory=dict)
     flow_runs: list[dict[str, Any]] = Field(default_factory=list)
     tensorboard_epochs: int = 0
+    mlflow_run_id: str | None = None
     files: dict[str, dict[str, Any]] | None = None
     error: str | None = None
 
