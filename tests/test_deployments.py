@@ -1,5 +1,5 @@
 """Scheduled deployments on a real Prefect server (in full on PostgreSQL, as in production; a
-smoke run on SQLite, the default backend): registered both
+smoke run on the session's server, on SQLite, the default backend): registered both
 ways (``deployments/serve.py``, and ``deployments/deploy.py`` with ``prefect deploy`` of
 ``deployments/prefect.yaml``), run by a real serve process and real workers. The workers start
 in empty folders and clone the code from a bare git repository (the deployments' pull step);
@@ -339,7 +339,7 @@ def check_registered(server: Server, parameters: dict[str, dict[str, Any]], work
             assert not d.paused
 
 
-# --- the end-to-end test in full on PostgreSQL; its first step on SQLite ------------------------
+# --- the end-to-end test in full on PostgreSQL; its first step on the session's server (SQLite) ---
 
 
 @pytest.fixture(scope="module")
@@ -348,10 +348,16 @@ def postgres_server(tmp_path_factory) -> Iterator[Server]:
         yield server
 
 
-@pytest.fixture(scope="module")
-def sqlite_server(tmp_path_factory) -> Iterator[Server]:
-    with prefect_server("sqlite", tmp_path_factory.mktemp("prefect-sqlite")) as server:
-        yield server
+@pytest.fixture
+def session_server(prefect_api: str, tmp_path: Path) -> Iterator[Server]:
+    """The test session's own Prefect server (SQLite), with this test's processes: a server of
+    its own would only cost a start (the automations serve.py registers act on the
+    scheduled-train flow only, which no other test runs)."""
+    procs = Procs(tmp_path)
+    try:
+        yield Server(prefect_api, tmp_path / "home", procs, tmp_path)
+    finally:
+        procs.stop_all()
 
 
 def serve_and_run_once(server: Server, served: Path) -> Path:
@@ -390,10 +396,10 @@ def serve_and_run_once(server: Server, served: Path) -> Path:
     return ref_folder
 
 
-def test_served_deployments_run_on_sqlite(sqlite_server: Server, tmp_path: Path) -> None:
-    """SQLite, the default backend: the server answers, serve.py registers the deployments, and a
-    triggered run and a triggered sweep complete (the end-to-end scenario below runs on PostgreSQL)."""
-    serve_and_run_once(sqlite_server, tmp_path / "served")
+def test_served_deployments_run_on_sqlite(session_server: Server, tmp_path: Path) -> None:
+    """SQLite, the default backend: serve.py registers the deployments, and a triggered run and a
+    triggered sweep complete (the end-to-end scenario below runs on PostgreSQL)."""
+    serve_and_run_once(session_server, tmp_path / "served")
 
 
 @pytest.mark.timeout(1800)  # a dozen processes and two automations' timers, one after the other
