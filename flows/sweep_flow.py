@@ -51,7 +51,7 @@ def sweep(job: str, trials: int, space: list[str], sampler: str = "tpe", pruner:
     plan = SweepPlan.of(job, trials, space, sampler, sweep_name, options, pruner, parallel)
     with Sweep(plan) as study, GracefulStop() as stop:
         if study.done() >= plan.trials:
-            get_run_logger().info("%s is already complete (%d trials)", plan.folder, study.done())
+            get_run_logger().info("%s is already complete (%d trials)", plan.where, study.done())
             return outcome(plan, "already complete", write_outputs(study))
         tracker = open_tracker(plan, get_run_logger())  # MLflow's parent run of the trials, if asked for
         try:
@@ -92,6 +92,7 @@ def run_trials(study: Sweep, stop: GracefulStop, parent: str | None) -> dict[str
         if told:  # the next trials boot meanwhile
             start_trials(study, stop, running, parent)
             best = write_outputs(study)
+            study.sync()  # a sweep on a store: its study and outputs there
             progress(study, best, (time.monotonic() - started) / max(1, study.done() - first))
     return best
 
@@ -127,7 +128,7 @@ def train_trial(study: Sweep, number: int, params: dict[str, Any], stop: Gracefu
 
 def outcome(plan: SweepPlan, status: str, best: dict[str, Any] | None) -> dict[str, Any]:
     """The sweep's result, as the flow returns it and the command prints it."""
-    return {"folder": str(plan.folder), "status": status, "best": best, "metric": plan.metric,
+    return {"folder": plan.where, "status": status, "best": best, "metric": plan.metric,
             "space": list(plan.space)}
 
 
@@ -138,9 +139,9 @@ def progress(study: Sweep, best: dict[str, Any] | None, per_trial: float) -> Non
     get_run_logger().info("sweep: %d/%d trials done, %s, ETA %.0fs", done, plan.trials, shown,
                           per_trial * (plan.trials - done))
     create_table_artifact(key="sweep-trials", table=trial_rows(study),
-                          description=f"Trials of the sweep in {plan.folder}")
+                          description=f"Trials of the sweep in {plan.where}")
     create_markdown_artifact(key="sweep-summary", markdown=(plan.folder / "summary.md").read_text(),
-                             description=f"The sweep in {plan.folder}: best trial, its command, every trial")
+                             description=f"The sweep in {plan.where}: best trial, its command, every trial")
 
 
 def sweep_parameters() -> list[inspect.Parameter]:

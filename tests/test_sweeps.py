@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -184,26 +185,48 @@ def check_mlflow(url: str, artifacts: str, reference: Path, folder: Path, record
         p.rsplit("/", 1)[-1] for p in s3fs.S3FileSystem(skip_instance_cache=True).find(artifacts.removeprefix("s3://"))}
 
 
-def test_trials_side_by_side_stop_at_checkpoints_with_the_sweep_and_resume(prefect_api: str, tmp_path: Path) -> None:
-    """--parallel 2: two trials train at once, each in its own process. SIGTERM to the sweep
-    stops both at checkpoints (exit 143, one line); the same command takes both up again from
-    there and completes them."""
+def test_trials_side_by_side_on_a_store_stop_at_checkpoints_with_the_sweep_and_resume_elsewhere(
+        prefect_api: str, s3_server, tmp_path: Path, monkeypatch) -> None:
+    """--parallel 2 with --artifacts-dir s3://: two trials train at once, each in its own process,
+    their runs on the store. SIGTERM to the sweep stops both at checkpoints (exit 143, one line);
+    the same command on another machine (an empty local cache) takes the sweep and both trials
+    up from the store and completes them."""
+    from tasks.orchestration.trials import record_reader
+
+    root = s3_server.bucket()
     # 6 chunks: both trials are mid-run when the stop comes (the first to start is a chunk or two ahead).
     args = [*ARGS[:-4], "--trials", "2", "--parallel", "2", "--epochs", "1200", "--sweep-name", "p",
-            "--artifacts-dir", str(tmp_path)]
-    runs = [tmp_path / "sweeps" / "p" / "nonlinear" / f"trial-{n:03d}" for n in (0, 1)]
-    stopped = sweep_command(args, prefect_api)
-    wait_until(lambda: all(chunks_recorded(run) for run in runs), what="both trials' first chunk", proc=stopped)
+            "--artifacts-dir", root]
+    records = [record_reader(f"{root}/sweeps/p/nonlinear/trial-{n:03d}") for n in (0, 1)]
+    stopped = subprocess.Popen([sys.executable, str(ROOT / "flows" / "sweep_flow.py"), *args], cwd=ROOT,
+                               env=cli_env(prefect_api, TRAINFLOW_CACHE=str(tmp_path / "machine-1")),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_until(lambda: all((read("run.json") or {}).get("chunks") for read in records), what="both trials' first "
+               "chunk on the store", proc=stopped)
     stopped.send_signal(signal.SIGTERM)
     _, err = stopped.communicate(timeout=120)
     assert stopped.returncode == 143 and err.splitlines()[-1].startswith("stopped: SIGTERM: the sweep and its "
                                                                           "running trials stopped"), err[-2000:]
-    assert [read_json(run / "run.json")["status"] for run in runs] == ["stopped", "stopped"]
+    assert [read("run.json")["status"] for read in records] == ["stopped", "stopped"]
+    study = record_reader(f"{root}/sweeps/p")  # the sweep's files, read from the store
+    assert study("sweep.json")["space"], "the stopped sweep left its files on the store"
+    monkeypatch.setenv("TRAINFLOW_CACHE", str(tmp_path / "machine-2"))
+    rerun = datetime.now()
     assert main(args) == 0
-    assert [row["state"] for row in trials(tmp_path / "sweeps" / "p")] == ["COMPLETE", "COMPLETE"]
-    for run in runs:
-        record = read_json(run / "run.json")
+    assert (study("best_config.json") or {}).get("job") == "nonlinear"
+    # The trials are the ones the first machine asked for (its study, from the store), taken up.
+    import optuna
+    import s3fs
+
+    (tmp_path / "study.db").write_bytes(s3fs.S3FileSystem(skip_instance_cache=True).cat(f"{root}/sweeps/p/study.db"))
+    asked = optuna.load_study(study_name="sweep", storage=f"sqlite:///{tmp_path / 'study.db'}").get_trials()
+    assert [t.state.name for t in asked] == ["COMPLETE", "COMPLETE"] and all(t.datetime_start < rerun for t in asked)
+    for read in records:
+        record = read("run.json")
         assert record["attempts"] == 2 and record["resumes"][-1]["from_checkpoint"].startswith("checkpoint-"), record
+        assert (read("metrics.json") or {}).get("val"), "trial not complete"
+    csv_text = s3fs.S3FileSystem(skip_instance_cache=True).cat(f"{root}/sweeps/p/trials.csv").decode()
+    assert [row["state"] for row in csv.DictReader(csv_text.splitlines())] == ["COMPLETE", "COMPLETE"]
 
 
 @pytest.mark.parametrize(("options", "error"), [

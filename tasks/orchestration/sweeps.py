@@ -35,8 +35,17 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from tasks.kernel import TrainConfig, UserError, atomic_write_json, atomic_write_text, read_json
+from tasks.kernel import (
+    TrainConfig,
+    UserError,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+)
 from tasks.orchestration.trials import TrialOutcome
+from tasks.storage.remote import Lease, Remote, is_url
+from tasks.storage.store import staging_dir
 from tasks.tracking import Tracker, check_installed, tracking_uri
 
 #: Options that say where or how a run executes, not what it learns: a sweep does not vary them.
@@ -124,6 +133,13 @@ class SweepPlan:
     metric: str
     pruner: str = "none"
     parallel: int = 1
+    #: Where the sweep lives: ``folder`` itself, or a store URL (then ``folder`` is its local copy).
+    where: str = ""
+
+    @property
+    def url(self) -> str | None:
+        """The sweep's store URL, None for a sweep in a local folder."""
+        return self.where if is_url(self.where) else None
 
     @classmethod
     def of(cls, job: str, trials: int, space: list[str], sampler: str, name: str | None,
@@ -150,13 +166,12 @@ class SweepPlan:
         check_space(spec, fixed, dims, sampler)
         if sampler == "grid" and trials > (points := math.prod(len(v) for v in grid_of(dims).values())):
             raise UserError(f"--trials {trials}: the grid has {points} points; ask for at most that many")
-        if "://" in str(cfg.artifacts_dir):
-            raise UserError("a sweep keeps its study in a local folder: give --artifacts-dir a local path")
         what = describe(spec.name, fixed, dims, sampler, pruner)
         digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
-        folder = Path(cfg.artifacts_dir) / "sweeps" / (name or f"sweep-{digest[:10]}")
+        where = f"{str(cfg.artifacts_dir).rstrip('/')}/sweeps/{name or f'sweep-{digest[:10]}'}"
+        folder = staging_dir(where) if is_url(where) else Path(where)
         return cls(spec.name, fixed, dims, trials, sampler, cfg.seed, folder,
-                   "maximize" if spec.monitor[1] else "minimize", spec.monitor[0], pruner, parallel)
+                   "maximize" if spec.monitor[1] else "minimize", spec.monitor[0], pruner, parallel, where)
 
     def describe(self) -> dict[str, Any]:
         """sweep.json's content: what must stay the same for a rerun to continue this sweep
@@ -167,7 +182,7 @@ class SweepPlan:
         """The training config of trial ``number``."""
         from tasks.jobs.registry import get_job
 
-        return get_job(self.job).config(**{**self.fixed, **params, "artifacts_dir": self.folder,
+        return get_job(self.job).config(**{**self.fixed, **params, "artifacts_dir": self.where,
                                            "run_name": f"trial-{number:03d}"})
 
 
@@ -200,11 +215,13 @@ def grid_of(space: dict[str, Any]) -> dict[str, list[Any]]:
 
 
 class Sweep:
-    """The sweep's folder and study, held by this process (an OS lock on the folder)."""
+    """The sweep's folder and study, held by this process: an OS lock on a local folder, the
+    store's lease on a sweep on a store (whose files this process keeps in a local copy)."""
 
     def __init__(self, plan: SweepPlan):
         self.plan = plan
         self.lock: Any = None
+        self.store = SweepStore(plan.url, plan.folder) if plan.url else None
 
     def __enter__(self) -> Sweep:
         import optuna
@@ -216,7 +233,9 @@ class Sweep:
             fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.lock.close()
-            raise UserError(f"another sweep command holds {self.plan.folder}; wait for it, or stop it") from None
+            raise UserError(f"another sweep command holds {self.plan.where}; wait for it, or stop it") from None
+        if self.store is not None:
+            self.store.hold()  # the lease, then the store's copy of the sweep's files
         self.check_same_sweep()
         # One storage object for the sweep: its SQLAlchemy sessions are thread-safe, and trial
         # threads report through it (Optuna's own n_jobs threads share one the same way).
@@ -226,8 +245,17 @@ class Sweep:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        with contextlib.suppress(OSError):
-            self.lock.close()
+        try:
+            if self.store is not None:
+                self.store.release(self)
+        finally:
+            with contextlib.suppress(OSError):
+                self.lock.close()
+
+    def sync(self) -> None:
+        """A sweep on a store: its files as they are now, there (after each trial is told)."""
+        if self.store is not None:
+            self.store.push(self)
 
     def check_same_sweep(self) -> None:
         """sweep.json: written once; a rerun with another space or other options is refused."""
@@ -236,7 +264,7 @@ class Sweep:
         if saved is None:
             atomic_write_json(path, now)
         elif saved != now:
-            raise UserError(f"{self.plan.folder} holds a sweep with other options or another space; "
+            raise UserError(f"{self.plan.where} holds a sweep with other options or another space; "
                             "give this one another --sweep-name")
 
     def study(self, sampler: Any = None) -> Any:
@@ -409,8 +437,8 @@ def open_tracker(plan: SweepPlan, logger: Any) -> Tracker | None:
     """The sweep's MLflow run, parent of its trials' runs (tasks/tracking.py), when one is asked for."""
     return Tracker.open(
         tracking_uri(plan.fixed.get("mlflow")), os.environ.get("MLFLOW_EXPERIMENT_NAME") or plan.job,
-        key=str(plan.folder.resolve()), name=f"sweep {plan.folder.name}", logger=logger,
-        tags={"trainflow.sweep_dir": str(plan.folder.resolve())},
+        key=plan.url or str(plan.folder.resolve()), name=f"sweep {plan.folder.name}", logger=logger,
+        tags={"trainflow.sweep_dir": plan.url or str(plan.folder.resolve())},
         params={"trials": plan.trials, "sampler": plan.sampler, "pruner": plan.pruner, "parallel": plan.parallel,
                 "seed": plan.seed, **{f"space.{k}": repr(v) for k, v in plan.space.items()},
                 **{k: v for k, v in plan.fixed.items() if k != "mlflow"}})
@@ -424,3 +452,55 @@ def end_tracker(tracker: Tracker | None, plan: SweepPlan, best: dict[str, Any] |
         tracker.metrics({f"best_val_{plan.metric}": best[plan.metric], "best_trial": best["trial"]}, plan.trials)
     tracker.files([plan.folder / name for name in ("trials.csv", "best_config.json", "summary.md", *PLOTS)])
     tracker.end("FINISHED")
+
+
+class SweepStore:
+    """A sweep on a store: its lease (one sweep command at a time, across machines: a RUNNING
+    trial found at the start is one whose command died) and its own files (sweep.json, the study,
+    the outputs), kept in a local folder, fetched at the start and sent after each told trial.
+    The trials' runs are ordinary runs on the store, under the sweep's URL."""
+
+    #: The sweep's own files on the store (its trials' runs sit beside them, in their folders).
+    FILES = ("sweep.json", "study.db", "trials.csv", "best_config.json", "summary.md", *PLOTS)
+
+    def __init__(self, url: str, folder: Path):
+        self.remote, self.folder = Remote(url), folder
+        self.lease: Lease | None = None
+
+    def hold(self) -> None:
+        """Take the lease (refused in one line while another command holds it), then fetch."""
+        try:
+            self.lease = Lease(self.remote).acquire()
+        except UserError:
+            held, _ = Lease(self.remote).holder()
+            raise UserError(f"another sweep command holds {self.remote.url} (pid {held.get('pid', '?')} on "
+                            f"{held.get('host', '?')}); wait for it, or stop it") from None
+        present = set(self.remote.keys())
+        for name in self.FILES:
+            (self.folder / name).unlink(missing_ok=True)
+            if name in present:
+                atomic_write_bytes(self.folder / name, self.remote.get(name))
+
+    def push(self, sweep: Sweep) -> None:
+        """Each file, the study as a consistent copy (SQLite's backup: trials report meanwhile)."""
+        import sqlite3
+
+        snapshot = self.folder / ".study.db.snapshot"
+        with contextlib.closing(sqlite3.connect(self.folder / "study.db")) as db, \
+                contextlib.closing(sqlite3.connect(snapshot)) as copy:
+            db.backup(copy)
+        for name in self.FILES:
+            path = snapshot if name == "study.db" else self.folder / name
+            if path.exists():
+                self.lease.check()  # fenced: a command that lost the sweep writes nothing more
+                self.remote.put(name, path.read_bytes())
+        snapshot.unlink()
+
+    def release(self, sweep: Sweep) -> None:
+        if self.lease is None:
+            return
+        try:
+            if self.lease.lost is None and (self.folder / "study.db").exists():
+                self.push(sweep)
+        finally:
+            self.lease.release()

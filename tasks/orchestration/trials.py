@@ -17,6 +17,7 @@ command a user runs, watched by the sweep (flows/sweep_flow.py).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import runpy
@@ -29,6 +30,7 @@ from typing import Any
 
 from tasks.kernel import ROOT, atomic_write_json, auto_threads, read_json
 from tasks.orchestration.server import die_with_parent
+from tasks.storage.remote import Remote, is_url
 
 #: Exit statuses of a run stopped on request (SIGINT, SIGTERM): it stopped at a checkpoint.
 STOPPED = (128 + signal.SIGINT, 128 + signal.SIGTERM)
@@ -52,7 +54,7 @@ class TrialProcess:
 
     def __init__(self, folder: Path, config: dict[str, Any], number: int, metric: str, env: dict[str, str]):
         self.number, self.metric = number, metric
-        self.run_dir = Path(config["artifacts_dir"]) / config["job"] / config["run_name"]
+        self.record = record_reader(f"{str(config['artifacts_dir']).rstrip('/')}/{config['job']}/{config['run_name']}")
         trials = folder / "trials"
         self.config_file, self.log_file = trials / f"trial-{number:03d}.json", trials / f"trial-{number:03d}.log"
         trials.mkdir(exist_ok=True)
@@ -67,7 +69,7 @@ class TrialProcess:
 
     def chunk_values(self) -> dict[int, float]:
         """The validation metric at the end of each chunk the run recorded: {epoch: value}."""
-        chunks = (read_json(self.run_dir / "run.json") or {}).get("chunks", {})
+        chunks = (self.record("run.json") or {}).get("chunks", {})
         key = f"val_{self.metric}"
         return {int(row["epoch"]): float(row[key]) for row in chunks.values()
                 if isinstance(row.get(key), (int, float)) and math.isfinite(row[key])}
@@ -82,7 +84,7 @@ class TrialProcess:
         """Once the process has ended: what the trial came to."""
         status, last = self.process.returncode, self.last_line()
         if status == 0 and not pruned:
-            val = ((read_json(self.run_dir / "metrics.json") or {}).get("val") or {}).get(self.metric)
+            val = ((self.record("metrics.json") or {}).get("val") or {}).get(self.metric)
             if isinstance(val, (int, float)):
                 return TrialOutcome(self.number, "COMPLETE", float(val))
             return TrialOutcome(self.number, "FAIL", message=f"no validation {self.metric} in its metrics.json")
@@ -103,6 +105,22 @@ class TrialProcess:
         except OSError:
             return ""
         return next((line for line in reversed(lines) if line.strip()), "")
+
+
+def record_reader(run: str) -> Any:
+    """``read(name) -> dict | None``: a JSON file of the run at ``run`` (a folder, or a URL: read
+    from the store, where the run's files are once its chunk or its end is recorded)."""
+    if not is_url(run):
+        return lambda name: read_json(Path(run) / name)
+    remote = Remote(run)
+
+    def read(name: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(remote.get(name))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    return read
 
 
 def share_of_cores(threads: int | str, processes: int) -> dict[str, str]:
