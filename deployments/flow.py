@@ -22,13 +22,11 @@ from prefect.runtime import flow_run
 from flows.options import config_parameters, parameter, with_parameters
 from flows.train_flow import train_flow
 from tasks.jobs.registry import get_job
-from tasks.kernel import UserError
+from tasks.kernel import ARTIFACTS_ENV, UserError
 from tasks.orchestration.prefect_adapter import quiet_user_errors
 
 #: Default ``run_name`` of a deployment run: ``artifacts/<job>/scheduled-20250101T020000Z``.
 RUN_NAME_TEMPLATE = "scheduled-{scheduled:%Y%m%dT%H%M%SZ}"
-#: Where run folders go when the ``artifacts_dir`` parameter is not set (shared storage on a cluster).
-ARTIFACTS_ENV = "TRAINFLOW_ARTIFACTS_DIR"
 #: Flow-level retries: an exception anywhere re-runs the flow under the same flow run, which
 #: resumes from the run folder's latest valid checkpoint.
 FLOW_RETRIES = 2

@@ -25,7 +25,7 @@ from deployments.registry import (
     default_timezone,
     deployments,
     prefect_yaml,
-    sweep_parameters,
+    sweep_deployments,
 )
 from tasks.jobs.registry import JOBS
 from tasks.kernel import UserError
@@ -65,16 +65,14 @@ def to_deployments(args: argparse.Namespace) -> list:
     out, where = [], {}
     if args.artifacts_dir:
         where["artifacts_dir"] = args.artifacts_dir if is_url(args.artifacts_dir) else str(Path(args.artifacts_dir).resolve())
-    for d in deployments(args.cron, args.timezone, args.job):
+    for d, w in zip(deployments(args.cron, args.timezone, args.job), sweep_deployments(args.job)):
         schedules = [] if args.no_schedule else [Cron(s["cron"], timezone=s["timezone"]) for s in d["schedules"]]
         out.append(scheduled_train.to_deployment(
             name=d["name"], description=d["description"], parameters={**d["parameters"], **where},
             schedules=schedules, tags=d["tags"], concurrency_limit=ConcurrencyLimitConfig(**d["concurrency_limit"]),
         ))
-        out.append(sweep_flow.to_deployment(
-            name=d["name"], description=f"Search options of {d['name']}: edit trials, space, sampler, pruner",
-            parameters={**sweep_parameters(d["name"]), **where}, tags=["trainflow", "sweep", d["name"]],
-        ))
+        out.append(sweep_flow.to_deployment(name=w["name"], description=w["description"],
+                                            parameters={**w["parameters"], **where}, tags=w["tags"]))
     return out
 
 

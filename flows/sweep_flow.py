@@ -9,6 +9,7 @@ chooses the trials, judges them after each chunk and keeps their results in the 
 from __future__ import annotations
 
 import inspect
+import os
 import signal
 import sys
 import time
@@ -24,7 +25,7 @@ from pydantic import ValidationError
 from flows.options import OneLineParser, add_arguments, config_parameters, with_parameters
 from flows.train_flow import flow_settings, one_line
 from tasks.engine.training import GracefulStop
-from tasks.kernel import UserError
+from tasks.kernel import ARTIFACTS_ENV, UserError
 from tasks.orchestration.sweeps import (
     PRUNERS,
     SAMPLERS,
@@ -47,7 +48,9 @@ OWN = ("job", "trials", "space", "sampler", "pruner", "parallel", "sweep_name")
 
 def sweep(job: str, trials: int, space: list[str], sampler: str = "tpe", pruner: str = "none", parallel: int = 1,
           sweep_name: str | None = None, **options: Any) -> Any:
-    """Run ``trials`` trials of ``job`` over ``space``, ``parallel`` at a time; a rerun continues the sweep."""
+    """Run ``trials`` trials of ``job`` over ``space``, ``parallel`` at a time; a rerun continues the
+    sweep. Without ``artifacts_dir``, a worker's ``$TRAINFLOW_ARTIFACTS_DIR`` (as for its scheduled runs)."""
+    options["artifacts_dir"] = options.get("artifacts_dir") or os.environ.get(ARTIFACTS_ENV) or None
     plan = SweepPlan.of(job, trials, space, sampler, sweep_name, options, pruner, parallel)
     with Sweep(plan) as study, GracefulStop() as stop:
         if study.done() >= plan.trials:

@@ -25,6 +25,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = ROOT / "data"
 ARTIFACTS_DIR = ROOT / "artifacts"
+#: Where run folders go on a worker when a deployment run names none (shared storage on a cluster).
+ARTIFACTS_ENV = "TRAINFLOW_ARTIFACTS_DIR"
 
 
 #: The models train in float32: a larger lr or weight decay overflows in the optimizer's step.

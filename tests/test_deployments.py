@@ -33,8 +33,10 @@ from deployments.flow import RUN_NAME_TEMPLATE, resolve_run_name
 from deployments.registry import (
     DEFAULT_CRON,
     DEFAULT_TIMEZONE,
+    ENTRYPOINT,
     FLOW_NAME,
     PREFECT_YAML,
+    SWEEP_ENTRYPOINT,
     WORK_POOL,
     job_parameters,
     prefect_yaml,
@@ -60,11 +62,16 @@ def test_prefect_yaml_is_generated_from_the_job_registry() -> None:
     assert PREFECT_YAML.read_text() == prefect_yaml(), (
         "deployments/prefect.yaml differs from the job registry; run `python deployments/serve.py --write-yaml`")
     doc = yaml.safe_load(PREFECT_YAML.read_text())
-    assert {d["name"]: d["parameters"] for d in doc["deployments"]} == {j: job_parameters(j) for j in JOBS}
-    for d in doc["deployments"]:
+    trains = [d for d in doc["deployments"] if d["entrypoint"] == ENTRYPOINT]
+    sweeps = [d for d in doc["deployments"] if d["entrypoint"] == SWEEP_ENTRYPOINT]
+    assert len(trains) + len(sweeps) == len(doc["deployments"])
+    assert {d["name"]: d["parameters"] for d in trains} == {j: job_parameters(j) for j in JOBS}
+    assert {d["name"]: d["parameters"] for d in sweeps} == {j: sweep_parameters(j) for j in JOBS}
+    for d in trains:
         assert d["schedules"] == [{"cron": DEFAULT_CRON, "timezone": DEFAULT_TIMEZONE, "active": True}]
-        assert d["concurrency_limit"]["limit"] == 1 and d["work_pool"]["name"] == WORK_POOL
-        assert (ROOT / d["entrypoint"].split(":")[0]).exists()
+        assert d["concurrency_limit"]["limit"] == 1
+    for d in doc["deployments"]:
+        assert d["work_pool"]["name"] == WORK_POOL and (ROOT / d["entrypoint"].split(":")[0]).exists()
 
 
 def test_every_option_is_a_flag_and_a_parameter_of_both_flows() -> None:
@@ -416,8 +423,11 @@ def test_scheduled_deployments_end_to_end(postgres_server: Server, s3_server, pr
     deployed = subprocess.run([sys.executable, "deployments/deploy.py", "--repository", repo, "--branch", "main"],
                               cwd=ROOT, env=server.env(), capture_output=True, text=True, timeout=CEILING)
     assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
-    in_yaml = {d["name"]: d["parameters"] for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"]}
+    in_yaml = {d["name"]: d["parameters"] for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"]
+               if d["entrypoint"] == ENTRYPOINT}
     check_registered(server, in_yaml, work_pool=WORK_POOL)
+    with server.client() as c:
+        assert c.read_deployment_by_name("sweep/nonlinear").work_pool_name == WORK_POOL
     assert sorted(a.name for a in automations(server)) == sorted([AUTOMATION_NAME, SILENT_NAME])
     root = f"{s3_server.bucket()}/shared"
     w1 = worker(server, tmp_path, "worker-1", root)
@@ -439,6 +449,12 @@ def test_scheduled_deployments_end_to_end(postgres_server: Server, s3_server, pr
                every=0.2)
     fr = wait_completed(server, fr.id, alive=[w2])
     check_resumed(run, before, ref_folder, commit, tmp_path)
+    # The job's sweep deployment on the same worker: the sweep and its trials' runs on S3.
+    tiny = {"trials": 2, "space": ["lr=log:1e-5:1e-4"], "pruner": "none", "epochs": 200, "chunk_epochs": 100}
+    wait_completed(server, trigger(server, tiny, "sweep/nonlinear").id, alive=[w2])
+    sweeps = Remote(f"{root}/sweeps")
+    (table,) = [k for k in sweeps.keys() if k.endswith("/trials.csv")]
+    assert [row.split(",")[1] for row in sweeps.get(table).decode().splitlines()[1:]] == ["COMPLETE", "COMPLETE"]
 
     # 4. Only the flow-run process dies, under a live worker: the worker reports Crashed, the
     # automation (registered again, idempotently) requeues the same run to the same worker.

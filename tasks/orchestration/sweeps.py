@@ -474,7 +474,8 @@ class SweepStore:
         except UserError:
             held, _ = Lease(self.remote).holder()
             raise UserError(f"another sweep command holds {self.remote.url} (pid {held.get('pid', '?')} on "
-                            f"{held.get('host', '?')}); wait for it, or stop it") from None
+                            f"{held.get('host', '?')}, lease until {held.get('expires_utc', '?')}); wait for it, "
+                            "or stop it (a killed one's lease runs out by then)") from None
         present = set(self.remote.keys())
         for name in self.FILES:
             (self.folder / name).unlink(missing_ok=True)
