@@ -30,6 +30,7 @@ from tasks.orchestration.sweeps import (
     PRUNERS,
     SAMPLERS,
     SPACE_HELP,
+    STUDY_DB_ENV,
     Sweep,
     SweepPlan,
     end_tracker,
@@ -43,15 +44,15 @@ from tasks.tracking import PARENT_ENV
 #: Training options that a sweep sets per trial itself.
 PER_TRIAL = frozenset({"job", "run_name", "fresh", "wait_lock"})
 #: The sweep's own options, beside the training options every trial shares.
-OWN = ("job", "trials", "space", "sampler", "pruner", "parallel", "sweep_name")
+OWN = ("job", "trials", "space", "sampler", "pruner", "parallel", "sweep_name", "study_db")
 
 
 def sweep(job: str, trials: int, space: list[str], sampler: str = "tpe", pruner: str = "none", parallel: int = 1,
-          sweep_name: str | None = None, **options: Any) -> Any:
+          sweep_name: str | None = None, study_db: str | None = None, **options: Any) -> Any:
     """Run ``trials`` trials of ``job`` over ``space``, ``parallel`` at a time; a rerun continues the
     sweep. Without ``artifacts_dir``, a worker's ``$TRAINFLOW_ARTIFACTS_DIR`` (as for its scheduled runs)."""
     options["artifacts_dir"] = options.get("artifacts_dir") or os.environ.get(ARTIFACTS_ENV) or None
-    plan = SweepPlan.of(job, trials, space, sampler, sweep_name, options, pruner, parallel)
+    plan = SweepPlan.of(job, trials, space, sampler, sweep_name, options, pruner, parallel, study_db)
     with Sweep(plan) as study, GracefulStop() as stop:
         if study.done() >= plan.trials:
             get_run_logger().info("%s is already complete (%d trials)", plan.where, study.done())
@@ -155,7 +156,8 @@ def sweep_parameters() -> list[inspect.Parameter]:
            inspect.Parameter("sampler", kw, annotation=str, default="tpe"),
            inspect.Parameter("pruner", kw, annotation=str, default="none"),
            inspect.Parameter("parallel", kw, annotation=int, default=1),
-           inspect.Parameter("sweep_name", kw, annotation=str | None, default=None)]
+           inspect.Parameter("sweep_name", kw, annotation=str | None, default=None),
+           inspect.Parameter("study_db", kw, annotation=str | None, default=None)]
     return own + config_parameters(exclude=PER_TRIAL)
 
 
@@ -183,6 +185,8 @@ def parser() -> OneLineParser:
                    help="trials training at a time, each in its own process (default 1; only 1 makes a "
                    "resumed sweep ask for the same trials as an uninterrupted one)")
     p.add_argument("--sweep-name", help="the sweep's folder under <artifacts-dir>/sweeps (default: from its options)")
+    p.add_argument("--study-db", metavar="URL", help="the Optuna study's database, e.g. postgresql://user:pw@host/optuna "
+                   f"(default: ${STUDY_DB_ENV}, else study.db in the sweep's folder; docs/sweeps.md)")
     p.add_argument("--job", required=True, help="the job to sweep: a built-in name or module.path:NAME")
     add_arguments(p, exclude=PER_TRIAL)
     return p
@@ -193,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(parser().parse_args(argv))
     try:
         SweepPlan.of(args["job"], args["trials"], args["space"], args["sampler"], args["sweep_name"],
-                     {k: v for k, v in args.items() if k not in OWN}, args["pruner"], args["parallel"])
+                     {k: v for k, v in args.items() if k not in OWN}, args["pruner"], args["parallel"], args["study_db"])
     except (UserError, ValidationError) as exc:
         print(f"error: {one_line(exc) if isinstance(exc, ValidationError) else exc}", file=sys.stderr)
         return 2

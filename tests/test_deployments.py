@@ -221,7 +221,8 @@ def pg_bin(name: str) -> str:
 
 @contextlib.contextmanager
 def postgres(procs: Procs) -> Iterator[str]:
-    """A throwaway PostgreSQL cluster on a loopback port; yields an asyncpg URL."""
+    """A throwaway PostgreSQL cluster on a loopback port, with a database for Prefect and one for
+    the sweeps' studies (each keeps an alembic_version table); yields the first's asyncpg URL."""
     root = Path(tempfile.mkdtemp(prefix="trainflow-pg-"))  # not under /tmp/pytest-of-*: postgres must reach it
     as_user: list[str] = []
     if os.geteuid() == 0:  # initdb refuses to run as root
@@ -234,8 +235,9 @@ def postgres(procs: Procs) -> Iterator[str]:
         subprocess.run([*as_user, pg_bin("pg_ctl"), "-D", str(data), "-l", str(root / "pg.log"), "-w", "-t", "300",
                         "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
                        check=True, capture_output=True, timeout=CEILING)
-        subprocess.run([*as_user, pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "prefect"],
-                       check=True, capture_output=True, timeout=CEILING)
+        for db in ("prefect", "optuna"):
+            subprocess.run([*as_user, pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", db],
+                           check=True, capture_output=True, timeout=CEILING)
         yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/prefect"
     finally:
         subprocess.run([*as_user, pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
@@ -244,8 +246,9 @@ def postgres(procs: Procs) -> Iterator[str]:
 
 
 class Server:
-    def __init__(self, url: str, home: Path, procs: Procs, tmp: Path):
+    def __init__(self, url: str, home: Path, procs: Procs, tmp: Path, database: str | None = None):
         self.url, self.home, self.procs, self.tmp = url, home, procs, tmp
+        self.database = database  # its PostgreSQL database's URL (None: SQLite)
 
     def env(self, **extra: str) -> dict[str, str]:
         """Environment of a client process (CLI, worker, serve) of this server."""
@@ -284,6 +287,7 @@ def prefect_server(backend: str, tmp: Path) -> Iterator[Server]:
                        PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED="false")
             if backend == "postgresql":
                 env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = stack.enter_context(postgres(procs))
+            database = env.get("PREFECT_SERVER_DATABASE_CONNECTION_URL")
             port = free_port()
             proc = procs.start("server", [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                                           "--port", str(port)], env, cwd=tmp)
@@ -296,7 +300,7 @@ def prefect_server(backend: str, tmp: Path) -> Iterator[Server]:
                     return False
 
             wait_until(healthy, CEILING, "the prefect server", proc=proc, every=0.5)
-            yield Server(url, tmp / "home", procs, tmp)
+            yield Server(url, tmp / "home", procs, tmp, database)
     finally:
         procs.stop_all()
 
@@ -438,7 +442,9 @@ def test_scheduled_deployments_end_to_end(postgres_server: Server, s3_server, pr
     fr = trigger(server, RUN)
     run = Remote(f"{root}/nonlinear/{resolve_run_name(RUN_NAME_TEMPLATE, 'nonlinear', fr.expected_start_time)}")
     wait_until(lambda: len(commits(run)) >= 2, CEILING, "checkpoint 2 on S3", proc=w1, every=0.1)  # then the kill
-    w2 = worker(server, tmp_path, "worker-2", root)  # now the only worker with a free slot
+    # now the only worker with a free slot; its sweeps' studies on the Prefect server's PostgreSQL
+    studies = server.database.replace("+asyncpg", "").rsplit("/", 1)[0] + "/optuna"
+    w2 = worker(server, tmp_path, "worker-2", root, TRAINFLOW_STUDY_DB=studies)
     procs.stop(w1, signal.SIGKILL)  # the worker, its flow run process, everything in them
     before = commits(run)
     assert len(before) < 6, "the kill came too late to interrupt anything"
@@ -449,12 +455,18 @@ def test_scheduled_deployments_end_to_end(postgres_server: Server, s3_server, pr
                every=0.2)
     fr = wait_completed(server, fr.id, alive=[w2])
     check_resumed(run, before, ref_folder, commit, tmp_path)
-    # The job's sweep deployment on the same worker: the sweep and its trials' runs on S3.
+    # The job's sweep deployment on the same worker: the sweep and its trials' runs on S3, its
+    # study in PostgreSQL (no study.db on the store).
     tiny = {"trials": 2, "space": ["lr=log:1e-5:1e-4"], "pruner": "none", "epochs": 200, "chunk_epochs": 100}
     wait_completed(server, trigger(server, tiny, "sweep/nonlinear").id, alive=[w2])
     sweeps = Remote(f"{root}/sweeps")
     (table,) = [k for k in sweeps.keys() if k.endswith("/trials.csv")]
     assert [row.split(",")[1] for row in sweeps.get(table).decode().splitlines()[1:]] == ["COMPLETE", "COMPLETE"]
+    assert not [k for k in sweeps.keys() if k.endswith("study.db")]
+    import optuna
+
+    (name,) = optuna.get_all_study_names(f"postgresql+psycopg://{studies.split('://', 1)[1]}")
+    assert name == f"trainflow:{root}/sweeps/{table.split('/')[0]}"
 
     # 4. Only the flow-run process dies, under a live worker: the worker reports Crashed, the
     # automation (registered again, idempotently) requeues the same run to the same worker.

@@ -240,6 +240,7 @@ def test_trials_side_by_side_on_a_store_stop_at_checkpoints_with_the_sweep_and_r
     (["--sampler", "anneal"], "error: argument --sampler: invalid choice: 'anneal'"),
     (["--pruner", "asha"], "error: argument --pruner: invalid choice: 'asha'"),
     (["--parallel", "0"], "error: --parallel 0: run at least 1 trial at a time"),
+    (["--study-db", "optuna.db"], "error: --study-db 'optuna.db': give a database URL, e.g. postgresql://"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(options: list[str], error: str, tmp_path: Path,
                                                           capsys) -> None:

@@ -53,6 +53,8 @@ NOT_SWEPT = frozenset({"job", "data", "artifacts_dir", "run_name", "fresh", "wai
                        "save_best", "num_workers", "threads", "nproc_per_node", "dist_backend", "oversubscribe",
                        "chunk_epochs", "eval_batch_size", "mlflow"})
 SAMPLERS = ("tpe", "random", "grid")
+#: The study's database when ``--study-db`` is not given (else ``study.db`` in the sweep's folder).
+STUDY_DB_ENV = "TRAINFLOW_STUDY_DB"
 PRUNERS = ("none", "median", "hyperband")
 SPACE_HELP = ("NAME=KIND:ARGS, KIND one of log:LOW:HIGH, float:LOW:HIGH, int:LOW:HIGH, choice:A,B,...; "
               "e.g. --space lr=log:1e-4:1e-2 --space batch_size=choice:64,128,256")
@@ -135,6 +137,8 @@ class SweepPlan:
     parallel: int = 1
     #: Where the sweep lives: ``folder`` itself, or a store URL (then ``folder`` is its local copy).
     where: str = ""
+    #: The study's database (SQLAlchemy URL), None for ``study.db`` in the sweep's folder.
+    study_db: str | None = None
 
     @property
     def url(self) -> str | None:
@@ -143,7 +147,7 @@ class SweepPlan:
 
     @classmethod
     def of(cls, job: str, trials: int, space: list[str], sampler: str, name: str | None,
-           options: dict[str, Any], pruner: str = "none", parallel: int = 1) -> SweepPlan:
+           options: dict[str, Any], pruner: str = "none", parallel: int = 1, study_db: str | None = None) -> SweepPlan:
         from tasks.jobs.registry import get_job
 
         spec = get_job(job)
@@ -171,7 +175,8 @@ class SweepPlan:
         where = f"{str(cfg.artifacts_dir).rstrip('/')}/sweeps/{name or f'sweep-{digest[:10]}'}"
         folder = staging_dir(where) if is_url(where) else Path(where)
         return cls(spec.name, fixed, dims, trials, sampler, cfg.seed, folder,
-                   "maximize" if spec.monitor[1] else "minimize", spec.monitor[0], pruner, parallel, where)
+                   "maximize" if spec.monitor[1] else "minimize", spec.monitor[0], pruner, parallel, where,
+                   database_url(study_db or os.environ.get(STUDY_DB_ENV)))
 
     def describe(self) -> dict[str, Any]:
         """sweep.json's content: what must stay the same for a rerun to continue this sweep
@@ -184,6 +189,25 @@ class SweepPlan:
 
         return get_job(self.job).config(**{**self.fixed, **params, "artifacts_dir": self.where,
                                            "run_name": f"trial-{number:03d}"})
+
+
+def database_url(url: str | None) -> str | None:
+    """``--study-db`` as SQLAlchemy takes it (``postgresql://`` through psycopg 3); UserError in one
+    line for a scheme Optuna's storage cannot use here, or a missing driver."""
+    if not url:
+        return None
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.split("+")[0] not in ("postgresql", "postgres", "sqlite"):
+        raise UserError(f"--study-db {url!r}: give a database URL, e.g. postgresql://user:pw@host:5432/optuna "
+                        "(a database of its own, not the Prefect server's: both keep an alembic_version table)")
+    if scheme in ("postgresql", "postgres"):
+        scheme = "postgresql+psycopg"
+    if scheme == "postgresql+psycopg":
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise UserError(f"--study-db {scheme}: needs psycopg: pip install -e '.[postgres]'") from None
+    return f"{scheme}://{rest}"
 
 
 def describe(job: str, fixed: dict[str, Any], space: dict[str, Any], sampler: str, pruner: str) -> dict[str, Any]:
@@ -221,7 +245,9 @@ class Sweep:
     def __init__(self, plan: SweepPlan):
         self.plan = plan
         self.lock: Any = None
-        self.store = SweepStore(plan.url, plan.folder) if plan.url else None
+        self.store = SweepStore(plan.url, plan.folder, with_study=plan.study_db is None) if plan.url else None
+        # A database of its own holds one study per sweep, named by where the sweep lives.
+        self.study_name = f"trainflow:{plan.where}" if plan.study_db else "sweep"
 
     def __enter__(self) -> Sweep:
         import optuna
@@ -239,8 +265,8 @@ class Sweep:
         self.check_same_sweep()
         # One storage object for the sweep: its SQLAlchemy sessions are thread-safe, and trial
         # threads report through it (Optuna's own n_jobs threads share one the same way).
-        self.storage = optuna.storages.RDBStorage(f"sqlite:///{self.plan.folder / 'study.db'}")
-        optuna.create_study(storage=self.storage, study_name="sweep", direction=self.plan.direction,
+        self.storage = optuna.storages.RDBStorage(self.plan.study_db or f"sqlite:///{self.plan.folder / 'study.db'}")
+        optuna.create_study(storage=self.storage, study_name=self.study_name, direction=self.plan.direction,
                             load_if_exists=True)
         return self
 
@@ -270,7 +296,8 @@ class Sweep:
     def study(self, sampler: Any = None) -> Any:
         import optuna
 
-        return optuna.load_study(study_name="sweep", storage=self.storage, sampler=sampler, pruner=self.pruner())
+        return optuna.load_study(study_name=self.study_name, storage=self.storage, sampler=sampler,
+                                 pruner=self.pruner())
 
     def pruner(self) -> Any:
         """The plan's pruner, judging from the third trial on (median) or by Hyperband's brackets
@@ -322,7 +349,7 @@ class Sweep:
         import optuna
 
         trial_id = self.storage.get_trial_id_from_study_id_trial_number(
-            self.storage.get_study_id_from_name("sweep"), number)
+            self.storage.get_study_id_from_name(self.study_name), number)
         trial, known = optuna.trial.Trial(self.study(), trial_id), self.storage.get_trial(trial_id).intermediate_values
         if known and trial.should_prune():
             return True
@@ -463,8 +490,9 @@ class SweepStore:
     #: The sweep's own files on the store (its trials' runs sit beside them, in their folders).
     FILES = ("sweep.json", "study.db", "trials.csv", "best_config.json", "summary.md", *PLOTS)
 
-    def __init__(self, url: str, folder: Path):
+    def __init__(self, url: str, folder: Path, with_study: bool = True):
         self.remote, self.folder = Remote(url), folder
+        self.files = self.FILES if with_study else tuple(f for f in self.FILES if f != "study.db")
         self.lease: Lease | None = None
 
     def hold(self) -> None:
@@ -477,7 +505,7 @@ class SweepStore:
                             f"{held.get('host', '?')}, lease until {held.get('expires_utc', '?')}); wait for it, "
                             "or stop it (a killed one's lease runs out by then)") from None
         present = set(self.remote.keys())
-        for name in self.FILES:
+        for name in self.files:
             (self.folder / name).unlink(missing_ok=True)
             if name in present:
                 atomic_write_bytes(self.folder / name, self.remote.get(name))
@@ -487,21 +515,22 @@ class SweepStore:
         import sqlite3
 
         snapshot = self.folder / ".study.db.snapshot"
-        with contextlib.closing(sqlite3.connect(self.folder / "study.db")) as db, \
-                contextlib.closing(sqlite3.connect(snapshot)) as copy:
-            db.backup(copy)
-        for name in self.FILES:
+        if "study.db" in self.files:
+            with contextlib.closing(sqlite3.connect(self.folder / "study.db")) as db, \
+                    contextlib.closing(sqlite3.connect(snapshot)) as copy:
+                db.backup(copy)
+        for name in self.files:
             path = snapshot if name == "study.db" else self.folder / name
             if path.exists():
                 self.lease.check()  # fenced: a command that lost the sweep writes nothing more
                 self.remote.put(name, path.read_bytes())
-        snapshot.unlink()
+        snapshot.unlink(missing_ok=True)
 
     def release(self, sweep: Sweep) -> None:
         if self.lease is None:
             return
         try:
-            if self.lease.lost is None and (self.folder / "study.db").exists():
+            if self.lease.lost is None and (self.folder / "sweep.json").exists():
                 self.push(sweep)
         finally:
             self.lease.release()
