@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import urllib.request
 from pathlib import Path
 
 # Before anything imports prefect: isolate its home, results and settings for the session.
@@ -25,7 +24,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tests.helpers import S3Server, parents, start_moto, wait_until  # noqa: E402
+from tests.helpers import S3Server, answers, parents, start_moto, wait_until  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
@@ -74,14 +73,6 @@ def prefect_api() -> str:
         os.environ["PREFECT_API_URL"] = url  # for subprocesses started by tests
         yield url
         os.environ.pop("PREFECT_API_URL", None)
-
-
-def answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=5) as reply:
-            return reply.status == 200
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="session")

@@ -307,6 +307,15 @@ class S3Server:
         return f"s3://{name}"
 
 
+def answers(url: str) -> bool:
+    """Whether the server at ``url`` says it is healthy (``/health``: Prefect's, MLflow's)."""
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=5) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
+
+
 def start_moto(**env: str) -> tuple[subprocess.Popen, str]:
     """A moto S3 server on a free loopback port (``env``: moto's settings); returns it and its URL."""
     from tasks.orchestration.server import reserve_port

@@ -20,7 +20,7 @@ from flows.sweep_flow import main
 from flows.train_flow import main as train
 from tasks.kernel import read_json
 from tasks.storage.store import OWNER_FILE
-from tests.helpers import ROOT, cli_env, wait_until
+from tests.helpers import ROOT, answers, cli_env, wait_until
 
 #: 3 trials of 600 epochs in 3 chunks, lr from a seeded TPE sampler (its random start-up), the
 #: median pruner judging the third trial after its first and second chunks.
@@ -90,16 +90,6 @@ def mlflow_server(s3_server, tmp_path: Path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-
-
-def answers(url: str) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=5) as reply:
-            return reply.status == 200
-    except OSError:
-        return False
 
 
 def mlflow_sweep(url: str, folder: Path) -> tuple[Any, dict[str, Any]]:
