@@ -4,9 +4,9 @@ One MLflow run per trainflow run, in the experiment ``$MLFLOW_EXPERIMENT_NAME`` 
 name): the options that identify the run as parameters, every epoch of ``history.csv`` as
 metrics (step = epoch), the final metrics, and at the end ``summary.md``, ``metrics.json``,
 ``history.csv``, the plots and the model files as artifacts. A resumed run continues the same
-MLflow run: it is found again by its tag (``trainflow.run``: the run folder and when it began;
-its id is also kept in run.json), and what it already holds is read back first, so no step is
-logged twice or missed (a resume from an older checkpoint retrains those epochs to the same
+MLflow run: it is found again by its tag (``trainflow.run``: a digest of the run folder and
+when it began; its id is also kept in run.json), and what it already holds is read back first,
+so no step is logged twice or missed (a resume from an older checkpoint retrains those epochs to the same
 values). A sweep is a parent run: its trials' runs are its children (the sweep names itself to
 its trial processes in ``$TRAINFLOW_MLFLOW_PARENT``).
 
@@ -16,6 +16,7 @@ the run goes on without MLflow; the run folder keeps the whole record.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -28,7 +29,7 @@ log = logging.getLogger("trainflow.tracking")
 
 #: The parent MLflow run of a sweep's trials (set by the sweep for its trial processes).
 PARENT_ENV = "TRAINFLOW_MLFLOW_PARENT"
-#: Tag that finds a run's MLflow run again, whatever became of run.json.
+#: Tag that finds a run's MLflow run again, whatever became of run.json (a digest of its key).
 RUN_TAG = "trainflow.run"
 INSTALL = "pip install -e '.[mlflow]'"
 #: Per log_batch request: MLflow's own limit.
@@ -82,6 +83,7 @@ def find_or_create(mlflow: Any, experiment: str, key: str, name: str, tags: dict
     from mlflow.entities import Param
 
     exp = experiment_id(mlflow, experiment)
+    key = hashlib.sha256(key.encode()).hexdigest()[:32]  # any path or URL, safe in a filter string
     found = mlflow.search_runs([exp], filter_string=f"tags.`{RUN_TAG}` = '{key}'", max_results=1)
     if found:
         return found[0].info.run_id, False
