@@ -273,7 +273,7 @@ class Sweep:
     def __exit__(self, *exc: object) -> None:
         try:
             if self.store is not None:
-                self.store.release(self)
+                self.store.release()
         finally:
             with contextlib.suppress(OSError):
                 self.lock.close()
@@ -281,7 +281,7 @@ class Sweep:
     def sync(self) -> None:
         """A sweep on a store: its files as they are now, there (after each trial is told)."""
         if self.store is not None:
-            self.store.push(self)
+            self.store.push()
 
     def check_same_sweep(self) -> None:
         """sweep.json: written once; a rerun with another space or other options is refused."""
@@ -433,6 +433,8 @@ def summary_markdown(sweep: Sweep, rows: list[dict[str, Any]], best: Any) -> str
 
 #: The study's plots, in the sweep's folder (and linked from summary.md).
 PLOTS = ("history.png", "parameters.png")
+#: What a sweep writes for its user (write_outputs), beside sweep.json and its study.
+OUTPUTS = ("trials.csv", "best_config.json", "summary.md", *PLOTS)
 
 
 def plot_study(plan: SweepPlan, done: list[dict[str, Any]]) -> None:
@@ -477,7 +479,7 @@ def end_tracker(tracker: Tracker | None, plan: SweepPlan, best: dict[str, Any] |
         return
     if best is not None:
         tracker.metrics({f"best_val_{plan.metric}": best[plan.metric], "best_trial": best["trial"]}, plan.trials)
-    tracker.files([plan.folder / name for name in ("trials.csv", "best_config.json", "summary.md", *PLOTS)])
+    tracker.files([plan.folder / name for name in OUTPUTS])
     tracker.end("FINISHED")
 
 
@@ -488,7 +490,7 @@ class SweepStore:
     The trials' runs are ordinary runs on the store, under the sweep's URL."""
 
     #: The sweep's own files on the store (its trials' runs sit beside them, in their folders).
-    FILES = ("sweep.json", "study.db", "trials.csv", "best_config.json", "summary.md", *PLOTS)
+    FILES = ("sweep.json", "study.db", *OUTPUTS)
 
     def __init__(self, url: str, folder: Path, with_study: bool = True):
         self.remote, self.folder = Remote(url), folder
@@ -504,13 +506,12 @@ class SweepStore:
             raise UserError(f"another sweep command holds {self.remote.url} (pid {held.get('pid', '?')} on "
                             f"{held.get('host', '?')}, lease until {held.get('expires_utc', '?')}); wait for it, "
                             "or stop it (a killed one's lease runs out by then)") from None
-        present = set(self.remote.keys())
-        for name in self.files:
+        for name in self.files:  # each by name: a listing would walk every trial's checkpoints
             (self.folder / name).unlink(missing_ok=True)
-            if name in present:
+            with contextlib.suppress(FileNotFoundError):
                 atomic_write_bytes(self.folder / name, self.remote.get(name))
 
-    def push(self, sweep: Sweep) -> None:
+    def push(self) -> None:
         """Each file, the study as a consistent copy (SQLite's backup: trials report meanwhile)."""
         import sqlite3
 
@@ -526,11 +527,11 @@ class SweepStore:
                 self.remote.put(name, path.read_bytes())
         snapshot.unlink(missing_ok=True)
 
-    def release(self, sweep: Sweep) -> None:
+    def release(self) -> None:
         if self.lease is None:
             return
         try:
             if self.lease.lost is None and (self.folder / "sweep.json").exists():
-                self.push(sweep)
+                self.push()
         finally:
             self.lease.release()

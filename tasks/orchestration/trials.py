@@ -28,9 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.kernel import ROOT, atomic_write_json, auto_threads, read_json
+from tasks.kernel import ROOT, atomic_write_json, auto_threads
 from tasks.orchestration.server import die_with_parent
-from tasks.storage.remote import Remote, is_url
+from tasks.storage.remote import is_url
+from tasks.storage.store import LocalStore, ObjectStore
 
 #: Exit statuses of a run stopped on request (SIGINT, SIGTERM): it stopped at a checkpoint.
 STOPPED = (128 + signal.SIGINT, 128 + signal.SIGTERM)
@@ -109,15 +110,14 @@ class TrialProcess:
 
 def record_reader(run: str) -> Any:
     """``read(name) -> dict | None``: a JSON file of the run at ``run`` (a folder, or a URL: read
-    from the store, where the run's files are once its chunk or its end is recorded)."""
-    if not is_url(run):
-        return lambda name: read_json(Path(run) / name)
-    remote = Remote(run)
+    from the store, where the run's files are once its chunk or its end is recorded), through the
+    run's own store."""
+    store = ObjectStore(run) if is_url(run) else LocalStore(Path(run))
 
     def read(name: str) -> dict[str, Any] | None:
         try:
-            return json.loads(remote.get(name))
-        except (FileNotFoundError, ValueError):
+            return json.loads(store.read(name) or b"null")
+        except ValueError:  # not JSON: no record to read
             return None
 
     return read
